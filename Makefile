@@ -1,0 +1,44 @@
+# FedDyMem — every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DATASET ?= elpv
+ARGS   ?=
+# faiss-gpu where an NVIDIA GPU answers, faiss-cpu otherwise: never both (they ship the same module).
+FAISS_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+FAISS_OTHER := $(if $(filter gpu,$(FAISS_EXTRA)),faiss-cpu,faiss-gpu)
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test lint format clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: DATASET=elpv|<name>|path/to.yaml  ARGS='key=value ...'"
+
+$(VENV)/.installed-$(FAISS_EXTRA): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip uninstall --quiet --yes $(FAISS_OTHER) 2>/dev/null || true
+	$(BIN)/python -m pip install --quiet -e ".[$(FAISS_EXTRA),dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(VENV)/.installed-$(FAISS_EXTRA)  ## create .venv and install feddymem (faiss-$(FAISS_EXTRA))
+
+train: install  ## run a federated experiment: make train DATASET=elpv ARGS='federation.rounds=3'
+	$(BIN)/feddymem train dataset=$(DATASET) $(ARGS)
+
+test: install  ## run the test suite
+	$(BIN)/python -m pytest -q
+
+lint: install  ## ruff check and format check
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: install  ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+clean:  ## remove caches (keeps .venv and runs/)
+	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

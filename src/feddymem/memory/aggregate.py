@@ -1,0 +1,55 @@
+"""Server aggregation (SPEC §4): concatenate the uploads and cluster them with FAISS K-means."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from feddymem.memory.kmeans import kmeans
+from feddymem.memory.reduce import MemoryBank
+
+
+@dataclass
+class GlobalMemory:
+    items: torch.Tensor  # (n_g, D)
+    objective: float  # K-means objective of the final iteration
+    num_points: int  # uploaded items clustered
+    gpu: bool
+
+
+def aggregate(
+    uploads: list[MemoryBank],
+    size: int,
+    *,
+    previous: torch.Tensor | None = None,
+    weight_by_client_size: bool = True,
+    iters: int = 20,
+    seed: int = 0,
+    gpu: bool = False,
+) -> GlobalMemory:
+    """K-means of all uploaded items into ``size`` centroids (clamped to the number of items).
+
+    Item weights are the number of patches each averages, so clients count by their size; with
+    ``weight_by_client_size=False`` every client's weights are rescaled to the same total.
+    ``previous`` (the last global memory) warm-starts the iterations.
+    """
+    if not uploads:
+        raise ValueError("no uploads to aggregate")
+    points = torch.cat([u.items.float().cpu() for u in uploads])
+    if weight_by_client_size:
+        weights = torch.cat([u.weights.float().cpu() for u in uploads])
+    else:
+        weights = torch.cat([u.weights.float().cpu() / u.weights.float().sum() for u in uploads])
+    weights = weights / weights.mean()  # a scale FAISS handles well
+    result = kmeans(
+        points,
+        size,
+        iters=iters,
+        seed=seed,
+        weights=weights,
+        init=previous,
+        gpu=gpu,
+        max_points_per_centroid=max(256, points.shape[0] // max(size, 1) + 1),
+    )
+    return GlobalMemory(result.centroids, result.objective, points.shape[0], result.gpu)

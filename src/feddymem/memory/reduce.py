@@ -1,0 +1,152 @@
+"""Memory build and memory-reduce (SPEC §3): a client's patch bank → a small upload.
+
+Every reduction is a weighted average of patch embeddings, so no item is a single image's patch:
+
+* ``position_mean``: mean over images, position by position (n = H·W items);
+* ``position_weighted``: the same with images weighted by how well they fit the global memory;
+* ``cluster_mean``: local K-means over all patches, each item the mean of its members (weight = count).
+
+``position_*`` can add a second stage (local K-means of the n items to n/γ_c).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from feddymem.memory.kmeans import kmeans
+from feddymem.memory.search import squared_distances
+
+
+@dataclass
+class MemoryBank:
+    """What a client uploads: items (M, D) and how many patches each one averages (M,)."""
+
+    items: torch.Tensor
+    weights: torch.Tensor
+    num_images: int
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"items": self.items, "weights": self.weights}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement() for t in self.tensors().values())
+
+
+def position_mean(embeddings: torch.Tensor, image_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, D, H, W) → (H·W, D): weighted mean over images at every patch position."""
+    n = embeddings.shape[0]
+    w = (
+        torch.full((n,), 1.0 / n, dtype=embeddings.dtype, device=embeddings.device)
+        if image_weights is None
+        else (image_weights / image_weights.sum()).to(embeddings)
+    )
+    mean = torch.einsum("n,ndhw->dhw", w, embeddings)
+    return mean.flatten(1).T.contiguous()
+
+
+def fit_weights(embeddings: torch.Tensor, global_memory: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """Per-image weights exp(-(s_i - min s) / median s), s_i = mean nearest squared distance to the memory.
+
+    Images that the global memory already explains weigh more; outliers weigh less.
+    """
+    scores = []
+    for start in range(0, embeddings.shape[0], chunk):
+        batch = embeddings[start : start + chunk]
+        patches = batch.permute(0, 2, 3, 1).reshape(-1, batch.shape[1])
+        nearest = squared_distances(patches, global_memory.to(patches)).min(dim=1).values
+        scores.append(nearest.view(batch.shape[0], -1).mean(dim=1))
+    s = torch.cat(scores)
+    scale = s.median().clamp_min(1e-12)
+    return torch.exp(-(s - s.min()) / scale)
+
+
+def cluster_mean(
+    patches: torch.Tensor,
+    size: int,
+    *,
+    iters: int = 20,
+    seed: int = 0,
+    max_points_per_centroid: int = 64,
+    min_cluster_size: int = 1,
+    weights: torch.Tensor | None = None,
+    gpu: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-means of ``patches`` (P, D) to ``size`` clusters; items are the exact (weighted) means of all members.
+
+    Clusters with fewer than ``min_cluster_size`` members are dropped (unless that would drop all).
+    Returns items (M, D) and their total member weight (M,).
+    """
+    p = patches.float().cpu()
+    w = torch.ones(p.shape[0]) if weights is None else weights.float().cpu()
+    result = kmeans(
+        p, size, iters=iters, seed=seed, weights=w, gpu=gpu, max_points_per_centroid=max_points_per_centroid
+    )
+    k = result.centroids.shape[0]
+    mass = torch.zeros(k).index_add_(0, result.assignments, w)
+    members = torch.zeros(k).index_add_(0, result.assignments, torch.ones_like(w))
+    sums = torch.zeros(k, p.shape[1]).index_add_(0, result.assignments, p * w[:, None])
+    keep = members >= min_cluster_size
+    if not keep.any():
+        keep = members > 0
+    keep &= mass > 0
+    return sums[keep] / mass[keep, None], mass[keep]
+
+
+def reduce_memory(
+    embeddings: torch.Tensor,
+    method: str,
+    *,
+    size: int = 0,
+    local_kmeans_ratio: int = 1,
+    global_memory: torch.Tensor | None = None,
+    iters: int = 20,
+    seed: int = 0,
+    max_points_per_centroid: int = 64,
+    min_cluster_size: int = 1,
+    gpu: bool = False,
+) -> MemoryBank:
+    """Reduce a client's embeddings (N, D, H, W) to an upload with ``method`` (see module docstring)."""
+    method = getattr(method, "value", method)
+    n, d, h, w = embeddings.shape
+    if n == 0:
+        raise ValueError("memory-reduce needs at least one image")
+    size = size or h * w
+    emb = embeddings.float()
+    if method == "cluster_mean":
+        patches = emb.permute(0, 2, 3, 1).reshape(-1, d)
+        items, mass = cluster_mean(
+            patches,
+            size,
+            iters=iters,
+            seed=seed,
+            gpu=gpu,
+            max_points_per_centroid=max_points_per_centroid,
+            min_cluster_size=min_cluster_size,
+        )
+        return MemoryBank(items, mass, n)
+    if method == "position_weighted" and global_memory is not None and global_memory.numel():
+        image_weights = fit_weights(emb, global_memory)
+    elif method in ("position_mean", "position_weighted"):
+        image_weights = None
+    else:
+        raise ValueError(f"unknown memory-reduce method '{method}'")
+    items = position_mean(emb, image_weights).cpu()
+    mass = torch.full((items.shape[0],), float(n))
+    if local_kmeans_ratio > 1:
+        items, mass = cluster_mean(
+            items,
+            max(1, items.shape[0] // local_kmeans_ratio),
+            iters=iters,
+            seed=seed,
+            weights=mass,
+            max_points_per_centroid=max_points_per_centroid,
+            gpu=gpu,
+        )
+    if size < items.shape[0] and local_kmeans_ratio == 1:
+        items, mass = cluster_mean(
+            items, size, iters=iters, seed=seed, weights=mass, max_points_per_centroid=max_points_per_centroid, gpu=gpu
+        )
+    return MemoryBank(items.contiguous(), mass, n)

@@ -1,0 +1,6 @@
+"""Anomaly-detection metrics: image and pixel AUROC (torchmetrics) and AUPRO."""
+
+from feddymem.metrics.aupro import AUPRO, aupro_score
+from feddymem.metrics.auroc import AUROC
+
+__all__ = ["AUPRO", "AUROC", "aupro_score"]

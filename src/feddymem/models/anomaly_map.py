@@ -1,0 +1,48 @@
+"""Patch scores → pixel anomaly map and image score (SPEC §6)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    return kernel / kernel.sum()
+
+
+class AnomalyMapGenerator(nn.Module):
+    """Upsample a (B, h, w) patch-score grid bilinearly to the image size, then blur it with a Gaussian (σ).
+
+    Both steps are linear and separable, so they fold into two small matrices: map = A_h · S · A_wᵀ
+    with A (H × h) = blur ∘ upsample. That is a few matrix products per batch (fast, and exportable)
+    instead of full-resolution convolutions.
+    """
+
+    def __init__(self, sigma: float = 4.0) -> None:
+        super().__init__()
+        self.sigma = sigma
+        self.register_buffer("kernel", gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1), persistent=False)
+        self._operators: dict[tuple[int, int], torch.Tensor] = {}
+
+    def operator(self, grid: int, size: int) -> torch.Tensor:
+        """(size × grid) matrix: 1-D bilinear upsampling (align_corners=False) then edge-padded blur."""
+        key = (grid, size)
+        if key not in self._operators:
+            basis = torch.eye(grid, dtype=torch.float64).unsqueeze(1)  # grid unit signals of length grid
+            up = F.interpolate(basis, size=size, mode="linear", align_corners=False)
+            if self.sigma > 0:
+                pad = self.kernel.numel() // 2
+                up = F.conv1d(F.pad(up, (pad, pad), mode="replicate"), self.kernel.double().view(1, 1, -1))
+            self._operators[key] = up.squeeze(1).T.contiguous().float()
+        return self._operators[key]
+
+    def forward(self, patch_scores: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, h, w) → (anomaly maps (B, H, W), image scores = each map's maximum (B,))."""
+        a_h = self.operator(patch_scores.shape[-2], int(image_size[0])).to(patch_scores)
+        a_w = self.operator(patch_scores.shape[-1], int(image_size[1])).to(patch_scores)
+        maps = a_h @ patch_scores @ a_w.T
+        return maps, maps.flatten(1).amax(dim=1)

@@ -1,0 +1,125 @@
+"""The FedDyMem model in plain PyTorch: no Lightning, no Fabric.
+
+``FedDyMemModel`` = frozen feature extractor + trainable memory generator + metric loss + a memory
+buffer (the global memory, or a local bank before one exists) + scoring. The LightningModule and the
+federation wrap it; anything else (export, other projects) can use it directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from feddymem.memory.reduce import MemoryBank, reduce_memory
+from feddymem.memory.search import MemoryIndex, squared_distances
+from feddymem.models.anomaly_map import AnomalyMapGenerator
+from feddymem.models.backbone import FeatureExtractor
+from feddymem.models.generator import MemoryGenerator
+from feddymem.models.loss import HypersphereLoss
+
+
+def softmin_scores(distances: torch.Tensor, method: str = "softmin") -> torch.Tensor:
+    """(P, k) sorted Euclidean distances → (P,) patch scores: nearest distance × its softmin weight."""
+    if method == "nearest" or distances.shape[1] == 1:
+        return distances[:, 0]
+    return F.softmin(distances, dim=1)[:, 0] * distances[:, 0]
+
+
+class FedDyMemModel(nn.Module):
+    """Feature extractor → generator → (loss against memory | anomaly map and score)."""
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        layers: tuple[int, ...] | list[int] = (2, 3),
+        weights: str = "imagenet-offline",
+        pool_size: int = 3,
+        generator_reduction: int = 1,
+        coord_channels: bool = True,
+        k_nearest: int = 3,
+        j_negatives: int = 3,
+        margin: float = 0.1,
+        radius_init: float = 1e-5,
+        score_k: int = 3,
+        score_method: str = "softmin",
+        sigma: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.feature_extractor = FeatureExtractor(backbone, layers, weights, pool_size)
+        self.generator = MemoryGenerator(self.feature_extractor.out_channels, generator_reduction, coord_channels)
+        self.loss = HypersphereLoss(k_nearest, j_negatives, margin, radius_init)
+        self.anomaly_map = AnomalyMapGenerator(sigma)
+        self.score_k, self.score_method = score_k, getattr(score_method, "value", score_method)
+        self.register_buffer("memory", torch.empty(0, self.generator.out_channels))
+        self._index: MemoryIndex | None = None
+
+    # --- memory -------------------------------------------------------------------------------
+    @property
+    def has_memory(self) -> bool:
+        return self.memory.numel() > 0
+
+    def set_memory(self, items: torch.Tensor) -> None:
+        """Use ``items`` (M, D) as the memory for the loss and for scoring."""
+        if items.dim() != 2 or items.shape[1] != self.generator.out_channels:
+            raise ValueError(f"memory must be (M, {self.generator.out_channels}), got {tuple(items.shape)}")
+        self.memory = items.detach().to(self.memory.device, torch.float32).contiguous()
+        self._index = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The memory's size changes with the data: resize the buffer before loading into it.
+        key = prefix + "memory"
+        if key in state_dict:
+            self.memory = torch.empty_like(state_dict[key])
+            self._index = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def memory_index(self) -> MemoryIndex:
+        if self._index is None:
+            self._index = MemoryIndex(self.memory, gpu=self.memory.is_cuda)
+        return self._index
+
+    # --- forward pieces -------------------------------------------------------------------------
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen backbone features (B, C, H, W), without gradients."""
+        return self.feature_extractor(images)
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """Memory-space embeddings (B, D, H, W)."""
+        return self.generator(features)
+
+    def compute_loss(self, embeddings: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        memory = self.memory if target is None else target
+        if memory.numel() == 0:
+            raise RuntimeError("the metric loss needs a memory: build one with build_memory() or set_memory()")
+        return self.loss(embeddings, memory)
+
+    def patch_scores(self, embeddings: torch.Tensor, use_index: bool = True) -> torch.Tensor:
+        """(B, D, H, W) → (B, H, W) patch scores against the memory (FAISS, or torch for export)."""
+        if not self.has_memory:
+            raise RuntimeError("scoring needs a memory: build one with build_memory() or set_memory()")
+        b, d, h, w = embeddings.shape
+        patches = embeddings.permute(0, 2, 3, 1).reshape(-1, d)
+        k = min(self.score_k, self.memory.shape[0])
+        if use_index and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing():
+            dist2, _ = self.memory_index().search(patches, k)
+        else:
+            dist2 = torch.topk(squared_distances(patches, self.memory), k, dim=1, largest=False).values
+        scores = softmin_scores(dist2.clamp_min(0).sqrt(), self.score_method)
+        return scores.view(b, h, w)
+
+    def score_features(
+        self, features: torch.Tensor, image_size: tuple[int, int], use_index: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features → (anomaly maps (B, H_img, W_img), image scores (B,))."""
+        with torch.no_grad():
+            return self.anomaly_map(self.patch_scores(self.embed(features), use_index), image_size)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, H, W), normalised → (anomaly maps (B, H, W), image scores (B,))."""
+        return self.score_features(self.extract(images), tuple(images.shape[-2:]))
+
+    @torch.no_grad()
+    def build_memory(self, embeddings: torch.Tensor, method: str = "cluster_mean", **kwargs) -> MemoryBank:
+        """Memory-reduce ``embeddings`` (N, D, H, W) with the current memory as the global one."""
+        return reduce_memory(embeddings, method, global_memory=self.memory if self.has_memory else None, **kwargs)

@@ -1,0 +1,41 @@
+import pytest
+
+from feddymem.data.partition import partition_clients
+from feddymem.data.products import ProductSplit, Sample
+from feddymem.errors import DataError
+
+
+def _products(sizes):
+    return [
+        ProductSplit(
+            f"p{j}", train=[Sample(f"p{j}/{i}", 0, f"p{j}") for i in range(n)], test=[Sample(f"p{j}/t", 1, f"p{j}")]
+        )
+        for j, n in enumerate(sizes)
+    ]
+
+
+def test_dirichlet_split_is_seeded_complete_and_skewed():
+    products = _products([200, 100])
+    clients = partition_clients(products, 5, alpha=0.5, seed=3, min_train=5)
+    again = partition_clients(products, 5, alpha=0.5, seed=3, min_train=5)
+    assert [c.train for c in clients] == [c.train for c in again]
+    paths = [s.path for c in clients for s in c.train]
+    assert len(paths) == 300 == len(set(paths))  # every image once
+    assert all(len(c.train) >= 5 for c in clients)
+    shares = [c.counts().get("p0", 0) for c in clients]
+    assert max(shares) > 2 * min(shares)  # alpha 0.5 is skewed
+    for c in clients:  # test set = test images of the products held
+        assert {s.product for s in c.test} == set(c.products)
+
+
+def test_table_partition():
+    clients = partition_clients(_products([10, 20]), 2, method="table", table=[[1.0, 0.0], [0.0, 1.0]])
+    assert clients[0].products == ["p0"] and len(clients[0].train) == 10
+    assert clients[1].products == ["p1"] and len(clients[1].train) == 20
+
+
+def test_client_without_images_is_an_error():
+    with pytest.raises(DataError, match="client 1 receives 0 training images"):
+        partition_clients(_products([10]), 2, method="table", table=[[1.0], [0.0]])
+    with pytest.raises(DataError, match="cannot give each of 50 clients at least 5"):
+        partition_clients(_products([20]), 50, alpha=0.5, min_train=5, max_tries=5)

@@ -1,0 +1,27 @@
+import torch
+
+from feddymem.memory.aggregate import aggregate
+from feddymem.memory.reduce import MemoryBank
+
+
+def _bank(value: float, n_items: int, n_images: int) -> MemoryBank:
+    return MemoryBank(torch.full((n_items, 2), value), torch.full((n_items,), float(n_images)), n_images)
+
+
+def test_global_memory_weighted_by_client_size():
+    uploads = [_bank(0.0, 4, 90), _bank(1.0, 4, 10)]
+    by_size = aggregate(uploads, 1, weight_by_client_size=True, iters=5)
+    equal = aggregate(uploads, 1, weight_by_client_size=False, iters=5)
+    assert by_size.items.shape == (1, 2) and abs(by_size.items[0, 0].item() - 0.1) < 1e-4
+    assert abs(equal.items[0, 0].item() - 0.5) < 1e-4
+    assert by_size.num_points == 8
+
+
+def test_size_clamped_and_warm_started():
+    torch.manual_seed(0)
+    uploads = [MemoryBank(torch.randn(30, 4), torch.ones(30), 1) for _ in range(3)]
+    first = aggregate(uploads, 200, iters=5)
+    assert first.items.shape == (90, 4)
+    second = aggregate(uploads, 8, iters=10)
+    warm = aggregate(uploads, 8, previous=second.items, iters=1)
+    assert warm.objective <= second.objective * 1.01

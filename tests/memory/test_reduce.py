@@ -1,0 +1,58 @@
+import torch
+
+from feddymem.memory.reduce import cluster_mean, fit_weights, position_mean, reduce_memory
+
+
+def test_reduce_of_copies_of_one_image_returns_that_image():
+    image = torch.randn(1, 6, 4, 5)
+    bank = reduce_memory(image.repeat(7, 1, 1, 1), "position_mean")
+    assert bank.items.shape == (20, 6) and bank.num_images == 7
+    assert torch.allclose(bank.items, image[0].flatten(1).T, atol=1e-6)
+    assert torch.all(bank.weights == 7)
+
+
+def test_position_mean_is_weighted_average_per_position():
+    emb = torch.stack([torch.zeros(2, 2, 2), torch.ones(2, 2, 2)])
+    assert torch.allclose(position_mean(emb), torch.full((4, 2), 0.5))
+    assert torch.allclose(position_mean(emb, torch.tensor([3.0, 1.0])), torch.full((4, 2), 0.25))
+
+
+def test_cluster_mean_items_are_exact_member_means_and_counts():
+    torch.manual_seed(0)
+    a = torch.randn(50, 3) * 0.01 + torch.tensor([5.0, 0, 0])
+    b = torch.randn(30, 3) * 0.01 - torch.tensor([5.0, 0, 0])
+    items, mass = cluster_mean(torch.cat([a, b]), 2, iters=10)
+    order = items[:, 0].argsort(descending=True)
+    assert torch.allclose(items[order], torch.stack([a.mean(0), b.mean(0)]), atol=1e-5)
+    assert mass[order].tolist() == [50.0, 30.0]
+
+
+def test_min_cluster_size_drops_small_clusters():
+    points = torch.cat([torch.zeros(20, 2), torch.tensor([[100.0, 100.0]])])
+    items, mass = cluster_mean(points, 2, iters=10, min_cluster_size=2)
+    assert items.shape == (1, 2) and mass.item() == 20.0
+
+
+def test_fit_weights_downweight_outliers():
+    memory = torch.zeros(4, 3)
+    emb = torch.zeros(3, 3, 2, 2)
+    emb[2] += 10.0
+    w = fit_weights(emb, memory)
+    assert w[0] == w[1] == 1.0 and w[2] < 1e-3
+
+
+def test_position_weighted_ignores_outlier_given_global_memory():
+    normal = torch.zeros(4, 3, 2, 2)
+    outlier = torch.full((1, 3, 2, 2), 10.0)
+    emb = torch.cat([normal, outlier])
+    plain = reduce_memory(emb, "position_mean")
+    weighted = reduce_memory(emb, "position_weighted", global_memory=torch.zeros(1, 3))
+    assert plain.items.abs().mean() > 1.0 > 1e-3 > weighted.items.abs().mean()
+
+
+def test_second_stage_and_size_shrink_the_upload():
+    emb = torch.randn(5, 4, 6, 6)
+    assert reduce_memory(emb, "position_mean", local_kmeans_ratio=4, iters=5).items.shape[0] == 9
+    bank = reduce_memory(emb, "cluster_mean", size=10, iters=5)
+    assert bank.items.shape[0] <= 10 and bank.weights.sum() == 5 * 36
+    assert bank.nbytes == bank.items.nelement() * 4 + bank.weights.nelement() * 4

@@ -1,0 +1,42 @@
+import math
+
+import numpy as np
+import torch
+
+from feddymem.metrics import AUPRO, AUROC, aupro_score
+
+
+def test_aupro_perfect_random_and_inverted():
+    masks = np.zeros((2, 32, 32))
+    masks[0, 5:10, 5:10] = 1
+    masks[1, 20:30, 1:4] = 1
+    assert aupro_score(masks, masks) == 1.0
+    assert aupro_score(-masks, masks) == 0.0
+    rng = np.random.default_rng(0)
+    assert 0.1 < aupro_score(rng.random((2, 32, 32)), masks) < 0.2  # ≈ 0.15 for a random map
+    assert math.isnan(aupro_score(rng.random((1, 8, 8)), np.zeros((1, 8, 8))))
+
+
+def test_aupro_weights_regions_equally():
+    # One big region fully found, one small region missed: PRO ≈ 0.5, however large the big one.
+    masks = np.zeros((1, 64, 64))
+    masks[0, :30, :30] = 1
+    masks[0, 50:52, 50:52] = 1
+    maps = np.full((1, 64, 64), 0.5)
+    maps[0, :30, :30] = 1
+    maps[0, 50:52, 50:52] = 0  # scored below every normal pixel
+    assert abs(aupro_score(maps, masks) - 0.5) < 0.02
+
+
+def test_metric_wrappers_accumulate_batches():
+    auroc, aupro = AUROC(), AUPRO()
+    auroc.update(torch.tensor([10.0, 20.0]), torch.tensor([0, 1]))
+    auroc.update(torch.tensor([15.0, 300.0]), torch.tensor([0, 1]))
+    assert auroc.compute().item() == 1.0  # raw scores far outside [0, 1] are ranked, not squashed
+    masks = torch.zeros(2, 16, 16)
+    masks[0, 2:6, 2:6] = 1
+    aupro.update(masks * 5, masks)
+    assert aupro.compute().item() == 1.0
+    only_normal = AUROC()
+    only_normal.update(torch.tensor([1.0]), torch.tensor([0]))
+    assert math.isnan(only_normal.compute().item())

@@ -1,0 +1,83 @@
+"""End-to-end: the real CLI, real images on disk, the offline ImageNet backbone, FAISS and Fabric."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import FAST
+from feddymem.cli import main
+from feddymem.io import load_checkpoint
+
+
+@pytest.mark.e2e
+def test_train_two_rounds_three_clients(tmp_path, synthetic_yaml, capsys):
+    code = main(
+        [
+            "train",
+            f"dataset={synthetic_yaml}",
+            "federation.rounds=2",
+            "name=e2e",
+            f"output_dir={tmp_path}",
+            "data.num_clients=3",
+            *FAST[:-2],
+            "logger=csv",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "mean image AUROC" in out and "up/round" in out
+    run = tmp_path / "e2e"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    final = metrics["final"]["clients"]
+    assert len(final) == 3
+    # Pasted defects on regular stripes are easy: every client must find them.
+    assert all(c["image_auroc"] > 0.9 and c["pixel_auroc"] > 0.9 and 0 < c["aupro"] <= 1 for c in final.values())
+    assert all(c["bytes_up"] > 0 and c["bytes_down"] > 0 for c in final.values())
+    assert metrics["rounds"][1]["clients"]["0"]["train_loss"] > 0
+    assert metrics["cache"]["hits"] > metrics["cache"]["extracted_images"] > 0
+    assert (run / "config.yaml").read_text().count("num_clients: 3") == 1
+    assert (run / "logs" / "metrics.csv").is_file()
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert ckpt["round"] == 2 and set(ckpt["clients"]) == {0, 1, 2}
+    assert torch.equal(ckpt["clients"][0]["model"]["memory"], ckpt["global_memory"])
+    assert ckpt["provenance"]["backbone"] == "tf_efficientnet_lite0"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "last.ckpt",
+        "round_000.ckpt",
+        "round_001.ckpt",
+        "round_002.ckpt",
+    ]
+    # Only memory crossed the boundary: generators differ between clients after training.
+    g0, g1 = (ckpt["clients"][k]["model"]["generator.conv.weight"] for k in (0, 1))
+    assert not torch.equal(g0, g1)
+    # Never overwrite a finished run.
+    assert main(["train", f"dataset={synthetic_yaml}", "name=e2e", f"output_dir={tmp_path}", *FAST]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "feddymem.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path, synthetic_root):
+    from synthetic import dataset_yaml, make_product
+
+    result = _cli("train", "federation.roundz=2", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "error: unknown config key 'federation.roundz' in command-line overrides; "
+        "valid keys here: accelerator, devices, local_epochs, rounds"
+    )
+    broken = make_product(tmp_path / "data", "broken", n_train=4)
+    (broken / "train/good/002.png").write_bytes(b"not a png")
+    yaml = dataset_yaml(tmp_path / "data", [broken], num_clients=2)
+    result = _cli("train", f"dataset={yaml}", f"output_dir={tmp_path / 'runs'}", "quiet=true", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot decode image" in result.stderr and "002.png" in result.stderr
+    assert not (tmp_path / "runs").exists()  # stopped before training: nothing half-written

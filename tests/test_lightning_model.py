@@ -1,0 +1,49 @@
+"""The client LightningModule under a plain lightning.Trainer, with no orchestrator or config files."""
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from feddymem import FedDyMemModule
+from feddymem.data import ImageDataset, load_product
+
+
+def _loaders(root):
+    split = load_product({"name": "p0", "layout": "mvtec", "root": str(root / "product0")})
+    mean, std = (0.5,) * 3, (0.5,) * 3
+    train = DataLoader(ImageDataset(split.train, 96, 96, mean, std), batch_size=4, shuffle=True)
+    test = DataLoader(ImageDataset(split.test, 96, 96, mean, std), batch_size=4)
+    return train, test
+
+
+def test_plain_trainer_fit_test_predict(synthetic_root):
+    train, test = _loaders(synthetic_root)
+    module = FedDyMemModule(kmeans_iters=5, min_cluster_size=1, memory_size=64)
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    before = module.model.generator.conv.weight.detach().clone()
+    trainer.fit(module, train)
+    assert module.model.has_memory and module.model.memory.shape[0] <= 64  # built its own memory
+    assert not torch.equal(before, module.model.generator.conv.weight)
+    assert "train_loss" in trainer.callback_metrics
+    results = trainer.test(module, test, verbose=False)[0]
+    assert results["image_auroc"] > 0.9 and results["pixel_auroc"] > 0.9 and results["aupro"] > 0.5
+    preds = trainer.predict(module, test)
+    assert preds[0]["anomaly_map"].shape == (4, 96, 96) and preds[0]["pred_score"].shape == (4,)
+
+
+def test_given_global_memory_is_used_and_state_round_trips(synthetic_root):
+    module = FedDyMemModule()
+    memory = torch.randn(10, module.model.generator.out_channels)
+    module.set_global_memory(memory)
+    state = module.trainable_state()
+    assert not any(k.startswith("feature_extractor.") for k in state)
+    other = FedDyMemModule()
+    other.load_trainable_state(state)
+    assert torch.equal(other.model.memory, memory)
