@@ -14,6 +14,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 from synthetic import dataset_yaml, make_dataset  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+os.environ.setdefault("FEDDYMEM_SHARED_DATA", str(SHARED_DATA))
 
 # Small and fast, but the real pipeline: offline ImageNet weights, FAISS, the real loss.
 FAST = [

@@ -81,3 +81,25 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, synthetic_root):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot decode image" in result.stderr and "002.png" in result.stderr
     assert not (tmp_path / "runs").exists()  # stopped before training: nothing half-written
+
+
+CONFIGS = __import__("pathlib").Path(__file__).parent / "configs"
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", ["shared_industrial", "shared_medical"])
+def test_data_check_passes_on_shared_mixtures(name, capsys):
+    from conftest import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    assert main(["data", "check", str(CONFIGS / f"{name}.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "data check passed" in out and "clients (training images per product)" in out
+
+
+def test_data_check_without_data_names_path_and_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDDYMEM_DATA_ROOT", str(tmp_path / "nowhere"))
+    result = _cli("data", "check", "medical", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "nowhere/Brain_AD" in result.stderr and "github.com/DorisBao/BMAD" in result.stderr

@@ -37,5 +37,5 @@ def test_dataset_by_name_or_path(tmp_path, synthetic_yaml):
         load_config([f"dataset={bad}"])
     layout = tmp_path / "layout.yaml"
     layout.write_text("name: x\nproducts: [{name: a, layout: zip, root: /x}]\n")
-    with pytest.raises(ConfigError, match="layout' is 'zip'; valid choices: mvtec, elpv"):
+    with pytest.raises(ConfigError, match="layout' is 'zip'; valid choices: mvtec, bmad, elpv, custom"):
         load_config([f"dataset={layout}"])

@@ -39,6 +39,19 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from feddymem.config import load_config
+    from feddymem.data.check import check_data
+    from feddymem.logging.console import Reporter
+
+    overrides = list(args.overrides)
+    if overrides and "=" not in overrides[0]:
+        overrides[0] = f"dataset={overrides[0]}"
+    cfg = load_config(overrides)
+    check_data(cfg, Reporter(quiet=args.quiet))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="feddymem", description="Federated unsupervised image anomaly detection.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the resolved config")
     config.add_argument("overrides", nargs="*", help="config overrides key=value")
     config.set_defaults(func=cmd_config)
+    data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
+    check = data.add_parser(
+        "check",
+        help="count and decode every image of a data set",
+        description="feddymem data check DATASET [key=value ...]",
+    )
+    check.add_argument("overrides", nargs="*", help="DATASET (name or .yaml), then config overrides")
+    check.add_argument("--quiet", action="store_true")
+    check.set_defaults(func=cmd_data_check)
     return parser
 
 

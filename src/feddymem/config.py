@@ -127,14 +127,22 @@ class CacheConfig:
 @dataclass
 class ProductConfig:
     name: str = "???"
-    layout: str = "mvtec"  # mvtec | elpv
-    root: str = ""
-    category: str = ""
+    layout: str = "mvtec"  # mvtec | bmad | elpv | custom
+    root: str = ""  # absolute, or relative to data.root
+    category: str = ""  # sub-folder of root (MVTec category, ELPV module type)
+    download: str = ""  # where to get the data: shown when the folder is missing
+    # layout=custom: folders relative to root/category, and how a mask is named.
+    train_dirs: list[str] = field(default_factory=list)
+    normal_dirs: list[str] = field(default_factory=list)
+    anomalous_dirs: list[str] = field(default_factory=list)
+    mask_dir: str = ""  # may contain {defect}
+    mask_pattern: str = "{stem}_mask.png"  # {stem}, {name}, {defect}
 
 
 @dataclass
 class DataConfig:
     name: str = "???"
+    root: str = ""  # base folder for relative product roots
     products: list[ProductConfig] = field(default_factory=list)
     num_clients: int = 5
     partition: Partition = Partition.dirichlet
@@ -281,7 +289,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("'model.backbone.layers' must list at least one feature level")
     if not cfg.data.products:
         raise ConfigError(f"dataset '{cfg.dataset}' lists no products under 'products'")
-    layouts = ("mvtec", "elpv")
+    from feddymem.data.products import LAYOUTS as layouts
+
     for i, product in enumerate(cfg.data.products):
         if product.layout not in layouts:
             raise ConfigError(f"'data.products[{i}].layout' is '{product.layout}'; valid choices: {', '.join(layouts)}")

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
@@ -48,7 +49,7 @@ def test_empty_folders_and_missing_root(tmp_path):
     empty = make_product(tmp_path, "other")
     for p in (empty / "test/good").iterdir():
         p.unlink()
-    with pytest.raises(DataError, match="empty test folder .*test/good"):
+    with pytest.raises(DataError, match="empty folder .*test/good"):
         load_mvtec("other", empty)
 
 
@@ -69,3 +70,83 @@ def test_elpv_split_leaves_out_ambiguous_cells():
     assert load_elpv("mono", "mono", 0.2, 0).train == mono.train  # seeded
     with pytest.raises(DataError, match="'mono' or 'poly'"):
         load_elpv("x", "tri", 0.2, 0)
+
+
+def _png(path, value=0, size=(16, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", size, value).save(path)
+
+
+def test_bmad_layout_plain_and_with_img_label(tmp_path):
+    plain = tmp_path / "plain"
+    for rel in (
+        "train/good/1.png",
+        "train/good/2.png",
+        "test/good/3.png",
+        "test/Ungood/4.png",
+        "valid/good/5.png",
+        "valid/Ungood/6.png",
+    ):
+        _png(plain / rel)
+    split = load_product({"name": "ct", "layout": "bmad", "root": str(plain)})
+    assert len(split.train) == 2 and [s.label for s in split.test] == [0, 1] and len(split.valid) == 2
+    assert not split.has_masks
+    labelled = tmp_path / "brain"
+    for rel in ("train/good/img/1.png", "test/good/img/2.png", "test/Ungood/img/3.png"):
+        _png(labelled / rel)
+    _png(labelled / "test/Ungood/label/3.png", 255)
+    split = load_product({"name": "brain", "layout": "bmad", "root": str(labelled)})
+    assert split.has_masks and split.test[1].mask.endswith("label/3.png")
+    (labelled / "test/Ungood/label/3.png").unlink()
+    _png(labelled / "test/Ungood/label/9.png", 255)
+    with pytest.raises(DataError, match="mask missing for .*img/3.png"):
+        load_product({"name": "brain", "layout": "bmad", "root": str(labelled)})
+
+
+def test_visa_btad_and_autovi_mask_names(tmp_path):
+    from feddymem.data.datasets import read_mask
+
+    root = tmp_path / "visa"
+    _png(root / "train/good/0.png")
+    _png(root / "test/bad/1.JPG".lower())
+    _png(root / "ground_truth/bad/1.png", 255)  # VisA/BTAD: mask named like the image
+    assert load_mvtec("visa", root).test[0].mask.endswith("ground_truth/bad/1.png")
+    autovi = tmp_path / "autovi"
+    _png(autovi / "train/good/0.png")
+    _png(autovi / "test/scratch/7.png")
+    mask_a = np.zeros((16, 16), np.uint8)
+    mask_a[:4] = 255
+    Image.fromarray(mask_a).save(
+        (autovi / "ground_truth/scratch/7").mkdir(parents=True) or autovi / "ground_truth/scratch/7/0000.png"
+    )
+    Image.fromarray(mask_a.T.copy()).save(autovi / "ground_truth/scratch/7/0001.png")
+    sample = load_mvtec("autovi", autovi).test[0]
+    union = np.asarray(read_mask(sample.mask)) > 0
+    assert union[:4].all() and union[:, :4].all() and not union[8:, 8:].any()
+
+
+def test_custom_layout(tmp_path):
+    for rel in ("normal/a.png", "normal/b.png", "eval/ok/c.png", "eval/dent/d.png"):
+        _png(tmp_path / rel)
+    _png(tmp_path / "masks/dent/d-gt.png", 255)
+    product = {
+        "name": "c",
+        "layout": "custom",
+        "root": str(tmp_path),
+        "train_dirs": ["normal"],
+        "normal_dirs": ["eval/ok"],
+        "anomalous_dirs": ["eval/dent"],
+        "mask_dir": "masks/{defect}",
+        "mask_pattern": "{stem}-gt.png",
+    }
+    split = load_product(product)
+    assert len(split.train) == 2 and [s.label for s in split.test] == [0, 1]
+    assert split.test[1].mask.endswith("masks/dent/d-gt.png") and split.test[1].defect == "dent"
+    with pytest.raises(DataError, match="mask missing for .*d.png"):
+        load_product({**product, "mask_pattern": "{stem}_mask.png"})
+
+
+def test_missing_data_error_carries_download_hint(tmp_path):
+    product = {"name": "brain", "layout": "bmad", "root": "Brain_AD", "download": "get it from BMAD"}
+    with pytest.raises(DataError, match=r"product 'brain' folder not found: .*Brain_AD\. get it from BMAD"):
+        load_product(product, data_root=str(tmp_path))

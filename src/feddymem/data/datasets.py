@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from feddymem.data.products import Sample
+from feddymem.data.products import IMAGE_SUFFIXES, Sample
 from feddymem.errors import DataError
 
 
@@ -26,6 +27,14 @@ def read_image(path: str) -> Image.Image:
 
 
 def read_mask(path: str) -> Image.Image:
+    """A binary-ish mask; a folder (AutoVI: one file per defect region) gives the union of its masks."""
+    folder = Path(path)
+    if folder.is_dir():
+        parts = [read_mask(str(p)) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not parts:
+            raise DataError(f"mask folder {path} holds no mask images")
+        union = np.maximum.reduce([np.asarray(m) for m in parts])
+        return Image.fromarray(union)
     try:
         with Image.open(path) as img:
             img.load()

@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from feddymem import __version__
 from feddymem.config import to_container, to_yaml
-from feddymem.data.datasets import ImageDataset, verify_samples
+from feddymem.data.check import plan_data, verify_plan
+from feddymem.data.datasets import ImageDataset
 from feddymem.data.feature_cache import FeatureCache
-from feddymem.data.partition import ClientData, partition_clients
-from feddymem.data.products import load_product
+from feddymem.data.partition import ClientData
 from feddymem.io import atomic_write_json, atomic_write_text, save_checkpoint
 from feddymem.lightning_model import FedDyMemModule
 from feddymem.logging.console import Reporter, human_bytes
@@ -103,21 +103,9 @@ class FederatedOrchestrator:
     # --- setup ----------------------------------------------------------------------------------
     def prepare_data(self) -> list[ClientData]:
         """Load every product, split it over clients and decode every image once (fail before training)."""
-        d = self.cfg.data
-        products = [load_product(p, d.test_fraction, d.seed) for p in d.products]
-        clients = partition_clients(
-            products,
-            d.num_clients,
-            method=d.partition,
-            alpha=d.dirichlet_alpha,
-            table=[list(r) for r in d.table],
-            seed=d.seed,
-            min_train=d.min_train_per_client,
-        )
-        samples = {s.path: s for c in clients for s in (*c.train, *c.test)}
-        with self.reporter.bars():
-            verify_samples(list(samples.values()), self.reporter.task("checking images", len(samples)))
-        return clients
+        plan = plan_data(self.cfg)
+        verify_plan(plan, self.reporter)
+        return plan.clients
 
     def setup(self) -> None:
         self.fabric.launch()

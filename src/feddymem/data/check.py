@@ -1,0 +1,73 @@
+"""``feddymem data check``: load every product, partition it, decode every image and mask, print counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from feddymem.data.datasets import verify_samples
+from feddymem.data.partition import ClientData, partition_clients
+from feddymem.data.products import ProductSplit, load_product
+from feddymem.logging.console import Reporter
+
+
+@dataclass
+class DataPlan:
+    products: list[ProductSplit]
+    clients: list[ClientData]
+
+
+def plan_data(cfg: DictConfig) -> DataPlan:
+    """Products and their partition over clients, from a validated config; raises DataError on bad data."""
+    d = cfg.data
+    products = [load_product(p, d.test_fraction, d.seed, d.root) for p in d.products]
+    clients = partition_clients(
+        products,
+        d.num_clients,
+        method=d.partition,
+        alpha=d.dirichlet_alpha,
+        table=[list(r) for r in d.table],
+        seed=d.seed,
+        min_train=d.min_train_per_client,
+    )
+    return DataPlan(products, clients)
+
+
+def verify_plan(plan: DataPlan, reporter: Reporter) -> int:
+    """Decode every image (and mask) the plan uses once; returns how many files were checked."""
+    samples = {s.path: s for p in plan.products for s in (*p.train, *p.test, *p.valid)}
+    with reporter.bars():
+        verify_samples(list(samples.values()), reporter.task("decoding images", len(samples)))
+    return len(samples)
+
+
+def report_plan(plan: DataPlan, reporter: Reporter) -> None:
+    rows = []
+    for p in plan.products:
+        normal = sum(s.label == 0 for s in p.test)
+        rows.append(
+            [
+                p.name,
+                str(len(p.train)),
+                str(normal),
+                str(len(p.test) - normal),
+                str(len(p.valid)),
+                "yes" if p.has_masks else "no",
+            ]
+        )
+    reporter.table("products", ["product", "train (normal)", "test normal", "test anomalous", "valid", "masks"], rows)
+    names = [p.name for p in plan.products]
+    rows = []
+    for c in plan.clients:
+        counts = c.counts()
+        rows.append([str(c.client_id), *[str(counts.get(n, 0)) for n in names], str(len(c.train)), str(len(c.test))])
+    reporter.table("clients (training images per product)", ["client", *names, "train", "test"], rows)
+
+
+def check_data(cfg: DictConfig, reporter: Reporter) -> DataPlan:
+    plan = plan_data(cfg)
+    report_plan(plan, reporter)
+    checked = verify_plan(plan, reporter)
+    reporter.print(f"data check passed: {checked} images decoded, {len(plan.clients)} clients")
+    return plan
