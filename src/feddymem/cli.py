@@ -14,10 +14,7 @@ from feddymem.errors import FedDyMemError
 
 def _run_dir(cfg) -> Path:
     name = cfg.name or f"{Path(cfg.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.output_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FedDyMemError(f"run folder {run_dir} already exists; choose another name=... (nothing was changed)")
-    return run_dir
+    return Path(cfg.output_dir) / name
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -25,10 +22,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + (["quiet=true"] if args.quiet else [])
     cfg = load_config(overrides)
-    run_dir = _run_dir(cfg)
+    run_dir = Path(cfg.resume) if cfg.resume else _run_dir(cfg)
     from feddymem.federation.orchestrator import FederatedOrchestrator
 
-    FederatedOrchestrator(cfg, run_dir).run()
+    FederatedOrchestrator(cfg, run_dir, resume=bool(cfg.resume)).run()
     return 0
 
 

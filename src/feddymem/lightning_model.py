@@ -49,9 +49,10 @@ class FedDyMemModule(L.LightningModule):
         weight_decay: float = 5e-4,
         seed: int = 0,
         log_prefix: str = "",
+        sync_metrics: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["log_prefix"])
+        self.save_hyperparameters(ignore=["log_prefix", "sync_metrics"])
         self.log_prefix = log_prefix
         self.model = FedDyMemModel(
             backbone,
@@ -68,10 +69,13 @@ class FedDyMemModule(L.LightningModule):
             score_method,
             sigma,
         )
-        self.train_loss = MeanMetric()
-        self.image_auroc = AUROC()
-        self.pixel_auroc = AUROC()
-        self.aupro = AUPRO()
+        # A federated client must not merge its metrics with other processes' clients (sync_metrics=False);
+        # under a multi-GPU Trainer the default syncs them like any torchmetrics metric.
+        sync = {"sync_on_compute": sync_metrics}
+        self.train_loss = MeanMetric(**sync)
+        self.image_auroc = AUROC(**sync)
+        self.pixel_auroc = AUROC(**sync)
+        self.aupro = AUPRO(**sync)
         self._has_masks = False
 
     # --- helpers --------------------------------------------------------------------------------

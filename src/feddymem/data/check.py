@@ -34,9 +34,12 @@ def plan_data(cfg: DictConfig) -> DataPlan:
     return DataPlan(products, clients)
 
 
-def verify_plan(plan: DataPlan, reporter: Reporter) -> int:
-    """Decode every image (and mask) the plan uses once; returns how many files were checked."""
-    samples = {s.path: s for p in plan.products for s in (*p.train, *p.test, *p.valid)}
+def verify_plan(plan: DataPlan, reporter: Reporter, client_ids: list[int] | None = None) -> int:
+    """Decode every image (and mask) the plan uses once, or only those of ``client_ids``; returns the count."""
+    if client_ids is None:
+        samples = {s.path: s for p in plan.products for s in (*p.train, *p.test, *p.valid)}
+    else:
+        samples = {s.path: s for k in client_ids for s in (*plan.clients[k].train, *plan.clients[k].test)}
     with reporter.bars():
         verify_samples(list(samples.values()), reporter.task("decoding images", len(samples)))
     return len(samples)

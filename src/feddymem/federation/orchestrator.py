@@ -9,13 +9,15 @@ with their client and are never averaged or gradient-synced. A checkpoint is wri
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.loggers import CSVLogger
 from omegaconf import DictConfig
@@ -27,7 +29,10 @@ from feddymem.data.check import plan_data, verify_plan
 from feddymem.data.datasets import ImageDataset
 from feddymem.data.feature_cache import FeatureCache
 from feddymem.data.partition import ClientData
-from feddymem.io import atomic_write_json, atomic_write_text, save_checkpoint
+from feddymem.errors import CheckpointError, FedDyMemError
+from feddymem.federation.distributed import broadcast_from_server, clients_of_rank, gather_to_server, make_fabric
+from feddymem.federation.upload import UploadRejected, validate_upload
+from feddymem.io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from feddymem.lightning_model import FedDyMemModule
 from feddymem.logging.console import Reporter, human_bytes
 from feddymem.memory.aggregate import GlobalMemory, aggregate
@@ -62,11 +67,23 @@ def client_module_from_config(cfg: DictConfig, client_id: int | None = None) -> 
         weight_decay=cfg.optim.weight_decay,
         seed=cfg.seed + (client_id or 0),
         log_prefix="" if client_id is None else f"client/{client_id}/",
+        sync_metrics=client_id is None,
     )
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.element_size() * t.nelement() for t in tensors)
+
+
+log = logging.getLogger(__name__)
+
+
+class ClientTimeout(Exception):
+    """A client ran past ``federation.client_timeout_s`` in a round."""
+
+
+class TooFewClients(FedDyMemError):
+    """Fewer than ``federation.min_clients`` valid uploads arrived in a round."""
 
 
 @dataclass
@@ -76,10 +93,9 @@ class Client:
     data: ClientData
     module: FedDyMemModule
     optimizer: torch.optim.Optimizer
-    train_set: Dataset
-    memory_set: Dataset
-    test_set: Dataset
-    history: list[dict[str, Any]] = field(default_factory=list)
+    train_set: ImageDataset
+    memory_set: ImageDataset
+    test_set: ImageDataset
 
     @property
     def id(self) -> int:
@@ -87,43 +103,78 @@ class Client:
 
 
 class FederatedOrchestrator:
-    """Runs a whole federated experiment described by a validated config."""
+    """Runs a whole federated experiment described by a validated config, on one or many processes.
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path, reporter: Reporter | None = None) -> None:
+    Rank 0 is the server; client k lives on rank ``k % world_size``. Every rank runs this same code.
+    """
+
+    def __init__(
+        self, cfg: DictConfig, run_dir: str | Path, reporter: Reporter | None = None, resume: bool = False
+    ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.reporter = reporter or Reporter(quiet=cfg.quiet)
+        self.resume = resume
+        f = cfg.federation
         loggers = [CSVLogger(str(self.run_dir), name="logs", version="")] if cfg.logger.value == "csv" else []
-        self.fabric = L.Fabric(accelerator=cfg.federation.accelerator, devices=cfg.federation.devices, loggers=loggers)
+        self.fabric = make_fabric(f.accelerator, f.devices, f.num_nodes, f.collective_timeout_s, loggers)
+        self.reporter = reporter or Reporter(quiet=cfg.quiet)
         self.clients: list[Client] = []
+        self.all_clients: list[ClientData] = []
         self.global_memory: torch.Tensor | None = None
         self.history: list[dict[str, Any]] = []
+        self.start_round = 0
         self.server_gpu = resolve_gpu(cfg.server.gpu)
 
-    # --- setup ----------------------------------------------------------------------------------
-    def prepare_data(self) -> list[ClientData]:
-        """Load every product, split it over clients and decode every image once (fail before training)."""
-        plan = plan_data(self.cfg)
-        verify_plan(plan, self.reporter)
-        return plan.clients
+    @property
+    def is_server(self) -> bool:
+        return self.fabric.global_rank == 0
 
+    # --- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
+        """Launch processes, plan and check the data, build this rank's clients, restore a checkpoint."""
         self.fabric.launch()
+        if not self.is_server:
+            self.reporter = Reporter(quiet=True)
+        # Every rank writes into rank 0's run folder (names with a timestamp differ between processes).
+        claim = {"run_dir": str(self.run_dir), "error": self._run_dir_problem() if self.is_server else None}
+        claim = broadcast_from_server(self.fabric, claim)
+        if claim["error"]:
+            raise FedDyMemError(claim["error"])
+        self.run_dir = Path(claim["run_dir"])
         self.fabric.seed_everything(self.cfg.seed)
-        partition = self.prepare_data()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
+        plan = plan_data(self.cfg)  # cheap listing on every rank; decoding only of this rank's clients
+        self.all_clients = plan.clients
+        mine = clients_of_rank(len(plan.clients), self.fabric.global_rank, self.fabric.world_size)
+        verify_plan(plan, self.reporter, client_ids=mine)
+        if self.is_server:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.resume:
+                atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
         d = self.cfg.data
-        for part in partition:
-            torch.manual_seed(self.cfg.seed + part.client_id)
-            module = client_module_from_config(self.cfg, part.client_id)
+        for client_id in mine:
+            part = plan.clients[client_id]
+            torch.manual_seed(self.cfg.seed + client_id)
+            module = client_module_from_config(self.cfg, client_id)
             optimizer = module.configure_optimizers()
             module, optimizer = self.fabric.setup(module, optimizer)
-            self.clients.append(Client(part, module, optimizer, None, None, None))  # type: ignore[arg-type]
-        extractor = self.clients[0].module.model.feature_extractor
-        mean, std = extractor.mean, extractor.std
+            mean, std = module.model.feature_extractor.mean, module.model.feature_extractor.std
+
+            def dataset(samples, augment=False, mean=mean, std=std):
+                return ImageDataset(samples, d.image_size, d.crop_size, mean, std, augment=augment)
+
+            self.clients.append(
+                Client(
+                    part,
+                    module,
+                    optimizer,
+                    dataset(part.train, augment=d.augment),
+                    dataset(part.train),
+                    dataset(part.test),
+                )
+            )
+        extractor = self.clients[0].module.model.extract if self.clients else None
         self.cache = FeatureCache(
-            self.clients[0].module.model.extract,
+            extractor,
             max_bytes=int(self.cfg.cache.max_gb * 2**30),
             fp16_above_bytes=int(self.cfg.cache.fp16_above_gb * 2**30),
             batch_size=self.cfg.optim.eval_batch_size,
@@ -131,14 +182,16 @@ class FederatedOrchestrator:
             num_workers=self.cfg.optim.num_workers,
             progress=self.reporter.task,
         )
-        for client in self.clients:
+        if self.resume:
+            self.restore(load_checkpoint(self.run_dir / "checkpoints" / "last.ckpt"))
 
-            def dataset(samples, augment=False):
-                return ImageDataset(samples, d.image_size, d.crop_size, mean, std, augment=augment)
-
-            client.train_set = dataset(client.data.train, augment=d.augment)
-            client.memory_set = dataset(client.data.train)
-            client.test_set = dataset(client.data.test)
+    def _run_dir_problem(self) -> str | None:
+        exists = self.run_dir.exists() and any(self.run_dir.iterdir())
+        if self.resume and not (self.run_dir / "checkpoints" / "last.ckpt").is_file():
+            return f"cannot resume: no checkpoint {self.run_dir / 'checkpoints' / 'last.ckpt'}"
+        if not self.resume and exists:
+            return f"run folder {self.run_dir} already exists; choose another name=... (nothing was changed)"
+        return None
 
     def _cached(self, dataset: ImageDataset, description: str) -> Dataset:
         return self.cache.wrap(dataset, description) if self.cfg.cache.enabled else dataset
@@ -154,21 +207,23 @@ class FederatedOrchestrator:
             shuffle=shuffle,
             generator=generator,
             num_workers=workers,
-            drop_last=False,
         )
 
-    # --- one round ------------------------------------------------------------------------------
-    def local_training(self, client: Client, round_idx: int) -> float:
+    # --- client side ------------------------------------------------------------------------------
+    def local_training(self, client: Client, round_idx: int, deadline: float) -> float:
         """``local_epochs`` epochs of the metric loss against the current global memory; mean loss."""
         module, optimizer = client.module, client.optimizer
         train_set = self._cached(client.train_set, f"client {client.id} features")
         module.train()
         losses = []
         for epoch in range(self.cfg.federation.local_epochs):
+            # Seeded by (round, epoch, client): the same batches on any number of processes and after resume.
             seed = self.cfg.seed + 1_000_003 * round_idx + 1009 * epoch + client.id
             loader = self._loader(train_set, shuffle=True, seed=seed, train=True)
             advance = self.reporter.task(f"client {client.id} epoch {epoch + 1}", len(loader))
             for batch_idx, batch in enumerate(loader):
+                if time.monotonic() > deadline:
+                    raise ClientTimeout(f"client {client.id} ran past {self.cfg.federation.client_timeout_s}s")
                 optimizer.zero_grad(set_to_none=True)
                 loss = module.training_step(batch, batch_idx)
                 self.fabric.backward(loss)
@@ -184,6 +239,68 @@ class FederatedOrchestrator:
         memory_set = self._cached(client.memory_set, f"client {client.id} features")
         return client.module.build_memory(self._loader(memory_set, shuffle=False))
 
+    def client_round(self, client: Client, round_idx: int) -> dict[str, Any]:
+        """Train (after round 0) and upload; a failure or timeout is reported, not raised."""
+        t0 = time.perf_counter()
+        timeout = self.cfg.federation.client_timeout_s
+        deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
+        try:
+            loss = self.local_training(client, round_idx, deadline) if round_idx > 0 else float("nan")
+            bank = self.client_upload(client)
+            if time.monotonic() > deadline:
+                raise ClientTimeout(f"client {client.id} ran past {timeout}s")
+        except Exception as err:  # a failing site must not stop the federation
+            log.warning("client %d left out of round %d: %s", client.id, round_idx, err)
+            return {
+                "id": client.id,
+                "bank": None,
+                "error": f"{type(err).__name__}: {err}",
+                "time_s": time.perf_counter() - t0,
+            }
+        return {"id": client.id, "bank": bank, "train_loss": loss, "time_s": time.perf_counter() - t0}
+
+    def evaluate(self, client: Client) -> dict[str, float]:
+        test_set = self._cached(client.test_set, f"client {client.id} test features")
+        module = client.module
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for batch_idx, batch in enumerate(self._loader(test_set, shuffle=False)):
+                module.test_step(batch, batch_idx)
+        return {**module.compute_test_metrics(), "eval_time_s": time.perf_counter() - t0}
+
+    # --- server side ------------------------------------------------------------------------------
+    def _patch_positions(self) -> int:
+        extractor = self.clients[0].module.model.feature_extractor if self.clients else None
+        reduction = min(extractor.body.feature_info.reduction()) if extractor else 8
+        return (self.cfg.data.crop_size // reduction) ** 2
+
+    def _memory_dim(self) -> int:
+        return self.clients[0].module.model.generator.out_channels
+
+    def accept_uploads(self, results: list[dict[str, Any]], round_idx: int, dim: int) -> list[dict[str, Any]]:
+        """Validate every upload; returns the accepted ones (in client order), records the rest."""
+        s = self.cfg.server
+        max_items = max(s.max_upload_items, self.cfg.memory.size, self._patch_positions())
+        accepted = []
+        for res in sorted(results, key=lambda r: r["id"]):
+            if res["bank"] is None:
+                continue
+            try:
+                validate_upload(
+                    res["id"], res["bank"], dim=dim, max_items=max_items, max_bytes=int(s.max_upload_mb * 2**20)
+                )
+                accepted.append(res)
+            except UploadRejected as err:
+                log.warning("round %d: %s", round_idx, err)
+                res["error"], res["bank"] = str(err), None
+        if len(accepted) < self.cfg.federation.min_clients:
+            errors = "; ".join(r["error"] for r in results if r.get("error"))
+            raise TooFewClients(
+                f"round {round_idx}: {len(accepted)} valid uploads, federation.min_clients is "
+                f"{self.cfg.federation.min_clients} ({errors or 'no errors reported'})"
+            )
+        return accepted
+
     def server_aggregate(self, uploads: list[MemoryBank], round_idx: int) -> GlobalMemory:
         s = self.cfg.server
         warm = self.global_memory if (s.warm_start and self.global_memory is not None) else None
@@ -198,55 +315,73 @@ class FederatedOrchestrator:
             gpu=self.server_gpu,
         )
 
-    def _patch_positions(self) -> int:
-        h = self.cfg.data.crop_size
-        reduction = min(self.clients[0].module.model.feature_extractor.body.feature_info.reduction())
-        return (h // reduction) ** 2
-
-    def evaluate(self, client: Client) -> dict[str, float]:
-        test_set = self._cached(client.test_set, f"client {client.id} test features")
-        module = client.module
-        with torch.no_grad():
-            for batch_idx, batch in enumerate(self._loader(test_set, shuffle=False)):
-                module.test_step(batch, batch_idx)
-        return module.compute_test_metrics()
-
-    def run_round(self, round_idx: int) -> dict[str, Any]:
+    # --- one round ------------------------------------------------------------------------------
+    def run_round(self, round_idx: int) -> dict[str, Any] | None:
+        """One round on every rank; the round record on rank 0, ``None`` elsewhere."""
         start = time.perf_counter()
-        record: dict[str, Any] = {"round": round_idx, "clients": {}}
-        uploads = []
-        for client in self.clients:
-            t0 = time.perf_counter()
-            loss = self.local_training(client, round_idx) if round_idx > 0 else float("nan")
-            bank = self.client_upload(client)
-            uploads.append(bank)
-            record["clients"][client.id] = {
-                "train_loss": loss,
-                "bytes_up": tensor_bytes(bank.items, bank.weights),
-                "memory_items": int(bank.items.shape[0]),
-                "train_images": len(client.data.train),
-                "time_s": time.perf_counter() - t0,
-            }
-        t_server = time.perf_counter()
-        result = self.server_aggregate(uploads, round_idx)
-        self.global_memory = result.items
-        record["server"] = {
-            "kmeans_objective": result.objective,
-            "uploaded_items": result.num_points,
-            "global_items": int(result.items.shape[0]),
-            "gpu": result.gpu,
-            "time_s": time.perf_counter() - t_server,
-        }
+        local = [self.client_round(c, round_idx) for c in self.clients]
+        dim = self._memory_dim()
+        gathered = gather_to_server(self.fabric, local)
+        message: dict[str, Any] = {}
+        if self.is_server:
+            results = [r for rank_results in gathered for r in rank_results]
+            try:
+                accepted = self.accept_uploads(results, round_idx, dim)
+                t_server = time.perf_counter()
+                result = self.server_aggregate([r["bank"] for r in accepted], round_idx)
+                message = {
+                    "memory": result.items,
+                    "participants": [r["id"] for r in accepted],
+                    "server": {
+                        "kmeans_objective": result.objective,
+                        "uploaded_items": result.num_points,
+                        "global_items": int(result.items.shape[0]),
+                        "gpu": result.gpu,
+                        "time_s": time.perf_counter() - t_server,
+                    },
+                }
+            except TooFewClients as err:
+                message = {"error": str(err)}
+        message = broadcast_from_server(self.fabric, message)
+        if "error" in message:
+            raise TooFewClients(message["error"])
+        self.global_memory = message["memory"]
+        evaluations = []
         for client in self.clients:
             client.module.set_global_memory(self.global_memory)
-            stats = record["clients"][client.id]
-            stats["bytes_down"] = tensor_bytes(self.global_memory)
-            t0 = time.perf_counter()
-            stats.update(self.evaluate(client))
-            stats["eval_time_s"] = time.perf_counter() - t0
+            evaluations.append({"id": client.id, **self.evaluate(client)})
+        gathered_eval = gather_to_server(self.fabric, evaluations)
+        if not self.is_server:
+            return None
+        down = tensor_bytes(self.global_memory)
+        record: dict[str, Any] = {
+            "round": round_idx,
+            "participants": message["participants"],
+            "server": message["server"],
+            "clients": {},
+        }
+        for res in results:
+            entry = {
+                "time_s": res["time_s"],
+                "uploaded": res["bank"] is not None,
+                "bytes_down": down,
+                "train_images": len(self.all_clients[res["id"]].train),
+            }
+            if res["bank"] is not None:
+                entry.update(
+                    train_loss=res["train_loss"],
+                    bytes_up=tensor_bytes(res["bank"].items, res["bank"].weights),
+                    memory_items=int(res["bank"].items.shape[0]),
+                )
+            else:
+                entry.update(bytes_up=0, error=res["error"])
+            record["clients"][res["id"]] = entry
+        for ev in (e for rank_evals in gathered_eval for e in rank_evals):
+            record["clients"][ev.pop("id")].update(ev)
+        record["clients"] = dict(sorted(record["clients"].items()))
         record["bytes_up"] = sum(c["bytes_up"] for c in record["clients"].values())
-        record["bytes_down"] = sum(c["bytes_down"] for c in record["clients"].values())
-        record["mean_image_auroc"] = sum(c["image_auroc"] for c in record["clients"].values()) / len(self.clients)
+        record["bytes_down"] = down * len(record["clients"])
+        record["mean_image_auroc"] = float(np.mean([c["image_auroc"] for c in record["clients"].values()]))
         record["time_s"] = time.perf_counter() - start
         record["cache"] = {
             "extraction_s": self.cache.stats.extraction_seconds,
@@ -261,6 +396,7 @@ class FederatedOrchestrator:
         metrics: dict[str, float] = {
             "server/kmeans_objective": record["server"]["kmeans_objective"],
             "server/global_items": record["server"]["global_items"],
+            "server/participants": len(record["participants"]),
             "round/bytes_up": record["bytes_up"],
             "round/bytes_down": record["bytes_down"],
             "round/time_s": record["time_s"],
@@ -271,43 +407,74 @@ class FederatedOrchestrator:
         for cid, stats in record["clients"].items():
             for key, value in stats.items():
                 if isinstance(value, int | float) and value == value:  # skip NaN
-                    metrics[f"client/{cid}/{key}"] = value
+                    metrics[f"client/{cid}/{key}"] = float(value)
         self.fabric.log_dict(metrics, step=r)
+        left_out = [f"{cid} ({c['error']})" for cid, c in record["clients"].items() if not c["uploaded"]]
         self.reporter.print(
             f"round {r:>2}: mean image AUROC {record['mean_image_auroc']:.4f}  "
             f"up {human_bytes(record['bytes_up'])}  down {human_bytes(record['bytes_down'])}  "
             f"time {record['time_s']:.1f}s  (cache saved {record['cache']['saved_s']:.1f}s so far)"
+            + (f"  left out: {', '.join(left_out)}" if left_out else "")
         )
 
-    def checkpoint_payload(self, round_idx: int) -> dict[str, Any]:
-        return {
+    def client_states(self) -> dict[int, dict[str, Any]]:
+        """Every client's model and optimiser state, gathered on rank 0 (small: no backbone)."""
+        local = {
+            c.id: {"model": c.module.trainable_state(), "optimizer": c.optimizer.state_dict()} for c in self.clients
+        }
+        gathered = gather_to_server(self.fabric, local)
+        return {k: v for part in gathered for k, v in part.items()} if gathered is not None else {}
+
+    def save(self, round_idx: int) -> None:
+        """Atomic checkpoint after a complete round: round, global memory, all clients, partition, RNG."""
+        states = self.client_states()
+        if not self.is_server:
+            return
+        payload = {
             "round": round_idx,
             "global_memory": self.global_memory.clone(),
             "clients": {
-                c.id: {
-                    "model": c.module.trainable_state(),
-                    "optimizer": c.optimizer.state_dict(),
-                    "train": [s.path for s in c.data.train],
-                    "products": list(c.data.products),
+                k: {
+                    **states[k],
+                    "train": [s.path for s in self.all_clients[k].train],
+                    "products": list(self.all_clients[k].products),
                 }
-                for c in self.clients
+                for k in sorted(states)
             },
             "config": to_container(self.cfg),
             "history": self.history,
+            # Batches, K-means and initialisations are seeded by (seed, round, epoch, client); the global
+            # torch RNG is kept too, for anything user code draws from it.
+            "rng": {"torch": torch.get_rng_state()},
             "provenance": provenance(self.cfg),
         }
-
-    def save(self, round_idx: int) -> None:
-        payload = self.checkpoint_payload(round_idx)
         ckpt_dir = self.run_dir / "checkpoints"
         save_checkpoint(ckpt_dir / f"round_{round_idx:03d}.ckpt", payload)
         save_checkpoint(ckpt_dir / "last.ckpt", payload)
         atomic_write_json(self.run_dir / "metrics.json", self.summary())
 
+    def restore(self, payload: dict[str, Any]) -> None:
+        """Continue after the checkpoint's round: same partition, states, memory and history."""
+        for client in self.clients:
+            saved = payload["clients"].get(client.id)
+            if saved is None or saved["train"] != [s.path for s in client.data.train]:
+                raise CheckpointError(
+                    f"checkpoint does not match client {client.id}'s data partition; "
+                    "was the data or the data config changed?"
+                )
+            client.module.load_trainable_state(saved["model"])
+            client.optimizer.load_state_dict(saved["optimizer"])
+            client.module.set_global_memory(payload["global_memory"])
+        self.global_memory = payload["global_memory"]
+        self.history = list(payload["history"]) if self.is_server else []
+        self.start_round = int(payload["round"]) + 1
+        torch.set_rng_state(payload["rng"]["torch"])
+
     def summary(self) -> dict[str, Any]:
         final = self.history[-1] if self.history else {}
         return {
             "run_dir": str(self.run_dir),
+            "world_size": self.fabric.world_size,
             "rounds": self.history,
             "final": {"mean_image_auroc": final.get("mean_image_auroc"), "clients": final.get("clients", {})},
             "cache": {
@@ -326,10 +493,14 @@ class FederatedOrchestrator:
         cols = ["client", "products", "train imgs", "image AUROC"] + (["pixel AUROC", "AUPRO"] if has_pixel else [])
         cols += ["up/round", "down/round", "time"]
         rows = []
-        for client in self.clients:
-            s = final["clients"][client.id]
-            t = sum(r["clients"][client.id]["time_s"] + r["clients"][client.id]["eval_time_s"] for r in self.history)
-            row = [str(client.id), ",".join(client.data.products), str(s["train_images"]), f"{s['image_auroc']:.4f}"]
+        for cid, s in final["clients"].items():
+            t = sum(r["clients"][cid]["time_s"] + r["clients"][cid]["eval_time_s"] for r in self.history)
+            row = [
+                str(cid),
+                ",".join(self.all_clients[cid].products),
+                str(s["train_images"]),
+                f"{s['image_auroc']:.4f}",
+            ]
             if has_pixel:
                 row += [f"{s.get('pixel_auroc', float('nan')):.4f}", f"{s.get('aupro', float('nan')):.4f}"]
             row += [human_bytes(s["bytes_up"]), human_bytes(s["bytes_down"]), f"{t:.1f}s"]
@@ -340,22 +511,28 @@ class FederatedOrchestrator:
             rows,
         )
 
-    def run(self) -> dict[str, Any]:
-        """Set up, run rounds 0..R, checkpoint after each, print the per-client table; returns the summary."""
+    def run(self) -> dict[str, Any] | None:
+        """Set up, run the remaining rounds, checkpoint after each; the summary on rank 0."""
         self.setup()
         self.reporter.print(
-            f"FedDyMem: {len(self.clients)} clients, {self.cfg.federation.rounds} rounds, "
-            f"device {self.fabric.device}, run folder {self.run_dir}"
+            f"FedDyMem: {len(self.all_clients)} clients on {self.fabric.world_size} process(es), "
+            f"rounds {self.start_round}..{self.cfg.federation.rounds}, device {self.fabric.device}, "
+            f"run folder {self.run_dir}"
         )
         with self.reporter.bars():
-            for round_idx in range(self.cfg.federation.rounds + 1):
+            for round_idx in range(self.start_round, self.cfg.federation.rounds + 1):
                 record = self.run_round(round_idx)
-                self.history.append(record)
-                self.log_round(record)
+                if record is not None:
+                    self.history.append(record)
+                    self.log_round(record)
                 self.save(round_idx)
+        self.fabric.barrier()
+        if not self.is_server:
+            return None
         for logger in self.fabric.loggers:
             logger.finalize("success")
-        self.print_table()
+        if self.history:
+            self.print_table()
         return self.summary()
 
 

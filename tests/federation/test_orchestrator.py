@@ -1,0 +1,195 @@
+"""The Fabric orchestrator: faults, bad uploads, resume and world-size invariance, with real runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST
+from feddymem.config import load_config
+from feddymem.federation.orchestrator import FederatedOrchestrator, TooFewClients
+from feddymem.io import load_checkpoint
+from feddymem.memory.reduce import MemoryBank
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(yaml, *extra):
+    return load_config([f"dataset={yaml}", "data.num_clients=3", *FAST, *extra])
+
+
+def test_failing_client_is_left_out_and_bad_upload_rejected(tmp_path, synthetic_yaml, monkeypatch, caplog):
+    orch = FederatedOrchestrator(
+        _cfg(synthetic_yaml, "federation.rounds=2", "federation.min_clients=2"), tmp_path / "run"
+    )
+    real_training, real_upload = orch.local_training, orch.client_upload
+
+    def flaky_training(client, round_idx, deadline):
+        if client.id == 1 and round_idx == 1:
+            raise RuntimeError("site 1 lost its disk")
+        return real_training(client, round_idx, deadline)
+
+    def poisoned_upload(client):
+        bank = real_upload(client)
+        if client.id == 2 and orch.history and len(orch.history) == 2:  # round 2
+            return MemoryBank(torch.full_like(bank.items, float("nan")), bank.weights, bank.num_images)
+        return bank
+
+    monkeypatch.setattr(orch, "local_training", flaky_training)
+    monkeypatch.setattr(orch, "client_upload", poisoned_upload)
+    summary = orch.run()
+    rounds = summary["rounds"]
+    assert rounds[0]["participants"] == [0, 1, 2]
+    assert rounds[1]["participants"] == [0, 2]
+    assert "site 1 lost its disk" in rounds[1]["clients"][1]["error"]
+    assert rounds[2]["participants"] == [0, 1]
+    assert "upload of client 2 rejected: non-finite" in rounds[2]["clients"][2]["error"]
+    assert rounds[1]["clients"][1]["bytes_up"] == 0 and "image_auroc" in rounds[1]["clients"][1]
+    assert "client 1 left out of round 1" in caplog.text
+
+
+def test_too_few_clients_stops_with_clear_error(tmp_path, synthetic_yaml, monkeypatch):
+    orch = FederatedOrchestrator(
+        _cfg(synthetic_yaml, "federation.rounds=1", "federation.min_clients=3"), tmp_path / "run"
+    )
+
+    def broken(client):
+        raise OSError("network down")
+
+    monkeypatch.setattr(orch, "client_upload", broken)
+    with pytest.raises(TooFewClients, match=r"round 0: 0 valid uploads, federation.min_clients is 3 .*network down"):
+        orch.run()
+
+
+def test_slow_client_times_out(tmp_path, synthetic_yaml):
+    orch = FederatedOrchestrator(
+        _cfg(synthetic_yaml, "federation.rounds=1", "federation.client_timeout_s=1e-6"), tmp_path / "run"
+    )
+    with pytest.raises(TooFewClients, match="ClientTimeout: client 0 ran past"):
+        orch.run()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(args, env_extra=None, **kwargs):
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "MASTER_PORT", "MASTER_ADDR", "NODE_RANK")}
+    env.update(env_extra or {})
+    return subprocess.Popen(
+        [sys.executable, "-m", "feddymem.cli", "train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def _finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _final(run: Path):
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    metrics = json.loads((run / "metrics.json").read_text())
+    return ckpt, [
+        {k: (c["image_auroc"], c["pixel_auroc"], c["aupro"]) for k, c in r["clients"].items()}
+        for r in metrics["rounds"]
+    ]
+
+
+@pytest.mark.e2e
+def test_world_size_invariance_one_vs_two_processes(tmp_path, synthetic_yaml):
+    common = [
+        f"dataset={synthetic_yaml}",
+        "data.num_clients=3",
+        "federation.rounds=1",
+        *FAST,
+        f"output_dir={tmp_path}",
+        "federation.accelerator=cpu",
+    ]
+    _finish(_train([*common, "name=one", "federation.devices=1"]))
+    _finish(_train([*common, "name=two", "federation.devices=2"], env_extra={"MASTER_PORT": str(_free_port())}))
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
+    one, auroc_one = _final(tmp_path / "one")
+    two, auroc_two = _final(tmp_path / "two")
+    assert torch.allclose(one["global_memory"], two["global_memory"], atol=1e-5)
+    for round_one, round_two in zip(auroc_one, auroc_two, strict=True):
+        for k in round_one:
+            assert round_one[k] == pytest.approx(round_two[k], abs=1e-6)
+    for k in range(3):  # each client trained alone: the same generator on 1 or 2 processes
+        assert torch.allclose(
+            one["clients"][k]["model"]["generator.conv.weight"],
+            two["clients"][k]["model"]["generator.conv.weight"],
+            atol=1e-6,
+        )
+
+
+@pytest.mark.e2e
+def test_two_nodes_on_loopback_complete_a_round(tmp_path, synthetic_yaml):
+    port = str(_free_port())
+    args = [
+        f"dataset={synthetic_yaml}",
+        "data.num_clients=3",
+        "federation.rounds=1",
+        *FAST,
+        f"output_dir={tmp_path}",
+        "name=nodes",
+        "federation.accelerator=cpu",
+        "federation.num_nodes=2",
+        "federation.devices=1",
+        "federation.collective_timeout_s=120",
+    ]
+    nodes = [
+        _train(args, env_extra={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(rank)})
+        for rank in (0, 1)
+    ]
+    _finish(nodes[0])
+    _finish(nodes[1])
+    assert json.loads((tmp_path / "nodes" / "metrics.json").read_text())["world_size"] == 2
+    ckpt, aurocs = _final(tmp_path / "nodes")
+    assert ckpt["round"] == 1 and set(ckpt["clients"]) == {0, 1, 2} and len(aurocs) == 2
+
+
+@pytest.mark.e2e
+def test_kill_mid_round_and_resume_matches_uninterrupted(tmp_path, synthetic_yaml):
+    common = [
+        f"dataset={synthetic_yaml}",
+        "data.num_clients=3",
+        "federation.rounds=3",
+        *FAST[:-1],
+        f"output_dir={tmp_path}",
+        "federation.accelerator=cpu",
+        "federation.local_epochs=2",
+    ]
+    _finish(_train([*common, "name=straight"]))
+    victim = _train([*common, "name=killed"], start_new_session=True)
+    ckpt1 = tmp_path / "killed" / "checkpoints" / "round_001.ckpt"
+    deadline = time.monotonic() + 240
+    while not ckpt1.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    os.killpg(victim.pid, signal.SIGKILL)  # mid round 2
+    victim.communicate()
+    assert not (tmp_path / "killed" / "checkpoints" / "round_003.ckpt").exists()
+    _finish(_train([f"resume={tmp_path / 'killed'}", "quiet=true"]))
+    straight, auroc_straight = _final(tmp_path / "straight")
+    resumed, auroc_resumed = _final(tmp_path / "killed")
+    assert resumed["round"] == straight["round"] == 3
+    assert torch.equal(resumed["global_memory"], straight["global_memory"])
+    assert auroc_resumed == auroc_straight
