@@ -47,3 +47,25 @@ def test_given_global_memory_is_used_and_state_round_trips(synthetic_root):
     other = FedDyMemModule()
     other.load_trainable_state(state)
     assert torch.equal(other.model.memory, memory)
+
+
+def test_pixel_metrics_skip_anomalous_images_without_masks():
+    module = FedDyMemModule()
+    d = module.model.generator.out_channels
+    module.set_global_memory(torch.zeros(4, d))
+    features = torch.zeros(3, d, 6, 6)
+    features[1, :, 2, 2] = 5.0  # anomalous with a mask over the spot
+    features[2, :, 4, 4] = 5.0  # anomalous, mask unknown: must not count as normal pixels
+    masks = torch.zeros(3, 48, 48)
+    masks[1, 12:28, 12:28] = 1
+    batch = {
+        "features": features,
+        "label": torch.tensor([0, 1, 1]),
+        "mask": masks,
+        "has_mask": torch.tensor([False, True, False]),
+    }
+    out = module.test_step(batch, 0)
+    assert out["pred_score"].shape == (3,)
+    assert module.pixel_auroc.scores[0].numel() == 2 * 48 * 48  # the unmasked anomaly is left out
+    metrics = module.compute_test_metrics()
+    assert metrics["image_auroc"] == 1.0 and metrics["pixel_auroc"] > 0.9

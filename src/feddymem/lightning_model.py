@@ -147,15 +147,19 @@ class FedDyMemModule(L.LightningModule):
         """(anomaly maps (B, H, W), image scores (B,)) for a batch."""
         return self.model.score_features(self.features(batch), self.image_size(batch))
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         maps, scores = self.score_batch(batch)
         labels = torch.as_tensor(batch["label"], device=scores.device).long()
         self.image_auroc.update(scores, labels)
         masks = batch["mask"].to(maps.device)
-        if masks.any():
+        # Pixel metrics only where the truth is known: normal images, and anomalous ones with a mask.
+        known = (labels == 0) | torch.as_tensor(batch.get("has_mask", masks.flatten(1).any(1)), device=maps.device)
+        if masks[known].any():
             self._has_masks = True
-        self.pixel_auroc.update(maps, masks)
-        self.aupro.update(maps, masks)
+        if known.any():
+            self.pixel_auroc.update(maps[known], masks[known])
+            self.aupro.update(maps[known], masks[known])
+        return {"pred_score": scores.detach()}
 
     def compute_test_metrics(self) -> dict[str, float]:
         """Image AUROC, and pixel AUROC and AUPRO when the test set has masks; resets the metrics."""

@@ -14,16 +14,21 @@ from feddymem.data.products import IMAGE_SUFFIXES, Sample
 from feddymem.errors import DataError
 
 
-def read_image(path: str) -> Image.Image:
-    """Open and fully decode an RGB image; a missing or corrupt file is a :class:`DataError` naming it."""
+def _decode(path: str, mode: str, what: str) -> Image.Image:
+    """Open and fully decode a file; a missing or corrupt one is a :class:`DataError` naming it."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return img.convert(mode)
     except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
+        raise DataError(f"{what} not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot decode image {path}: {err}") from None
+        raise DataError(f"cannot decode {what} {path}: {err}") from None
+
+
+def read_image(path: str) -> Image.Image:
+    """An RGB image (grayscale files become 3-channel)."""
+    return _decode(path, "RGB", "image")
 
 
 def read_mask(path: str) -> Image.Image:
@@ -35,14 +40,7 @@ def read_mask(path: str) -> Image.Image:
             raise DataError(f"mask folder {path} holds no mask images")
         union = np.maximum.reduce([np.asarray(m) for m in parts])
         return Image.fromarray(union)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("L")
-    except FileNotFoundError:
-        raise DataError(f"mask not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot decode mask {path}: {err}") from None
+    return _decode(path, "L", "mask")
 
 
 def _resize_crop(img: Image.Image, image_size: int, crop_size: int, resample: int) -> Image.Image:
@@ -99,6 +97,7 @@ class ImageDataset(Dataset):
             "image": image,
             "label": sample.label,
             "mask": self.load_mask(sample),
+            "has_mask": sample.mask is not None,
             "path": sample.path,
             "index": index,
         }

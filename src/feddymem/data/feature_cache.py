@@ -61,6 +61,7 @@ class CachedFeatureDataset(Dataset):
             "features": features.float(),
             "label": sample.label,
             "mask": mask.float(),
+            "has_mask": sample.mask is not None,
             "path": sample.path,
             "index": index,
         }

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from lightning.fabric.loggers import CSVLogger
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from feddymem import __version__
 from feddymem.config import to_container, to_yaml
@@ -200,7 +201,7 @@ class FederatedOrchestrator:
         o = self.cfg.optim
         generator = torch.Generator().manual_seed(seed) if shuffle else None
         # Cached features need no worker processes: workers would only copy tensors around.
-        workers = o.num_workers if isinstance(dataset, ImageDataset) else 0
+        workers = o.num_workers if isinstance(getattr(dataset, "dataset", dataset), ImageDataset) else 0
         return DataLoader(
             dataset,
             batch_size=o.batch_size if train else o.eval_batch_size,
@@ -259,14 +260,32 @@ class FederatedOrchestrator:
             }
         return {"id": client.id, "bank": bank, "train_loss": loss, "time_s": time.perf_counter() - t0}
 
-    def evaluate(self, client: Client) -> dict[str, float]:
+    def evaluate(self, client: Client) -> dict[str, Any]:
+        """Image AUROC over the client's whole test set, and per product image AUROC, pixel AUROC and AUPRO.
+
+        The client's pixel AUROC and AUPRO are the means over its products that have masks.
+        """
         test_set = self._cached(client.test_set, f"client {client.id} test features")
         module = client.module
         t0 = time.perf_counter()
-        with torch.no_grad():
-            for batch_idx, batch in enumerate(self._loader(test_set, shuffle=False)):
-                module.test_step(batch, batch_idx)
-        return {**module.compute_test_metrics(), "eval_time_s": time.perf_counter() - t0}
+        scores, labels, per_product = [], [], {}
+        for product in client.data.products:
+            indices = [i for i, s in enumerate(client.test_set.samples) if s.product == product]
+            with torch.no_grad():
+                for batch_idx, batch in enumerate(self._loader(Subset(test_set, indices), shuffle=False)):
+                    scores.append(module.test_step(batch, batch_idx)["pred_score"].cpu())
+                    labels.append(torch.as_tensor(batch["label"]))
+            per_product[product] = module.compute_test_metrics()
+        scores_all, labels_all = torch.cat(scores).double().numpy(), torch.cat(labels).numpy()
+        both = labels_all.min() != labels_all.max()
+        result: dict[str, Any] = {"image_auroc": float(roc_auc_score(labels_all, scores_all)) if both else float("nan")}
+        for key in ("pixel_auroc", "aupro"):
+            values = [m[key] for m in per_product.values() if key in m]
+            if values:
+                result[key] = float(np.mean(values))
+        result["products"] = per_product
+        result["eval_time_s"] = time.perf_counter() - t0
+        return result
 
     # --- server side ------------------------------------------------------------------------------
     def _patch_positions(self) -> int:
@@ -408,6 +427,10 @@ class FederatedOrchestrator:
             for key, value in stats.items():
                 if isinstance(value, int | float) and value == value:  # skip NaN
                     metrics[f"client/{cid}/{key}"] = float(value)
+            for product, values in stats.get("products", {}).items():
+                for key, value in values.items():
+                    if value == value:
+                        metrics[f"client/{cid}/{product}/{key}"] = float(value)
         self.fabric.log_dict(metrics, step=r)
         left_out = [f"{cid} ({c['error']})" for cid, c in record["clients"].items() if not c["uploaded"]]
         self.reporter.print(

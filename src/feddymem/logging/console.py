@@ -28,6 +28,7 @@ class Reporter:
 
     def print(self, *args, **kwargs) -> None:
         self.console.print(*args, **kwargs)
+        self.console.file.flush()  # round lines reach a log file or pipe as they happen
 
     @contextmanager
     def bars(self) -> Iterator[None]:
