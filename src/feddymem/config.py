@@ -34,6 +34,7 @@ class Scoring(str, enum.Enum):
 
 class Logger(str, enum.Enum):
     csv = "csv"
+    wandb = "wandb"  # W&B (offline unless logged in or WANDB_MODE=online) + the CSV log
     none = "none"
 
 
@@ -172,6 +173,8 @@ class TrainConfig:
     seed: int = 0
     quiet: bool = False
     logger: Logger = Logger.csv
+    wandb_project: str = "feddymem"
+    panel_images: int = 16  # test images per client in each round's W&B image panel
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)

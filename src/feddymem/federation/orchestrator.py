@@ -19,7 +19,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.loggers import CSVLogger
 from omegaconf import DictConfig
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -36,6 +35,7 @@ from feddymem.federation.upload import UploadRejected, validate_upload
 from feddymem.io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from feddymem.lightning_model import FedDyMemModule
 from feddymem.logging.console import Reporter, human_bytes
+from feddymem.logging.experiment import find_wandb, heatmap_panel, make_loggers
 from feddymem.memory.aggregate import GlobalMemory, aggregate
 from feddymem.memory.kmeans import resolve_gpu
 from feddymem.memory.reduce import MemoryBank
@@ -116,7 +116,7 @@ class FederatedOrchestrator:
         self.run_dir = Path(run_dir)
         self.resume = resume
         f = cfg.federation
-        loggers = [CSVLogger(str(self.run_dir), name="logs", version="")] if cfg.logger.value == "csv" else []
+        loggers = make_loggers(cfg.logger.value, self.run_dir, self.run_dir.name, to_container(cfg), cfg.wandb_project)
         self.fabric = make_fabric(f.accelerator, f.devices, f.num_nodes, f.collective_timeout_s, loggers)
         self.reporter = reporter or Reporter(quiet=cfg.quiet)
         self.clients: list[Client] = []
@@ -231,7 +231,9 @@ class FederatedOrchestrator:
                 optimizer.step()
                 advance(1)
             losses.append(float(module.train_loss.compute()) if module.train_loss.update_count else float("nan"))
-            module.on_train_epoch_end()
+            # Logged per round with the round as step (log_round); the module's own per-epoch self.log
+            # is for plain Trainer use and would give the experiment loggers a second step counter.
+            module.train_loss.reset()
         module.eval()
         return sum(losses) / len(losses) if losses else float("nan")
 
@@ -368,7 +370,7 @@ class FederatedOrchestrator:
         evaluations = []
         for client in self.clients:
             client.module.set_global_memory(self.global_memory)
-            evaluations.append({"id": client.id, **self.evaluate(client)})
+            evaluations.append({"id": client.id, **self.evaluate(client), "panel": self.panel(client)})
         gathered_eval = gather_to_server(self.fabric, evaluations)
         if not self.is_server:
             return None
@@ -395,8 +397,11 @@ class FederatedOrchestrator:
             else:
                 entry.update(bytes_up=0, error=res["error"])
             record["clients"][res["id"]] = entry
+        panels = {}
         for ev in (e for rank_evals in gathered_eval for e in rank_evals):
+            panels[ev["id"]] = ev.pop("panel")
             record["clients"][ev.pop("id")].update(ev)
+        self.log_panels(round_idx, panels)
         record["clients"] = dict(sorted(record["clients"].items()))
         record["bytes_up"] = sum(c["bytes_up"] for c in record["clients"].values())
         record["bytes_down"] = down * len(record["clients"])
@@ -408,6 +413,71 @@ class FederatedOrchestrator:
             "bytes": self.cache.nbytes,
         }
         return record
+
+    # --- pictures and W&B --------------------------------------------------------------------------
+    def panel(self, client: Client) -> list[tuple[str, np.ndarray]] | None:
+        """(path, input | heatmap overlay | mask strip) for up to ``panel_images`` test images, for W&B."""
+        if self.cfg.logger.value != "wandb" or self.cfg.panel_images <= 0:
+            return None
+        samples = client.test_set.samples
+        picks = np.linspace(0, len(samples) - 1, min(self.cfg.panel_images, len(samples))).round().astype(int)
+        items = [client.test_set[i] for i in dict.fromkeys(picks.tolist())]
+        with torch.no_grad():
+            maps, _ = client.module.model(torch.stack([it["image"] for it in items]).to(self.fabric.device))
+        vmax = float(maps.max())
+        mean, std = client.module.model.feature_extractor.mean, client.module.model.feature_extractor.std
+        return [
+            (it["path"], heatmap_panel(it["image"], m, it["mask"] if it["has_mask"] else None, mean, std, vmax))
+            for it, m in zip(items, maps, strict=True)
+        ]
+
+    def log_panels(self, round_idx: int, panels: dict[int, list[tuple[str, np.ndarray]] | None]) -> None:
+        wandb_logger = find_wandb(self.fabric.loggers)
+        if wandb_logger is None:
+            return
+        for cid, strips in sorted(panels.items()):
+            if strips:
+                wandb_logger.log_image(
+                    key=f"client/{cid}/anomaly_maps",
+                    images=[s for _, s in strips],
+                    caption=[p for p, _ in strips],
+                    step=round_idx,
+                )
+
+    def log_final(self) -> None:
+        """The final per-client, per-product table, and the global memory and checkpoint as W&B artifacts."""
+        wandb_logger = find_wandb(self.fabric.loggers)
+        if wandb_logger is None or not self.history:
+            return
+        import wandb
+
+        rows = []
+        for cid, stats in self.history[-1]["clients"].items():
+            for product, m in stats.get("products", {}).items():
+                rows.append(
+                    [
+                        cid,
+                        product,
+                        m.get("image_auroc"),
+                        m.get("pixel_auroc"),
+                        m.get("aupro"),
+                        stats.get("bytes_up"),
+                        stats.get("bytes_down"),
+                    ]
+                )
+        wandb_logger.log_table(
+            key="final/clients",
+            columns=["client", "product", "image_auroc", "pixel_auroc", "aupro", "bytes_up", "bytes_down"],
+            data=rows,
+        )
+        artifact = wandb.Artifact(
+            f"{self.run_dir.name}-model", type="model", metadata={"round": self.history[-1]["round"]}
+        )
+        artifact.add_file(str(self.run_dir / "checkpoints" / "last.ckpt"))
+        memory_path = self.run_dir / "global_memory.pt"
+        save_checkpoint(memory_path, {"global_memory": self.global_memory})
+        artifact.add_file(str(memory_path))
+        wandb_logger.experiment.log_artifact(artifact)
 
     # --- bookkeeping ----------------------------------------------------------------------------
     def log_round(self, record: dict[str, Any]) -> None:
@@ -552,8 +622,11 @@ class FederatedOrchestrator:
         self.fabric.barrier()
         if not self.is_server:
             return None
+        self.log_final()
         for logger in self.fabric.loggers:
             logger.finalize("success")
+        if (wandb_logger := find_wandb(self.fabric.loggers)) is not None:
+            wandb_logger.experiment.finish()
         if self.history:
             self.print_table()
         return self.summary()
