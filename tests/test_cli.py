@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,6 +57,22 @@ def test_train_two_rounds_three_clients(tmp_path, synthetic_yaml, capsys):
     # Only memory crossed the boundary: generators differ between clients after training.
     g0, g1 = (ckpt["clients"][k]["model"]["generator.conv.weight"] for k in (0, 1))
     assert not torch.equal(g0, g1)
+    # The report draws every plot from the run folder, with data in it.
+    assert main(["report", str(run), "--client", "1"]) == 0
+    pngs = sorted((run / "report").glob("*.png"))
+    assert [p.name for p in pngs] == [
+        "anomaly_maps.png",
+        "auroc_per_round.png",
+        "bytes_per_round.png",
+        "roc_curves.png",
+    ]
+    from PIL import Image
+
+    for png in pngs:
+        pixels = np.asarray(Image.open(png).convert("L"), dtype=float)
+        assert pixels.shape[0] > 200 and pixels.std() > 10, png  # not blank
+    scores = (run / "scores.csv").read_text().splitlines()
+    assert scores[0] == "client,label,score,path" and len(scores) > 3
     # Never overwrite a finished run.
     assert main(["train", f"dataset={synthetic_yaml}", "name=e2e", f"output_dir={tmp_path}", *FAST]) == 2
     assert "already exists" in capsys.readouterr().err

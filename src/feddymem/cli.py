@@ -49,6 +49,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from feddymem.report import write_report
+
+    for path in write_report(args.run_dir, args.client):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="feddymem", description="Federated unsupervised image anomaly detection.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the resolved config")
     config.add_argument("overrides", nargs="*", help="config overrides key=value")
     config.set_defaults(func=cmd_config)
+    report = sub.add_parser("report", help="draw PNG plots of a run")
+    report.add_argument("run_dir", help="runs/<name>")
+    report.add_argument("--client", type=int, default=0, help="client whose anomaly maps to draw")
+    report.set_defaults(func=cmd_report)
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
     check = data.add_parser(
         "check",

@@ -9,6 +9,8 @@ with their client and are never averaged or gradient-synced. A checkpoint is wri
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import platform
 import time
@@ -270,13 +272,14 @@ class FederatedOrchestrator:
         test_set = self._cached(client.test_set, f"client {client.id} test features")
         module = client.module
         t0 = time.perf_counter()
-        scores, labels, per_product = [], [], {}
+        scores, labels, paths, per_product = [], [], [], {}
         for product in client.data.products:
             indices = [i for i, s in enumerate(client.test_set.samples) if s.product == product]
             with torch.no_grad():
                 for batch_idx, batch in enumerate(self._loader(Subset(test_set, indices), shuffle=False)):
                     scores.append(module.test_step(batch, batch_idx)["pred_score"].cpu())
                     labels.append(torch.as_tensor(batch["label"]))
+                    paths += list(batch["path"])
             per_product[product] = module.compute_test_metrics()
         scores_all, labels_all = torch.cat(scores).double().numpy(), torch.cat(labels).numpy()
         both = labels_all.min() != labels_all.max()
@@ -286,6 +289,7 @@ class FederatedOrchestrator:
             if values:
                 result[key] = float(np.mean(values))
         result["products"] = per_product
+        result["scores"] = [(p, int(y), float(v)) for p, y, v in zip(paths, labels_all, scores_all, strict=True)]
         result["eval_time_s"] = time.perf_counter() - t0
         return result
 
@@ -397,11 +401,18 @@ class FederatedOrchestrator:
             else:
                 entry.update(bytes_up=0, error=res["error"])
             record["clients"][res["id"]] = entry
-        panels = {}
+        panels, score_rows = {}, []
         for ev in (e for rank_evals in gathered_eval for e in rank_evals):
             panels[ev["id"]] = ev.pop("panel")
+            score_rows += [(ev["id"], *row) for row in ev.pop("scores")]
             record["clients"][ev.pop("id")].update(ev)
         self.log_panels(round_idx, panels)
+        # Per-image scores of the latest round, for ROC curves (feddymem report) and thresholds.
+        table = io.StringIO()
+        csv.writer(table).writerows(
+            [("client", "label", "score", "path")] + [(c, y, f"{v:.7g}", p) for c, p, y, v in sorted(score_rows)]
+        )
+        atomic_write_text(self.run_dir / "scores.csv", table.getvalue())
         record["clients"] = dict(sorted(record["clients"].items()))
         record["bytes_up"] = sum(c["bytes_up"] for c in record["clients"].values())
         record["bytes_down"] = down * len(record["clients"])
