@@ -17,7 +17,6 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from feddymem.errors import FedDyMemError
@@ -75,21 +74,15 @@ def plot_roc(run_dir: Path, out: Path) -> Path | None:
 
 def plot_anomaly_maps(run_dir: Path, out: Path, client_id: int = 0, count: int = 8) -> Path | None:
     """Rebuild a client from the last checkpoint and draw its maps on test images (half normal, half not)."""
-    from feddymem.config import TrainConfig
     from feddymem.data.check import plan_data
     from feddymem.data.datasets import ImageDataset
-    from feddymem.federation.orchestrator import client_module_from_config
-    from feddymem.io import load_checkpoint
+    from feddymem.federation.orchestrator import load_client_module
     from feddymem.logging.experiment import heatmap_panel
 
     ckpt_path = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt_path.is_file():
         return None
-    payload = load_checkpoint(ckpt_path)
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), payload["config"])
-    module = client_module_from_config(cfg, client_id)
-    module.load_trainable_state(payload["clients"][client_id]["model"])
-    module.eval()
+    module, cfg = load_client_module(ckpt_path, client_id)
     test = plan_data(cfg).clients[client_id].test
     normal = [s for s in test if s.label == 0][: count // 2]
     anomalous = [s for s in test if s.label == 1][: count - len(normal)]

@@ -74,6 +74,21 @@ def client_module_from_config(cfg: DictConfig, client_id: int | None = None) -> 
     )
 
 
+def load_client_module(checkpoint: str | Path, client_id: int = 0) -> tuple[FedDyMemModule, DictConfig]:
+    """A trained client (generator, radius, global memory) and the run's config, from a round checkpoint."""
+    from omegaconf import OmegaConf
+
+    from feddymem.config import TrainConfig
+
+    payload = load_checkpoint(checkpoint)
+    if client_id not in payload["clients"]:
+        raise CheckpointError(f"{checkpoint} has no client {client_id}; it has {sorted(payload['clients'])}")
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), payload["config"])
+    module = client_module_from_config(cfg, client_id)
+    module.load_trainable_state(payload["clients"][client_id]["model"])
+    return module.eval(), cfg
+
+
 def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.element_size() * t.nelement() for t in tensors)
 

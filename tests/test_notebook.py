@@ -1,0 +1,20 @@
+"""notebooks/quickstart.ipynb executes top to bottom on CPU (its own assertions check the results)."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+
+
+@pytest.mark.e2e
+def test_quickstart_notebook_executes(tmp_path):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "mean image AUROC" in outputs and "defective" in outputs
+    images = [o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 3  # the report's plots are shown
+    assert list((tmp_path / "runs").glob("quickstart-*/checkpoints/last.ckpt"))
