@@ -23,6 +23,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["quiet=true"] if args.quiet else [])
     cfg = load_config(overrides)
     run_dir = Path(cfg.resume) if cfg.resume else _run_dir(cfg)
+    from feddymem.data.check import plan_data
+
+    plan_data(cfg)  # missing data fails here, in seconds, before Lightning and the models load
     from feddymem.federation.orchestrator import FederatedOrchestrator
 
     FederatedOrchestrator(cfg, run_dir, resume=bool(cfg.resume)).run()
