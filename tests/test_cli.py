@@ -38,6 +38,7 @@ def test_train_two_rounds_three_clients(tmp_path, synthetic_yaml, capsys):
     # Pasted defects on regular stripes are easy: every client must find them.
     assert all(c["image_auroc"] > 0.9 and c["pixel_auroc"] > 0.9 and 0 < c["aupro"] <= 1 for c in final.values())
     assert all(c["bytes_up"] > 0 and c["bytes_down"] > 0 for c in final.values())
+    assert all(c["memory_patches"] == c["train_images"] * 144 > c["memory_items"] for c in final.values())
     for c in final.values():  # per product metrics, with masks
         assert c["products"] and all(p["pixel_auroc"] > 0.9 and p["image_auroc"] > 0.9 for p in c["products"].values())
     assert metrics["rounds"][1]["clients"]["0"]["train_loss"] > 0

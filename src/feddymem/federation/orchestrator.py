@@ -412,6 +412,8 @@ class FederatedOrchestrator:
                     train_loss=res["train_loss"],
                     bytes_up=tensor_bytes(res["bank"].items, res["bank"].weights),
                     memory_items=int(res["bank"].items.shape[0]),
+                    # The bank before memory-reduce: every patch of every training image.
+                    memory_patches=res["bank"].num_images * self._patch_positions(),
                 )
             else:
                 entry.update(bytes_up=0, error=res["error"])
