@@ -23,6 +23,8 @@ def test_wrong_type_and_bad_choice():
         load_config(["memory.reduce=median"])
     with pytest.raises(ConfigError, match="'federation.local_epochs' must be > 0"):
         load_config(["federation.local_epochs=0"])
+    with pytest.raises(ConfigError, match="6 processes .* for 5 clients"):
+        load_config(["federation.devices=3", "federation.num_nodes=2"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config(["rounds"])
 

@@ -313,6 +313,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"'server.gpu' must be one of auto, true, false; got '{cfg.server.gpu}'")
     if not cfg.model.backbone.layers:
         raise ConfigError("'model.backbone.layers' must list at least one feature level")
+    processes = cfg.federation.devices * cfg.federation.num_nodes
+    if processes > cfg.data.num_clients:
+        raise ConfigError(
+            f"{processes} processes (federation.devices × num_nodes) for {cfg.data.num_clients} "
+            "clients: every process must host at least one client"
+        )
     if cfg.federation.min_clients > cfg.data.num_clients:
         raise ConfigError(
             f"'federation.min_clients' ({cfg.federation.min_clients}) exceeds 'data.num_clients' "
