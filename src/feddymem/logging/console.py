@@ -49,15 +49,19 @@ class Reporter:
         self._progress = None
 
     def task(self, description: str, total: int) -> Callable[[int], None]:
-        """A callback that advances a bar by ``n``; a no-op without bars."""
-        if self._progress is None:
+        """A callback that advances a bar by ``n`` and removes it when full; a no-op without bars."""
+        progress = self._progress
+        if progress is None:
             return lambda n=1: None
-        task_id = self._progress.add_task(description, total=total)
+        task_id = progress.add_task(description, total=total)
+        done = 0
 
         def advance(n: int = 1) -> None:
-            self._progress.advance(task_id, n)
-            if self._progress.tasks[task_id].finished:
-                self._progress.remove_task(task_id)
+            nonlocal done
+            done += n
+            progress.advance(task_id, n)
+            if done >= total:
+                progress.remove_task(task_id)
 
         return advance
 
