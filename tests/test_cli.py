@@ -74,6 +74,25 @@ def test_train_two_rounds_three_clients(tmp_path, synthetic_yaml, capsys):
         assert pixels.shape[0] > 200 and pixels.std() > 10, png  # not blank
     scores = (run / "scores.csv").read_text().splitlines()
     assert scores[0] == "client,label,score,path" and len(scores) > 3
+    # Thresholds from normal training scores, per client and global, stored in the checkpoint.
+    assert all(ckpt["clients"][k]["threshold"] > 0 for k in range(3)) and ckpt["threshold"] > 0
+    # ONNX export: one artifact that matches the eager model's scores.
+    onnx_path = tmp_path / "client1.onnx"
+    assert main(["export", str(run / "checkpoints" / "last.ckpt"), "--client", "1", "--out", str(onnx_path)]) == 0
+    import onnxruntime
+
+    from feddymem.export import InferenceModel
+    from feddymem.federation.orchestrator import load_client_module
+
+    module, _ = load_client_module(run / "checkpoints" / "last.ckpt", 1)
+    eager = InferenceModel(module, 96, ckpt["clients"][1]["threshold"]).eval()
+    images = torch.rand(3, 3, 120, 100)
+    with torch.no_grad():
+        ref_maps, ref_scores, ref_labels = eager(images)
+    maps, scores, labels = onnxruntime.InferenceSession(str(onnx_path)).run(None, {"images": images.numpy()})
+    assert np.abs(scores - ref_scores.numpy()).max() <= 1e-4 * np.abs(ref_scores.numpy()).max()
+    assert np.abs(maps - ref_maps.numpy()).max() <= 1e-4 * np.abs(ref_maps.numpy()).max()
+    assert (labels == ref_labels.numpy()).all()
     # Never overwrite a finished run.
     assert main(["train", f"dataset={synthetic_yaml}", "name=e2e", f"output_dir={tmp_path}", *FAST]) == 2
     assert "already exists" in capsys.readouterr().err

@@ -60,6 +60,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from feddymem.errors import CheckpointError
+    from feddymem.export import InferenceModel, export_onnx, export_torchscript
+    from feddymem.federation.orchestrator import load_client_module
+    from feddymem.io import load_checkpoint
+
+    module, cfg = load_client_module(args.checkpoint, args.client)
+    payload = load_checkpoint(args.checkpoint)
+    threshold = payload["clients"][args.client].get("threshold")
+    if threshold is None:
+        raise CheckpointError(f"{args.checkpoint} holds no threshold (written by an older FedDyMem?)")
+    model = InferenceModel(module, cfg.data.crop_size, threshold).eval()
+    out = Path(args.out or Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".pt"))
+    path = export_onnx(model, out) if args.format == "onnx" else export_torchscript(model, out)
+    print(f"{path}  (client {args.client}, input {cfg.data.crop_size} px, threshold {threshold:.4g})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="feddymem", description="Federated unsupervised image anomaly detection.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="runs/<name>")
     report.add_argument("--client", type=int, default=0, help="client whose anomaly maps to draw")
     report.set_defaults(func=cmd_report)
+    export = sub.add_parser("export", help="write a self-contained inference model (ONNX or TorchScript)")
+    export.add_argument("checkpoint", help="runs/<name>/checkpoints/last.ckpt")
+    export.add_argument("--client", type=int, default=0)
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    export.add_argument("--out", default="", help="output file (default: next to the checkpoint)")
+    export.set_defaults(func=cmd_export)
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
     check = data.add_parser(
         "check",

@@ -175,6 +175,7 @@ class TrainConfig:
     logger: Logger = Logger.csv
     wandb_project: str = "feddymem"
     panel_images: int = 16  # test images per client in each round's W&B image panel
+    threshold_percentile: float = 99.0  # decision threshold: this percentile of normal training scores
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)

@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from feddymem.metrics import AUPRO, AUROC, aupro_score
@@ -40,3 +41,13 @@ def test_metric_wrappers_accumulate_batches():
     only_normal = AUROC()
     only_normal.update(torch.tensor([1.0]), torch.tensor([0]))
     assert math.isnan(only_normal.compute().item())
+
+
+def test_normal_threshold_from_normal_scores_only():
+    from feddymem.metrics.threshold import normal_threshold
+
+    scores = np.arange(1, 101, dtype=float)  # normal images only: no anomaly needed
+    assert normal_threshold(scores, percentile=99.0) == pytest.approx(99.01)
+    assert normal_threshold(scores, k_sigma=3.0) == pytest.approx(scores.mean() + 3 * scores.std())
+    with pytest.raises(ValueError, match="at least one normal score"):
+        normal_threshold([])

@@ -41,6 +41,7 @@ from feddymem.logging.experiment import find_wandb, heatmap_panel, make_loggers
 from feddymem.memory.aggregate import GlobalMemory, aggregate
 from feddymem.memory.kmeans import resolve_gpu
 from feddymem.memory.reduce import MemoryBank
+from feddymem.metrics.threshold import normal_threshold
 
 
 def client_module_from_config(cfg: DictConfig, client_id: int | None = None) -> FedDyMemModule:
@@ -308,6 +309,13 @@ class FederatedOrchestrator:
         result["eval_time_s"] = time.perf_counter() - t0
         return result
 
+    def normal_scores(self, client: Client) -> np.ndarray:
+        """Image scores of the client's normal training images under the current memory (for thresholds)."""
+        memory_set = self._cached(client.memory_set, f"client {client.id} features")
+        with torch.no_grad():
+            scores = [client.module.score_batch(b)[1].cpu() for b in self._loader(memory_set, shuffle=False)]
+        return torch.cat(scores).numpy()
+
     # --- server side ------------------------------------------------------------------------------
     def _patch_positions(self) -> int:
         extractor = self.clients[0].module.model.feature_extractor if self.clients else None
@@ -389,7 +397,14 @@ class FederatedOrchestrator:
         evaluations = []
         for client in self.clients:
             client.module.set_global_memory(self.global_memory)
-            evaluations.append({"id": client.id, **self.evaluate(client), "panel": self.panel(client)})
+            evaluations.append(
+                {
+                    "id": client.id,
+                    **self.evaluate(client),
+                    "panel": self.panel(client),
+                    "normal_scores": self.normal_scores(client),
+                }
+            )
         gathered_eval = gather_to_server(self.fabric, evaluations)
         if not self.is_server:
             return None
@@ -418,12 +433,16 @@ class FederatedOrchestrator:
             else:
                 entry.update(bytes_up=0, error=res["error"])
             record["clients"][res["id"]] = entry
-        panels, score_rows = {}, []
+        panels, score_rows, normal = {}, [], []
+        q = self.cfg.threshold_percentile
         for ev in (e for rank_evals in gathered_eval for e in rank_evals):
             panels[ev["id"]] = ev.pop("panel")
+            normal.append(ev.pop("normal_scores"))
+            ev["threshold"] = normal_threshold(normal[-1], q)
             score_rows += [(ev["id"], *row) for row in ev.pop("scores")]
             record["clients"][ev.pop("id")].update(ev)
         self.log_panels(round_idx, panels)
+        record["threshold"] = normal_threshold(np.concatenate(normal), q)  # the global model's threshold
         # Per-image scores of the latest round, for ROC curves (feddymem report) and thresholds.
         table = io.StringIO()
         csv.writer(table).writerows(
@@ -559,9 +578,11 @@ class FederatedOrchestrator:
                     **states[k],
                     "train": [s.path for s in self.all_clients[k].train],
                     "products": list(self.all_clients[k].products),
+                    "threshold": self.history[-1]["clients"][k]["threshold"],
                 }
                 for k in sorted(states)
             },
+            "threshold": self.history[-1]["threshold"],
             "config": to_container(self.cfg),
             "history": self.history,
             # Batches, K-means and initialisations are seeded by (seed, round, epoch, client); the global

@@ -44,5 +44,12 @@ class AnomalyMapGenerator(nn.Module):
         """(B, h, w) → (anomaly maps (B, H, W), image scores = each map's maximum (B,))."""
         a_h = self.operator(patch_scores.shape[-2], int(image_size[0])).to(patch_scores)
         a_w = self.operator(patch_scores.shape[-1], int(image_size[1])).to(patch_scores)
-        maps = a_h @ patch_scores @ a_w.T
-        return maps, maps.flatten(1).amax(dim=1)
+        return apply_operators(patch_scores, a_h, a_w)
+
+
+def apply_operators(
+    patch_scores: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """map = A_h · S · A_wᵀ; image score = the map's maximum."""
+    maps = a_h @ patch_scores @ a_w.T
+    return maps, maps.flatten(1).amax(dim=1)

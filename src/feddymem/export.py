@@ -1,0 +1,71 @@
+"""Self-contained inference artifacts: ONNX (and TorchScript) of backbone + generator + memory + threshold.
+
+The exported graph takes images scaled to [0, 1] at any size, resizes them to the training crop size,
+normalises them, and returns the anomaly map, the image score and whether the score passes the
+threshold. Nearest-memory distances are plain matrix products (no FAISS), so the graph is portable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from feddymem.lightning_model import FedDyMemModule
+from feddymem.models.anomaly_map import apply_operators
+
+
+class InferenceModel(nn.Module):
+    """images (B, 3, H, W) in [0, 1] → (anomaly_map (B, S, S), score (B,), is_anomalous (B,))."""
+
+    def __init__(self, module: FedDyMemModule, image_size: int, threshold: float = float("inf")) -> None:
+        super().__init__()
+        self.model = module.model.eval()
+        self.image_size = int(image_size)
+        extractor = self.model.feature_extractor
+        self.register_buffer("mean", torch.tensor(extractor.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(extractor.std).view(1, 3, 1, 1))
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        with torch.no_grad():  # the patch grid of this input size, to precompute the map operators
+            grid = self.model.extract(torch.zeros(1, 3, self.image_size, self.image_size)).shape[-1]
+        operator = self.model.anomaly_map.operator(grid, self.image_size)
+        self.register_buffer("a_h", operator.clone())
+        self.register_buffer("a_w", operator.clone())
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        features = self.model.extract((x - self.mean) / self.std)
+        patch_scores = self.model.patch_scores(self.model.embed(features), use_index=False)
+        maps, scores = apply_operators(patch_scores, self.a_h, self.a_w)
+        return maps, scores, scores > self.threshold
+
+
+def export_onnx(model: InferenceModel, path: str | Path, opset: int = 17) -> Path:
+    """Write ``model`` as ONNX with a dynamic batch and image size."""
+    path = Path(path)
+    example = torch.rand(1, 3, model.image_size, model.image_size)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=["images"],
+        output_names=["anomaly_map", "score", "is_anomalous"],
+        dynamic_axes={
+            "images": {0: "batch", 2: "height", 3: "width"},
+            "anomaly_map": {0: "batch"},
+            "score": {0: "batch"},
+            "is_anomalous": {0: "batch"},
+        },
+    )
+    return path
+
+
+def export_torchscript(model: InferenceModel, path: str | Path) -> Path:
+    path = Path(path)
+    traced = torch.jit.trace(model, torch.rand(1, 3, model.image_size, model.image_size), check_trace=False)
+    traced.save(str(path))
+    return path
