@@ -93,6 +93,20 @@ def test_train_two_rounds_three_clients(tmp_path, synthetic_yaml, capsys):
     assert np.abs(scores - ref_scores.numpy()).max() <= 1e-4 * np.abs(ref_scores.numpy()).max()
     assert np.abs(maps - ref_maps.numpy()).max() <= 1e-4 * np.abs(ref_maps.numpy()).max()
     assert (labels == ref_labels.numpy()).all()
+    # Predict on a folder of real images plus one unreadable file: CSV + overlays, the bad file skipped.
+    from conftest import SHARED_DATA
+
+    folder = SHARED_DATA / "medical" / "head_ct" / "test" / "Ungood"
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "pred"
+    inputs = [str(folder), str(bad)] if folder.is_dir() else [str(run.parent), str(bad)]
+    assert main(["predict", str(run / "checkpoints" / "last.ckpt"), *inputs, "--out", str(out), "--quiet"]) == 0
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "path,score,label,heatmap" and len(rows) > 10
+    assert not any("broken.png" in r for r in rows)
+    assert len(list((out / "heatmaps").glob("*.png"))) == len(rows) - 1
+    assert main(["predict", str(run / "checkpoints" / "last.ckpt"), str(bad), "--global", "--out", str(out)]) == 0
     # Never overwrite a finished run.
     assert main(["train", f"dataset={synthetic_yaml}", "name=e2e", f"output_dir={tmp_path}", *FAST]) == 2
     assert "already exists" in capsys.readouterr().err

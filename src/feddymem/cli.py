@@ -78,6 +78,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from feddymem.logging.console import Reporter
+    from feddymem.predict import predict
+
+    client = None if args.global_model else args.client
+    predict(args.checkpoint, args.inputs, args.out, client, args.batch_size, Reporter(quiet=args.quiet))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="feddymem", description="Federated unsupervised image anomaly detection.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     export.add_argument("--out", default="", help="output file (default: next to the checkpoint)")
     export.set_defaults(func=cmd_export)
+    pred = sub.add_parser("predict", help="score images with a trained model: CSV + heatmap PNGs")
+    pred.add_argument("checkpoint", help="runs/<name>/checkpoints/last.ckpt")
+    pred.add_argument("inputs", nargs="+", help="image files and/or folders")
+    pred.add_argument("--client", type=int, default=0, help="client model to use (default 0)")
+    pred.add_argument(
+        "--global",
+        dest="global_model",
+        action="store_true",
+        help="use the global memory with the untrained generator and the global threshold",
+    )
+    pred.add_argument("--out", default="predictions", help="output folder")
+    pred.add_argument("--batch-size", type=int, default=16)
+    pred.add_argument("--quiet", action="store_true")
+    pred.set_defaults(func=cmd_predict)
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
     check = data.add_parser(
         "check",

@@ -176,6 +176,7 @@ class TrainConfig:
     wandb_project: str = "feddymem"
     panel_images: int = 16  # test images per client in each round's W&B image panel
     threshold_percentile: float = 99.0  # decision threshold: this percentile of normal training scores
+    threshold_k_sigma: float = 0.0  # > 0: use mean + k·std of the normal scores instead of the percentile
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)

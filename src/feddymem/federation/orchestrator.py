@@ -434,15 +434,15 @@ class FederatedOrchestrator:
                 entry.update(bytes_up=0, error=res["error"])
             record["clients"][res["id"]] = entry
         panels, score_rows, normal = {}, [], []
-        q = self.cfg.threshold_percentile
+        q, k_sigma = self.cfg.threshold_percentile, (self.cfg.threshold_k_sigma or None)
         for ev in (e for rank_evals in gathered_eval for e in rank_evals):
             panels[ev["id"]] = ev.pop("panel")
             normal.append(ev.pop("normal_scores"))
-            ev["threshold"] = normal_threshold(normal[-1], q)
+            ev["threshold"] = normal_threshold(normal[-1], q, k_sigma)
             score_rows += [(ev["id"], *row) for row in ev.pop("scores")]
             record["clients"][ev.pop("id")].update(ev)
         self.log_panels(round_idx, panels)
-        record["threshold"] = normal_threshold(np.concatenate(normal), q)  # the global model's threshold
+        record["threshold"] = normal_threshold(np.concatenate(normal), q, k_sigma)  # the global model's threshold
         # Per-image scores of the latest round, for ROC curves (feddymem report) and thresholds.
         table = io.StringIO()
         csv.writer(table).writerows(
