@@ -113,16 +113,22 @@ def _final(run: Path):
     ]
 
 
-@pytest.mark.e2e
-def test_world_size_invariance_one_vs_two_processes(tmp_path, synthetic_yaml):
-    common = [
-        f"dataset={synthetic_yaml}",
+def _cli_args(yaml, tmp_path, rounds, *extra):
+    """Command-line overrides shared by the subprocess runs: 3 synthetic clients on the CPU."""
+    return [
+        f"dataset={yaml}",
         "data.num_clients=3",
-        "federation.rounds=1",
+        f"federation.rounds={rounds}",
         *FAST,
         f"output_dir={tmp_path}",
         "federation.accelerator=cpu",
+        *extra,
     ]
+
+
+@pytest.mark.e2e
+def test_world_size_invariance_one_vs_two_processes(tmp_path, synthetic_yaml):
+    common = _cli_args(synthetic_yaml, tmp_path, 1)
     _finish(_train([*common, "name=one", "federation.devices=1"]))
     _finish(_train([*common, "name=two", "federation.devices=2"], env_extra={"MASTER_PORT": str(_free_port())}))
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
@@ -143,18 +149,15 @@ def test_world_size_invariance_one_vs_two_processes(tmp_path, synthetic_yaml):
 @pytest.mark.e2e
 def test_two_nodes_on_loopback_complete_a_round(tmp_path, synthetic_yaml):
     port = str(_free_port())
-    args = [
-        f"dataset={synthetic_yaml}",
-        "data.num_clients=3",
-        "federation.rounds=1",
-        *FAST,
-        f"output_dir={tmp_path}",
+    args = _cli_args(
+        synthetic_yaml,
+        tmp_path,
+        1,
         "name=nodes",
-        "federation.accelerator=cpu",
         "federation.num_nodes=2",
         "federation.devices=1",
         "federation.collective_timeout_s=120",
-    ]
+    )
     nodes = [
         _train(args, env_extra={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(rank)})
         for rank in (0, 1)
@@ -168,15 +171,7 @@ def test_two_nodes_on_loopback_complete_a_round(tmp_path, synthetic_yaml):
 
 @pytest.mark.e2e
 def test_kill_mid_round_and_resume_matches_uninterrupted(tmp_path, synthetic_yaml):
-    common = [
-        f"dataset={synthetic_yaml}",
-        "data.num_clients=3",
-        "federation.rounds=3",
-        *FAST[:-1],
-        f"output_dir={tmp_path}",
-        "federation.accelerator=cpu",
-        "federation.local_epochs=2",
-    ]
+    common = _cli_args(synthetic_yaml, tmp_path, 3, "federation.local_epochs=2")
     _finish(_train([*common, "name=straight"]))
     victim = _train([*common, "name=killed"], start_new_session=True)
     ckpt1 = tmp_path / "killed" / "checkpoints" / "round_001.ckpt"

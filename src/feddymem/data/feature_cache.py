@@ -47,10 +47,6 @@ class CachedFeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    @property
-    def samples(self):
-        return self.dataset.samples
-
     def __getitem__(self, index: int) -> dict:
         features, mask = self.cache.store[self.keys[index]]
         sample = self.dataset.samples[index]
