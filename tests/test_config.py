@@ -21,8 +21,10 @@ def test_wrong_type_and_bad_choice():
         load_config(["optim.lr=fast"])
     with pytest.raises(ConfigError, match=r"'memory.reduce'.*expected one of \[position_mean"):
         load_config(["memory.reduce=median"])
-    with pytest.raises(ConfigError, match="'federation.local_epochs' must be > 0"):
-        load_config(["federation.local_epochs=0"])
+    with pytest.raises(ConfigError, match="'federation.local_epochs' must be >= 0"):
+        load_config(["federation.local_epochs=-1"])
+    with pytest.raises(ConfigError, match=r"'method'.*expected one of \[feddymem, local, centralized, fedavg"):
+        load_config(["method=swarm"])
     with pytest.raises(ConfigError, match="6 processes .* for 5 clients"):
         load_config(["federation.devices=3", "federation.num_nodes=2"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
@@ -41,3 +43,14 @@ def test_dataset_by_name_or_path(tmp_path, synthetic_yaml):
     layout.write_text("name: x\nproducts: [{name: a, layout: zip, root: /x}]\n")
     with pytest.raises(ConfigError, match="layout' is 'zip'; valid choices: mvtec, bmad, elpv, custom"):
         load_config([f"dataset={layout}"])
+
+
+def test_baseline_and_ablation_settings_that_cannot_work_are_refused():
+    with pytest.raises(ConfigError, match="method=centralized pools all data in one process; got 2 processes"):
+        load_config(["method=centralized", "federation.devices=2"])
+    with pytest.raises(ConfigError, match="server.aggregation=mean' .* aligned by patch position.*got cluster_mean"):
+        load_config(["server.aggregation=mean"])
+    with pytest.raises(ConfigError, match="'memory.coreset_ratio' must be in"):
+        load_config(["memory.reduce=coreset", "memory.coreset_ratio=0"])
+    cfg = load_config(["server.aggregation=mean", "memory.reduce=position_mean", "federation.local_epochs=0"])
+    assert cfg.server.aggregation.value == "mean" and cfg.federation.local_epochs == 0

@@ -25,6 +25,27 @@ class Reduce(str, enum.Enum):
     position_mean = "position_mean"  # mean over images, position by position (n = H·W items)
     position_weighted = "position_weighted"  # as above, images weighted by closeness to the global memory
     cluster_mean = "cluster_mean"  # local K-means of all patches; each item is the mean of its members
+    coreset = "coreset"  # ablation "no memory-reduce": a greedy coreset of the full bank (raw patches)
+
+
+class Method(str, enum.Enum):
+    """What crosses the client boundary: the method and the baselines of the benchmarks."""
+
+    feddymem = "feddymem"  # reduced memories up, K-means global memory down (the method)
+    local = "local"  # every client alone with its own memory: nothing is shared
+    centralized = "centralized"  # all clients' training data pooled in one model: the reference
+    fedavg = "fedavg"  # generator parameters averaged by client size; every client keeps a local memory
+    fedprox = "fedprox"  # FedAvg + proximal term mu/2 ||w - w_global||^2 in local training
+
+
+class Aggregation(str, enum.Enum):
+    kmeans = "kmeans"  # FAISS K-means of all uploaded items (the method)
+    mean = "mean"  # ablation: item-by-item weighted mean of position-aligned uploads
+
+
+class Rebuild(str, enum.Enum):
+    every_round = "every_round"  # dynamic memory: re-encode and upload after every round (the method)
+    once = "once"  # ablation: memory built in round 0 only; later rounds train against it
 
 
 class Scoring(str, enum.Enum):
@@ -90,10 +111,13 @@ class MemoryConfig:
     kmeans_iters: int = 20
     max_points_per_centroid: int = 64  # K-means subsamples above this; the final means use every patch
     min_cluster_size: int = 3  # privacy: drop cluster items that average fewer patches
+    coreset_ratio: float = 0.01  # reduce=coreset: fraction of the client's patches uploaded
+    rebuild: Rebuild = Rebuild.every_round
 
 
 @dataclass
 class ServerConfig:
+    aggregation: Aggregation = Aggregation.kmeans
     size: int = 0  # global memory items n_g; 0 = H·W
     weight_by_client_size: bool = True
     max_upload_items: int = 65536  # uploads above this (or above memory.size / H·W if larger) are rejected
@@ -106,7 +130,8 @@ class ServerConfig:
 @dataclass
 class FederationConfig:
     rounds: int = 10
-    local_epochs: int = 3
+    local_epochs: int = 3  # 0 = frozen generator (ablation "no metric loss")
+    prox_mu: float = 0.01  # method=fedprox: weight of the proximal term
     accelerator: str = "auto"
     devices: int = 1  # processes per node
     num_nodes: int = 1
@@ -169,6 +194,7 @@ class TrainConfig:
     name: str = ""  # run folder under output_dir; empty = <dataset>-<timestamp>
     output_dir: str = "runs"
     dataset: str = "elpv"
+    method: Method = Method.feddymem
     resume: str = ""  # a run folder to continue from its last complete round
     seed: int = 0
     quiet: bool = False
@@ -283,7 +309,6 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"'{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
     for key in (
-        "federation.local_epochs",
         "federation.devices",
         "optim.batch_size",
         "optim.lr",
@@ -299,6 +324,8 @@ def validate(cfg: DictConfig) -> None:
     ):
         positive(key)
     for key in (
+        "federation.local_epochs",
+        "federation.prox_mu",
         "federation.rounds",
         "federation.client_timeout_s",
         "memory.size",
@@ -320,6 +347,21 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"{processes} processes (federation.devices × num_nodes) for {cfg.data.num_clients} "
             "clients: every process must host at least one client"
+        )
+    if not 0 < cfg.memory.coreset_ratio <= 1:
+        raise ConfigError(f"'memory.coreset_ratio' must be in (0, 1], got {cfg.memory.coreset_ratio}")
+    if cfg.method == Method.centralized and processes > 1:
+        raise ConfigError(f"method=centralized pools all data in one process; got {processes} processes")
+    if cfg.server.aggregation == Aggregation.mean and (
+        cfg.memory.reduce not in (Reduce.position_mean, Reduce.position_weighted)
+        or cfg.memory.size
+        or cfg.memory.local_kmeans_ratio > 1
+    ):
+        raise ConfigError(
+            "'server.aggregation=mean' averages uploads item by item, so items must be aligned by patch "
+            "position: it needs memory.reduce=position_mean or position_weighted, memory.size=0 and "
+            f"memory.local_kmeans_ratio=1 (got {cfg.memory.reduce.value}, {cfg.memory.size}, "
+            f"{cfg.memory.local_kmeans_ratio})"
         )
     if cfg.federation.min_clients > cfg.data.num_clients:
         raise ConfigError(

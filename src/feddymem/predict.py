@@ -51,6 +51,11 @@ def load_predictor(checkpoint: str | Path, client_id: int | None) -> tuple[FedDy
         threshold = payload["clients"][client_id].get("threshold", float("inf"))
     else:
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), payload["config"])
+        if payload.get("global_memory") is None:
+            raise FedDyMemError(
+                f"{checkpoint} has no global memory (method={cfg.method.value} shares none): "
+                "predict with --client K instead"
+            )
         module = client_module_from_config(cfg).eval()
         module.set_global_memory(payload["global_memory"])
         threshold = payload.get("threshold", float("inf"))

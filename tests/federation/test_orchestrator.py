@@ -31,7 +31,7 @@ def test_failing_client_is_left_out_and_bad_upload_rejected(tmp_path, synthetic_
     orch = FederatedOrchestrator(
         _cfg(synthetic_yaml, "federation.rounds=2", "federation.min_clients=2"), tmp_path / "run"
     )
-    real_training, real_upload = orch.local_training, orch.client_upload
+    real_training, real_upload = orch.local_training, orch.build_memory
 
     def flaky_training(client, round_idx, deadline):
         if client.id == 1 and round_idx == 1:
@@ -45,7 +45,7 @@ def test_failing_client_is_left_out_and_bad_upload_rejected(tmp_path, synthetic_
         return bank
 
     monkeypatch.setattr(orch, "local_training", flaky_training)
-    monkeypatch.setattr(orch, "client_upload", poisoned_upload)
+    monkeypatch.setattr(orch, "build_memory", poisoned_upload)
     summary = orch.run()
     rounds = summary["rounds"]
     assert rounds[0]["participants"] == [0, 1, 2]
@@ -65,7 +65,7 @@ def test_too_few_clients_stops_with_clear_error(tmp_path, synthetic_yaml, monkey
     def broken(client):
         raise OSError("network down")
 
-    monkeypatch.setattr(orch, "client_upload", broken)
+    monkeypatch.setattr(orch, "build_memory", broken)
     with pytest.raises(TooFewClients, match=r"round 0: 0 valid uploads, federation.min_clients is 3 .*network down"):
         orch.run()
 

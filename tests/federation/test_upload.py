@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from feddymem.federation.upload import UploadRejected, validate_upload
+from feddymem.federation.upload import UploadRejected, validate_parameters, validate_upload
 from feddymem.memory.reduce import MemoryBank
 
 
@@ -35,3 +35,19 @@ def test_good_upload_passes():
 def test_bad_uploads_are_rejected_naming_the_client(bank, reason):
     with pytest.raises(UploadRejected, match=f"upload of client 4 rejected: .*{reason}"):
         check(bank)
+
+
+def test_parameter_upload_must_match_the_reference():
+    reference = {"w": torch.zeros(3, 2), "b": torch.zeros(3)}
+    good = {"w": torch.ones(3, 2), "b": torch.ones(3)}
+    assert validate_parameters(1, good, reference=reference, max_bytes=1000) is good
+    for bad, reason in [
+        ({"w": torch.ones(3, 2)}, r"parameter names differ: missing \['b'\]"),
+        ({"w": torch.ones(2, 2), "b": torch.ones(3)}, r"'w' is \(2, 2\)"),
+        ({"w": torch.full((3, 2), float("inf")), "b": torch.ones(3)}, "non-finite values .* in 'w'"),
+        ([1, 2], "expected a dict of tensors, got list"),
+    ]:
+        with pytest.raises(UploadRejected, match=f"upload of client 1 rejected: {reason}"):
+            validate_parameters(1, bad, reference=reference, max_bytes=1000)
+    with pytest.raises(UploadRejected, match="36 bytes, limit 10"):
+        validate_parameters(1, good, reference=reference, max_bytes=10)

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from feddymem.memory.aggregate import aggregate
+from feddymem.memory.aggregate import aggregate, mean_aggregate
 from feddymem.memory.reduce import MemoryBank
 
 
@@ -25,3 +26,12 @@ def test_size_clamped_and_warm_started():
     second = aggregate(uploads, 8, iters=10)
     warm = aggregate(uploads, 8, previous=second.items, iters=1)
     assert warm.objective <= second.objective * 1.01
+
+
+def test_server_mean_is_item_by_item_weighted_mean():
+    uploads = [_bank(0.0, 4, 30), _bank(1.0, 4, 10)]
+    by_size = mean_aggregate(uploads)
+    assert by_size.items.shape == (4, 2) and torch.allclose(by_size.items, torch.full((4, 2), 0.25))
+    assert torch.allclose(mean_aggregate(uploads, weight_by_client_size=False).items, torch.full((4, 2), 0.5))
+    with pytest.raises(ValueError, match=r"one shape .*\(3, 2\), \(4, 2\)"):
+        mean_aggregate([_bank(0.0, 4, 1), _bank(0.0, 3, 1)])

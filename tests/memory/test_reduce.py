@@ -1,6 +1,6 @@
 import torch
 
-from feddymem.memory.reduce import cluster_mean, fit_weights, position_mean, reduce_memory
+from feddymem.memory.reduce import cluster_mean, fit_weights, greedy_coreset, position_mean, reduce_memory
 
 
 def test_reduce_of_copies_of_one_image_returns_that_image():
@@ -56,3 +56,21 @@ def test_second_stage_and_size_shrink_the_upload():
     bank = reduce_memory(emb, "cluster_mean", size=10, iters=5)
     assert bank.items.shape[0] <= 10 and bank.weights.sum() == 5 * 36
     assert bank.nbytes == bank.items.nelement() * 4 + bank.weights.nelement() * 4
+
+
+def test_greedy_coreset_picks_the_farthest_points_first():
+    # A tight blob and four far corners: after the first pick, k-center must take the corners.
+    torch.manual_seed(0)
+    blob = torch.randn(200, 3) * 0.01
+    corners = torch.tensor([[10.0, 0, 0], [-10.0, 0, 0], [0, 10.0, 0], [0, -10.0, 0]])
+    picks = greedy_coreset(torch.cat([blob, corners]), 5, seed=1)
+    assert len(set(picks.tolist())) == 5
+    assert set(range(200, 204)) <= set(picks.tolist())
+
+
+def test_coreset_reduce_uploads_real_patches_at_the_ratio():
+    emb = torch.randn(4, 8, 5, 5)
+    bank = reduce_memory(emb, "coreset", coreset_ratio=0.1)
+    patches = emb.permute(0, 2, 3, 1).reshape(-1, 8)
+    assert bank.items.shape == (10, 8) and torch.all(bank.weights == 1) and bank.num_images == 4
+    assert all((patches == item).all(1).any() for item in bank.items)  # raw patches, not averages

@@ -5,6 +5,11 @@ trains its generator for ``local_epochs`` against the current global memory, reb
 memory and uploads it; the server clusters the uploads into the new global memory and broadcasts it;
 every client is evaluated. Only memory crosses the client boundary: generators and optimisers stay
 with their client and are never averaged or gradient-synced. A checkpoint is written after each round.
+
+The baselines of the benchmarks run through the same rounds (``method=``): ``local`` (each client
+with its own memory, nothing shared), ``centralized`` (one model on all clients' data, evaluated on
+every client's test set), ``fedavg``/``fedprox`` (the server averages generator parameters; each
+client keeps a local memory, rebuilt with the averaged generator).
 """
 
 from __future__ import annotations
@@ -32,13 +37,14 @@ from feddymem.data.datasets import ImageDataset
 from feddymem.data.feature_cache import FeatureCache
 from feddymem.data.partition import ClientData
 from feddymem.errors import CheckpointError, FedDyMemError
+from feddymem.federation.baselines import average_parameters, proximal_term
 from feddymem.federation.distributed import broadcast_from_server, clients_of_rank, gather_to_server, make_fabric
-from feddymem.federation.upload import UploadRejected, validate_upload
+from feddymem.federation.upload import UploadRejected, validate_parameters, validate_upload
 from feddymem.io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from feddymem.lightning_model import FedDyMemModule
 from feddymem.logging.console import Reporter, human_bytes
 from feddymem.logging.experiment import find_wandb, heatmap_panel, make_loggers
-from feddymem.memory.aggregate import GlobalMemory, aggregate
+from feddymem.memory.aggregate import GlobalMemory, aggregate, mean_aggregate
 from feddymem.memory.kmeans import resolve_gpu
 from feddymem.memory.reduce import MemoryBank
 from feddymem.metrics.threshold import normal_threshold
@@ -64,6 +70,7 @@ def client_module_from_config(cfg: DictConfig, client_id: int | None = None) -> 
         memory_reduce=str(getattr(mem.reduce, "value", mem.reduce)),
         memory_size=mem.size,
         local_kmeans_ratio=mem.local_kmeans_ratio,
+        coreset_ratio=mem.coreset_ratio,
         kmeans_iters=mem.kmeans_iters,
         max_points_per_centroid=mem.max_points_per_centroid,
         min_cluster_size=mem.min_cluster_size,
@@ -90,7 +97,13 @@ def load_client_module(checkpoint: str | Path, client_id: int = 0) -> tuple[FedD
     return module.eval(), cfg
 
 
-def tensor_bytes(*tensors: torch.Tensor) -> int:
+def payload_bytes(payload: MemoryBank | dict[str, torch.Tensor] | torch.Tensor | None) -> int:
+    """Bytes of what crosses the client boundary: a memory bank, a parameter dict or a tensor."""
+    if payload is None:
+        return 0
+    if isinstance(payload, MemoryBank):
+        return payload.nbytes
+    tensors = payload.values() if isinstance(payload, dict) else [payload]
     return sum(t.element_size() * t.nelement() for t in tensors)
 
 
@@ -115,6 +128,7 @@ class Client:
     train_set: ImageDataset
     memory_set: ImageDataset
     test_set: ImageDataset
+    anchor: dict[str, torch.Tensor] | None = None  # FedProx: the last global generator parameters
 
     @property
     def id(self) -> int:
@@ -128,9 +142,17 @@ class FederatedOrchestrator:
     """
 
     def __init__(
-        self, cfg: DictConfig, run_dir: str | Path, reporter: Reporter | None = None, resume: bool = False
+        self,
+        cfg: DictConfig,
+        run_dir: str | Path,
+        reporter: Reporter | None = None,
+        resume: bool = False,
+        feature_cache: FeatureCache | None = None,
     ) -> None:
+        """``feature_cache``: reuse another run's backbone features (same backbone and pre-processing),
+        as the benchmark suite does across methods; by default every run extracts its own."""
         self.cfg = cfg
+        self.method = cfg.method.value
         self.run_dir = Path(run_dir)
         self.resume = resume
         f = cfg.federation
@@ -140,6 +162,8 @@ class FederatedOrchestrator:
         self.clients: list[Client] = []
         self.all_clients: list[ClientData] = []
         self.global_memory: torch.Tensor | None = None
+        self.global_generator: dict[str, torch.Tensor] | None = None  # fedavg / fedprox
+        self.cache = feature_cache
         self.history: list[dict[str, Any]] = []
         self.start_round = 0
         self.server_gpu = resolve_gpu(cfg.server.gpu)
@@ -170,37 +194,35 @@ class FederatedOrchestrator:
             if not self.resume:
                 atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
         d = self.cfg.data
+        centralized = self.method == "centralized"
+        pooled = [s for part in plan.clients for s in part.train]
         for client_id in mine:
             part = plan.clients[client_id]
-            torch.manual_seed(self.cfg.seed + client_id)
-            module = client_module_from_config(self.cfg, client_id)
-            optimizer = module.configure_optimizers()
-            module, optimizer = self.fabric.setup(module, optimizer)
+            if not (centralized and self.clients):  # centralized: one model shared by every client
+                torch.manual_seed(self.cfg.seed + client_id)
+                module = client_module_from_config(self.cfg, client_id)
+                optimizer = module.configure_optimizers()
+                module, optimizer = self.fabric.setup(module, optimizer)
             mean, std = module.model.feature_extractor.mean, module.model.feature_extractor.std
 
             def dataset(samples, augment=False, mean=mean, std=std):
                 return ImageDataset(samples, d.image_size, d.crop_size, mean, std, augment=augment)
 
+            train = pooled if centralized else part.train
             self.clients.append(
-                Client(
-                    part,
-                    module,
-                    optimizer,
-                    dataset(part.train, augment=d.augment),
-                    dataset(part.train),
-                    dataset(part.test),
-                )
+                Client(part, module, optimizer, dataset(train, augment=d.augment), dataset(train), dataset(part.test))
             )
-        extractor = self.clients[0].module.model.extract if self.clients else None
-        self.cache = FeatureCache(
-            extractor,
-            max_bytes=int(self.cfg.cache.max_gb * 2**30),
-            fp16_above_bytes=int(self.cfg.cache.fp16_above_gb * 2**30),
-            batch_size=self.cfg.optim.eval_batch_size,
-            device=self.fabric.device,
-            num_workers=self.cfg.optim.num_workers,
-            progress=self.reporter.task,
-        )
+        if self.cache is None:
+            extractor = self.clients[0].module.model.extract if self.clients else None
+            self.cache = FeatureCache(
+                extractor,
+                max_bytes=int(self.cfg.cache.max_gb * 2**30),
+                fp16_above_bytes=int(self.cfg.cache.fp16_above_gb * 2**30),
+                batch_size=self.cfg.optim.eval_batch_size,
+                device=self.fabric.device,
+                num_workers=self.cfg.optim.num_workers,
+                progress=self.reporter.task,
+            )
         if self.resume:
             self.restore(load_checkpoint(self.run_dir / "checkpoints" / "last.ckpt"))
 
@@ -230,9 +252,13 @@ class FederatedOrchestrator:
 
     # --- client side ------------------------------------------------------------------------------
     def local_training(self, client: Client, round_idx: int, deadline: float) -> float:
-        """``local_epochs`` epochs of the metric loss against the current global memory; mean loss."""
+        """``local_epochs`` epochs of the metric loss against the client's current memory; mean loss.
+
+        FedProx adds ``prox_mu / 2 · ||w - w_global||²`` over the generator's parameters.
+        """
         module, optimizer = client.module, client.optimizer
         train_set = self._cached(client.train_set, f"client {client.id} features")
+        mu = self.cfg.federation.prox_mu if self.method == "fedprox" else 0.0
         module.train()
         losses = []
         for epoch in range(self.cfg.federation.local_epochs):
@@ -245,6 +271,8 @@ class FederatedOrchestrator:
                     raise ClientTimeout(f"client {client.id} ran past {self.cfg.federation.client_timeout_s}s")
                 optimizer.zero_grad(set_to_none=True)
                 loss = module.training_step(batch, batch_idx)
+                if mu > 0 and client.anchor is not None:
+                    loss = loss + mu / 2 * proximal_term(module.model.generator.named_parameters(), client.anchor)
                 self.fabric.backward(loss)
                 optimizer.step()
                 advance(1)
@@ -255,30 +283,67 @@ class FederatedOrchestrator:
         module.eval()
         return sum(losses) / len(losses) if losses else float("nan")
 
-    def client_upload(self, client: Client) -> MemoryBank:
+    def build_memory(self, client: Client) -> MemoryBank:
         """Rebuild and reduce the client's memory with its current generator."""
         memory_set = self._cached(client.memory_set, f"client {client.id} features")
         return client.module.build_memory(self._loader(memory_set, shuffle=False))
 
+    def client_update(self, client: Client, round_idx: int) -> dict[str, Any]:
+        """After local training: what the client sends (``upload``, ``None`` for nothing) and its memory size."""
+        if self.method in ("fedavg", "fedprox"):
+            state = {k: v.detach().cpu().clone() for k, v in client.module.model.generator.state_dict().items()}
+            return {"upload": state}
+        if self.method == "feddymem" and round_idx > 0 and self.cfg.memory.rebuild.value == "once":
+            return {"upload": None}  # ablation: the round-0 memory is kept
+        bank = self.build_memory(client)
+        if self.method in ("local", "centralized"):
+            client.module.set_global_memory(bank.items)  # the client's own memory; it never leaves
+            return {"upload": None, "memory_items": int(bank.items.shape[0]), "num_images": bank.num_images}
+        return {"upload": bank, "memory_items": int(bank.items.shape[0]), "num_images": bank.num_images}
+
+    def training_clients(self) -> list[Client]:
+        """The clients that train this round: all of this rank's, or under ``centralized`` the one pooled model."""
+        return self.clients[:1] if self.method == "centralized" else self.clients
+
     def client_round(self, client: Client, round_idx: int) -> dict[str, Any]:
-        """Train (after round 0) and upload; a failure or timeout is reported, not raised."""
+        """Train (after round 0) and prepare the upload; a failure or timeout is reported, not raised."""
         t0 = time.perf_counter()
         timeout = self.cfg.federation.client_timeout_s
         deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
         try:
-            loss = self.local_training(client, round_idx, deadline) if round_idx > 0 else float("nan")
-            bank = self.client_upload(client)
+            train = round_idx > 0 and self.cfg.federation.local_epochs > 0
+            loss = self.local_training(client, round_idx, deadline) if train else float("nan")
+            update = self.client_update(client, round_idx)
             if time.monotonic() > deadline:
                 raise ClientTimeout(f"client {client.id} ran past {timeout}s")
         except Exception as err:  # a failing site must not stop the federation
             log.warning("client %d left out of round %d: %s", client.id, round_idx, err)
             return {
                 "id": client.id,
-                "bank": None,
+                "upload": None,
                 "error": f"{type(err).__name__}: {err}",
                 "time_s": time.perf_counter() - t0,
             }
-        return {"id": client.id, "bank": bank, "train_loss": loss, "time_s": time.perf_counter() - t0}
+        return {"id": client.id, **update, "train_loss": loss, "time_s": time.perf_counter() - t0}
+
+    def apply_server_message(self, message: dict[str, Any]) -> dict[int, float]:
+        """Take the server's answer on every client of this rank; seconds each client spent on it."""
+        seconds = {}
+        for client in self.clients:
+            t0 = time.perf_counter()
+            if message.get("memory") is not None:
+                client.module.set_global_memory(message["memory"])
+            if message.get("generator") is not None:
+                client.module.model.generator.load_state_dict(message["generator"])
+                client.anchor = message["generator"] if self.method == "fedprox" else None
+                # Each client keeps a local memory, rebuilt with the averaged generator for training and scoring.
+                client.module.set_global_memory(self.build_memory(client).items)
+            seconds[client.id] = time.perf_counter() - t0
+        if message.get("memory") is not None:
+            self.global_memory = message["memory"]
+        if message.get("generator") is not None:
+            self.global_generator = message["generator"]
+        return seconds
 
     def evaluate(self, client: Client) -> dict[str, Any]:
         """Image AUROC over the client's whole test set, and per product image AUROC, pixel AUROC and AUPRO.
@@ -325,22 +390,32 @@ class FederatedOrchestrator:
     def _memory_dim(self) -> int:
         return self.clients[0].module.model.generator.out_channels
 
-    def accept_uploads(self, results: list[dict[str, Any]], round_idx: int, dim: int) -> list[dict[str, Any]]:
+    def accept_uploads(self, results: list[dict[str, Any]], round_idx: int) -> list[dict[str, Any]]:
         """Validate every upload; returns the accepted ones (in client order), records the rest."""
         s = self.cfg.server
-        max_items = max(s.max_upload_items, self.cfg.memory.size, self._patch_positions())
+        max_bytes = int(s.max_upload_mb * 2**20)
+        if self.method in ("fedavg", "fedprox"):
+            reference = self.clients[0].module.model.generator.state_dict()
+
+            def check(res: dict[str, Any]) -> None:
+                validate_parameters(res["id"], res["upload"], reference=reference, max_bytes=max_bytes)
+        else:
+            max_items = max(s.max_upload_items, self.cfg.memory.size, self._patch_positions())
+            dim = self._memory_dim()
+
+            def check(res: dict[str, Any]) -> None:
+                validate_upload(res["id"], res["upload"], dim=dim, max_items=max_items, max_bytes=max_bytes)
+
         accepted = []
         for res in sorted(results, key=lambda r: r["id"]):
-            if res["bank"] is None:
+            if res["upload"] is None:
                 continue
             try:
-                validate_upload(
-                    res["id"], res["bank"], dim=dim, max_items=max_items, max_bytes=int(s.max_upload_mb * 2**20)
-                )
+                check(res)
                 accepted.append(res)
             except UploadRejected as err:
                 log.warning("round %d: %s", round_idx, err)
-                res["error"], res["bank"] = str(err), None
+                res["error"], res["upload"] = str(err), None
         if len(accepted) < self.cfg.federation.min_clients:
             errors = "; ".join(r["error"] for r in results if r.get("error"))
             raise TooFewClients(
@@ -351,6 +426,8 @@ class FederatedOrchestrator:
 
     def server_aggregate(self, uploads: list[MemoryBank], round_idx: int) -> GlobalMemory:
         s = self.cfg.server
+        if s.aggregation.value == "mean":
+            return mean_aggregate(uploads, weight_by_client_size=s.weight_by_client_size)
         warm = self.global_memory if (s.warm_start and self.global_memory is not None) else None
         size = s.size or self._patch_positions()
         return aggregate(
@@ -363,76 +440,94 @@ class FederatedOrchestrator:
             gpu=self.server_gpu,
         )
 
+    def server_step(self, results: list[dict[str, Any]], round_idx: int) -> dict[str, Any]:
+        """Rank 0: check the uploads and build what goes down (a global memory, or averaged parameters)."""
+        nothing_sent = all(r["upload"] is None and "error" not in r for r in results)
+        if self.method in ("local", "centralized") or nothing_sent:  # nothing_sent: memory.rebuild=once
+            return {"participants": [], "server": {}}
+        accepted = self.accept_uploads(results, round_idx)
+        participants = [r["id"] for r in accepted]
+        t0 = time.perf_counter()
+        if self.method in ("fedavg", "fedprox"):
+            by_size = self.cfg.server.weight_by_client_size
+            weights = [len(self.all_clients[r["id"]].train) if by_size else 1.0 for r in accepted]
+            generator = average_parameters([r["upload"] for r in accepted], weights)
+            return {
+                "generator": generator,
+                "participants": participants,
+                "server": {"time_s": time.perf_counter() - t0},
+            }
+        result = self.server_aggregate([r["upload"] for r in accepted], round_idx)
+        return {
+            "memory": result.items,
+            "participants": participants,
+            "server": {
+                "kmeans_objective": result.objective,
+                "uploaded_items": result.num_points,
+                "global_items": int(result.items.shape[0]),
+                "gpu": result.gpu,
+                "time_s": time.perf_counter() - t0,
+            },
+        }
+
     # --- one round ------------------------------------------------------------------------------
     def run_round(self, round_idx: int) -> dict[str, Any] | None:
         """One round on every rank; the round record on rank 0, ``None`` elsewhere."""
         start = time.perf_counter()
-        local = [self.client_round(c, round_idx) for c in self.clients]
-        dim = self._memory_dim()
+        local = [self.client_round(c, round_idx) for c in self.training_clients()]
         gathered = gather_to_server(self.fabric, local)
         message: dict[str, Any] = {}
+        results: list[dict[str, Any]] = []
         if self.is_server:
             results = [r for rank_results in gathered for r in rank_results]
             try:
-                accepted = self.accept_uploads(results, round_idx, dim)
-                t_server = time.perf_counter()
-                result = self.server_aggregate([r["bank"] for r in accepted], round_idx)
-                message = {
-                    "memory": result.items,
-                    "participants": [r["id"] for r in accepted],
-                    "server": {
-                        "kmeans_objective": result.objective,
-                        "uploaded_items": result.num_points,
-                        "global_items": int(result.items.shape[0]),
-                        "gpu": result.gpu,
-                        "time_s": time.perf_counter() - t_server,
-                    },
-                }
+                message = self.server_step(results, round_idx)
             except TooFewClients as err:
                 message = {"error": str(err)}
         message = broadcast_from_server(self.fabric, message)
         if "error" in message:
             raise TooFewClients(message["error"])
-        self.global_memory = message["memory"]
-        evaluations = []
-        for client in self.clients:
-            client.module.set_global_memory(self.global_memory)
-            evaluations.append(
-                {
-                    "id": client.id,
-                    **self.evaluate(client),
-                    "panel": self.panel(client),
-                    "normal_scores": self.normal_scores(client),
-                }
-            )
+        update_seconds = self.apply_server_message(message)
+        evaluations = [
+            {
+                "id": client.id,
+                **self.evaluate(client),
+                "panel": self.panel(client),
+                "normal_scores": self.normal_scores(client),
+                "update_time_s": update_seconds[client.id],
+            }
+            for client in self.clients
+        ]
         gathered_eval = gather_to_server(self.fabric, evaluations)
         if not self.is_server:
             return None
-        down = tensor_bytes(self.global_memory)
+        down = payload_bytes(message.get("memory")) + payload_bytes(message.get("generator"))
         record: dict[str, Any] = {
             "round": round_idx,
+            "method": self.method,
             "participants": message["participants"],
             "server": message["server"],
             "clients": {},
         }
-        for res in results:
-            entry = {
-                "time_s": res["time_s"],
-                "uploaded": res["bank"] is not None,
+        by_id = {r["id"]: r for r in results}
+        for cid in range(len(self.all_clients)):
+            res = by_id.get(cid, {})  # centralized: only the pooled model trains
+            entry: dict[str, Any] = {
+                "time_s": res.get("time_s", 0.0),
+                "uploaded": res.get("upload") is not None,
+                "bytes_up": payload_bytes(res.get("upload")),
                 "bytes_down": down,
-                "train_images": len(self.all_clients[res["id"]].train),
+                "train_images": len(self.all_clients[cid].train),
             }
-            if res["bank"] is not None:
-                entry.update(
-                    train_loss=res["train_loss"],
-                    bytes_up=tensor_bytes(res["bank"].items, res["bank"].weights),
-                    memory_items=int(res["bank"].items.shape[0]),
-                    # The bank before memory-reduce: every patch of every training image.
-                    memory_patches=res["bank"].num_images * self._patch_positions(),
-                )
-            else:
-                entry.update(bytes_up=0, error=res["error"])
-            record["clients"][res["id"]] = entry
+            if "error" in res:
+                entry["error"] = res["error"]
+            elif res:
+                entry["train_loss"] = res["train_loss"]
+            if "memory_items" in res:
+                entry["memory_items"] = res["memory_items"]
+                # The bank before memory-reduce: every patch of every training image.
+                entry["memory_patches"] = res["num_images"] * self._patch_positions()
+            record["clients"][cid] = entry
         panels, score_rows, normal = {}, [], []
         q, k_sigma = self.cfg.threshold_percentile, (self.cfg.threshold_k_sigma or None)
         for ev in (e for rank_evals in gathered_eval for e in rank_evals):
@@ -521,17 +616,17 @@ class FederatedOrchestrator:
             f"{self.run_dir.name}-model", type="model", metadata={"round": self.history[-1]["round"]}
         )
         artifact.add_file(str(self.run_dir / "checkpoints" / "last.ckpt"))
-        memory_path = self.run_dir / "global_memory.pt"
-        save_checkpoint(memory_path, {"global_memory": self.global_memory})
-        artifact.add_file(str(memory_path))
+        if self.global_memory is not None:  # local, centralized and FedAvg runs have none
+            memory_path = self.run_dir / "global_memory.pt"
+            save_checkpoint(memory_path, {"global_memory": self.global_memory})
+            artifact.add_file(str(memory_path))
         wandb_logger.experiment.log_artifact(artifact)
 
     # --- bookkeeping ----------------------------------------------------------------------------
     def log_round(self, record: dict[str, Any]) -> None:
         r = record["round"]
         metrics: dict[str, float] = {
-            "server/kmeans_objective": record["server"]["kmeans_objective"],
-            "server/global_items": record["server"]["global_items"],
+            **{f"server/{k}": float(v) for k, v in record["server"].items() if isinstance(v, int | float) and v == v},
             "server/participants": len(record["participants"]),
             "round/bytes_up": record["bytes_up"],
             "round/bytes_down": record["bytes_down"],
@@ -549,7 +644,7 @@ class FederatedOrchestrator:
                     if value == value:
                         metrics[f"client/{cid}/{product}/{key}"] = float(value)
         self.fabric.log_dict(metrics, step=r)
-        left_out = [f"{cid} ({c['error']})" for cid, c in record["clients"].items() if not c["uploaded"]]
+        left_out = [f"{cid} ({c['error']})" for cid, c in record["clients"].items() if "error" in c]
         self.reporter.print(
             f"round {r:>2}: mean image AUROC {record['mean_image_auroc']:.4f}  "
             f"up {human_bytes(record['bytes_up'])}  down {human_bytes(record['bytes_down'])}  "
@@ -572,7 +667,9 @@ class FederatedOrchestrator:
             return
         payload = {
             "round": round_idx,
-            "global_memory": self.global_memory.clone(),
+            "method": self.method,
+            "global_memory": None if self.global_memory is None else self.global_memory.clone(),
+            "global_generator": self.global_generator,
             "clients": {
                 k: {
                     **states[k],
@@ -604,10 +701,14 @@ class FederatedOrchestrator:
                     f"checkpoint does not match client {client.id}'s data partition; "
                     "was the data or the data config changed?"
                 )
-            client.module.load_trainable_state(saved["model"])
+            client.module.load_trainable_state(saved["model"])  # includes the client's memory
             client.optimizer.load_state_dict(saved["optimizer"])
-            client.module.set_global_memory(payload["global_memory"])
+            if payload["global_memory"] is not None:
+                client.module.set_global_memory(payload["global_memory"])
+            if self.method == "fedprox":
+                client.anchor = payload["global_generator"]
         self.global_memory = payload["global_memory"]
+        self.global_generator = payload.get("global_generator")
         self.history = list(payload["history"]) if self.is_server else []
         self.start_round = int(payload["round"]) + 1
         torch.set_rng_state(payload["rng"]["torch"])
@@ -616,6 +717,7 @@ class FederatedOrchestrator:
         final = self.history[-1] if self.history else {}
         return {
             "run_dir": str(self.run_dir),
+            "method": self.method,
             "world_size": self.fabric.world_size,
             "rounds": self.history,
             "final": {"mean_image_auroc": final.get("mean_image_auroc"), "clients": final.get("clients", {})},
@@ -648,7 +750,8 @@ class FederatedOrchestrator:
             row += [human_bytes(s["bytes_up"]), human_bytes(s["bytes_down"]), f"{t:.1f}s"]
             rows.append(row)
         self.reporter.table(
-            f"FedDyMem on {self.cfg.dataset}: round {final['round']}, mean image AUROC {final['mean_image_auroc']:.4f}",
+            f"{self.method} on {self.cfg.dataset}: round {final['round']}, "
+            f"mean image AUROC {final['mean_image_auroc']:.4f}",
             cols,
             rows,
         )
@@ -657,7 +760,7 @@ class FederatedOrchestrator:
         """Set up, run the remaining rounds, checkpoint after each; the summary on rank 0."""
         self.setup()
         self.reporter.print(
-            f"FedDyMem: {len(self.all_clients)} clients on {self.fabric.world_size} process(es), "
+            f"FedDyMem ({self.method}): {len(self.all_clients)} clients on {self.fabric.world_size} process(es), "
             f"rounds {self.start_round}..{self.cfg.federation.rounds}, device {self.fabric.device}, "
             f"run folder {self.run_dir}"
         )

@@ -1,4 +1,5 @@
-"""Server-side checks of a client's upload: nothing malformed, huge or non-finite reaches the K-means."""
+"""Server-side checks of a client's upload: nothing malformed, huge or non-finite reaches the server's
+K-means (memory banks) or its average (generator parameters of the FedAvg/FedProx baselines)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,32 @@ def validate_upload(client_id: int, bank: object, *, dim: int, max_items: int, m
     if bank.nbytes > max_bytes:
         raise reject(f"{bank.nbytes} bytes, limit {max_bytes}")
     return bank
+
+
+def validate_parameters(
+    client_id: int, params: object, *, reference: dict[str, torch.Tensor], max_bytes: int
+) -> dict[str, torch.Tensor]:
+    """Return ``params`` if it has exactly ``reference``'s names, shapes and dtypes and finite values."""
+
+    def reject(reason: str) -> UploadRejected:
+        return UploadRejected(f"upload of client {client_id} rejected: {reason}")
+
+    if not isinstance(params, dict) or not all(isinstance(v, torch.Tensor) for v in params.values()):
+        raise reject(f"expected a dict of tensors, got {type(params).__name__}")
+    if set(params) != set(reference):
+        raise reject(
+            f"parameter names differ: missing {sorted(set(reference) - set(params))}, "
+            f"unexpected {sorted(set(params) - set(reference))}"
+        )
+    for name, value in params.items():
+        if value.shape != reference[name].shape or value.dtype != reference[name].dtype:
+            raise reject(
+                f"'{name}' is {tuple(value.shape)} {value.dtype}, "
+                f"expected {tuple(reference[name].shape)} {reference[name].dtype}"
+            )
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise reject(f"non-finite values (NaN or inf) in '{name}'")
+    size = sum(v.element_size() * v.nelement() for v in params.values())
+    if size > max_bytes:
+        raise reject(f"{size} bytes, limit {max_bytes}")
+    return params

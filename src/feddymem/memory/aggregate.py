@@ -1,4 +1,8 @@
-"""Server aggregation (SPEC §4): concatenate the uploads and cluster them with FAISS K-means."""
+"""Server aggregation (SPEC §4): concatenate the uploads and cluster them with FAISS K-means.
+
+:func:`mean_aggregate` is the ablation "mean instead of K-means": the weighted mean of position-aligned
+uploads, item by item.
+"""
 
 from __future__ import annotations
 
@@ -53,3 +57,19 @@ def aggregate(
         max_points_per_centroid=max(256, points.shape[0] // max(size, 1) + 1),
     )
     return GlobalMemory(result.centroids, result.objective, points.shape[0], result.gpu)
+
+
+def mean_aggregate(uploads: list[MemoryBank], *, weight_by_client_size: bool = True) -> GlobalMemory:
+    """Item-by-item weighted mean of uploads that are aligned by patch position (reduce=position_*).
+
+    Client k's weight is its number of images (or 1 with ``weight_by_client_size=False``).
+    """
+    if not uploads:
+        raise ValueError("no uploads to aggregate")
+    shapes = {tuple(u.items.shape) for u in uploads}
+    if len(shapes) != 1:
+        raise ValueError(f"server mean needs uploads of one shape (aligned by position), got {sorted(shapes)}")
+    stacked = torch.stack([u.items.float().cpu() for u in uploads])
+    w = torch.tensor([float(u.num_images) if weight_by_client_size else 1.0 for u in uploads])
+    items = torch.einsum("k,kmd->md", w / w.sum(), stacked)
+    return GlobalMemory(items.contiguous(), float("nan"), int(stacked.shape[0] * stacked.shape[1]), False)

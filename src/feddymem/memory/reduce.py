@@ -7,6 +7,9 @@ Every reduction is a weighted average of patch embeddings, so no item is a singl
 * ``cluster_mean``: local K-means over all patches, each item the mean of its members (weight = count).
 
 ``position_*`` can add a second stage (local K-means of the n items to n/γ_c).
+
+``coreset`` is the "no memory-reduce" ablation: a greedy k-center coreset of the raw patch bank
+(PatchCore's selection), ``coreset_ratio`` of all patches, each a real patch of one image (weight 1).
 """
 
 from __future__ import annotations
@@ -95,12 +98,37 @@ def cluster_mean(
     return sums[keep] / mass[keep, None], mass[keep]
 
 
+def greedy_coreset(patches: torch.Tensor, size: int, *, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Indices of ``size`` patches chosen by greedy k-center (each next pick: the patch farthest from the picks).
+
+    Distances are taken in a random ``projection_dim``-dimensional projection (Johnson-Lindenstrauss), as
+    PatchCore does, so each step costs one pass over (P, projection_dim).
+    """
+    p = patches.float()
+    n = p.shape[0]
+    size = min(size, n)
+    g = torch.Generator().manual_seed(seed)
+    if p.shape[1] > projection_dim:
+        proj = torch.randn(p.shape[1], projection_dim, generator=g) / projection_dim**0.5
+        p = p @ proj.to(p)
+    squared_norms = (p * p).sum(1)
+    picks = torch.empty(size, dtype=torch.long)
+    picks[0] = int(torch.randint(n, (1,), generator=g))
+    nearest = torch.full((n,), float("inf"), device=p.device)
+    for i in range(1, size):
+        # |x - c|² = |x|² - 2 x·c + |c|² (the constant |c|² does not change the argmax): one matrix-vector pass.
+        torch.minimum(nearest, torch.addmv(squared_norms, p, p[picks[i - 1]], alpha=-2.0), out=nearest)
+        picks[i] = int(nearest.argmax())
+    return picks
+
+
 def reduce_memory(
     embeddings: torch.Tensor,
     method: str,
     *,
     size: int = 0,
     local_kmeans_ratio: int = 1,
+    coreset_ratio: float = 0.01,
     global_memory: torch.Tensor | None = None,
     iters: int = 20,
     seed: int = 0,
@@ -127,6 +155,10 @@ def reduce_memory(
             min_cluster_size=min_cluster_size,
         )
         return MemoryBank(items, mass, n)
+    if method == "coreset":
+        patches = emb.permute(0, 2, 3, 1).reshape(-1, d)
+        picks = greedy_coreset(patches, max(1, round(coreset_ratio * patches.shape[0])), seed=seed)
+        return MemoryBank(patches[picks].cpu().contiguous(), torch.ones(len(picks)), n)
     if method == "position_weighted" and global_memory is not None and global_memory.numel():
         image_weights = fit_weights(emb, global_memory)
     elif method in ("position_mean", "position_weighted"):
