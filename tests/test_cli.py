@@ -136,9 +136,6 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, synthetic_root):
     assert not (tmp_path / "runs").exists()  # stopped before training: nothing half-written
 
 
-CONFIGS = __import__("pathlib").Path(__file__).parent / "configs"
-
-
 @pytest.mark.shared_data
 @pytest.mark.parametrize("name", ["shared_industrial", "shared_medical"])
 def test_data_check_passes_on_shared_mixtures(name, capsys):
@@ -146,7 +143,7 @@ def test_data_check_passes_on_shared_mixtures(name, capsys):
 
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
-    assert main(["data", "check", str(CONFIGS / f"{name}.yaml")]) == 0
+    assert main(["data", "check", name]) == 0
     out = capsys.readouterr().out
     assert "data check passed" in out and "clients (training images per product)" in out
 

@@ -243,14 +243,15 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> Co
     return ConfigError(f"config error in {source} at '{key}': {str(err).splitlines()[0]}")
 
 
-def _merge(schema: DictConfig, other: Any, source: str) -> DictConfig:
+def merge_checked(schema: DictConfig, other: Any, source: str) -> DictConfig:
+    """``schema`` merged with ``other``; unknown keys and wrong types: a ConfigError naming ``source``."""
     try:
         return OmegaConf.merge(schema, other)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         raise _explain(err, schema, source) from None
 
 
-def _load_yaml(path: Path) -> DictConfig | ListConfig:
+def load_yaml(path: Path) -> DictConfig | ListConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -277,7 +278,7 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
     cfg = OmegaConf.structured(TrainConfig)
-    cfg = _merge(cfg, _load_yaml(base or config_dir() / "train.yaml"), str(base or "configs/train.yaml"))
+    cfg = merge_checked(cfg, load_yaml(base or config_dir() / "train.yaml"), str(base or "configs/train.yaml"))
     try:
         cli = OmegaConf.from_dotlist(overrides)
     except OmegaConfBaseException as err:
@@ -287,14 +288,14 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
         saved = Path(str(cli.resume)) / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"cannot resume: {saved} not found")
-        cfg = _merge(OmegaConf.structured(TrainConfig), _load_yaml(saved), str(saved))
-        cfg = _merge(cfg, cli, "command-line overrides")
+        cfg = merge_checked(OmegaConf.structured(TrainConfig), load_yaml(saved), str(saved))
+        cfg = merge_checked(cfg, cli, "command-line overrides")
         validate(cfg)
         return cfg
     dataset = cli.get("dataset", cfg.dataset)
     path = dataset_config_path(str(dataset))
-    cfg = _merge(cfg, {"data": _load_yaml(path)}, str(path))
-    cfg = _merge(cfg, cli, "command-line overrides")
+    cfg = merge_checked(cfg, {"data": load_yaml(path)}, str(path))
+    cfg = merge_checked(cfg, cli, "command-line overrides")
     cfg.dataset = str(dataset)
     validate(cfg)
     return cfg

@@ -17,9 +17,10 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 from feddymem.errors import FedDyMemError
+from feddymem.metrics.auroc import auroc_score
 
 
 def _read_metrics(run_dir: Path) -> dict:
@@ -65,7 +66,7 @@ def plot_roc(run_dir: Path, out: Path) -> Path | None:
         if labels.min() == labels.max():
             continue
         fpr, tpr, _ = roc_curve(labels, scores)
-        ax.plot(fpr, tpr, label=f"client {cid} (AUROC {roc_auc_score(labels, scores):.3f})")
+        ax.plot(fpr, tpr, label=f"client {cid} (AUROC {auroc_score(scores, labels):.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, final round")
     ax.legend(fontsize=8)

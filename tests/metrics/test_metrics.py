@@ -51,3 +51,17 @@ def test_normal_threshold_from_normal_scores_only():
     assert normal_threshold(scores, k_sigma=3.0) == pytest.approx(scores.mean() + 3 * scores.std())
     with pytest.raises(ValueError, match="at least one normal score"):
         normal_threshold([])
+
+
+def test_auroc_score_matches_scikit_learn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from feddymem.metrics import auroc_score
+
+    rng = np.random.default_rng(0)
+    for n in (7, 500, 20_000):
+        scores = rng.integers(0, 6, n).astype(np.float32)  # many ties
+        labels = rng.random(n) < 0.3
+        labels[:2] = [True, False]
+        assert auroc_score(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert np.isnan(auroc_score(np.ones(4), np.zeros(4)))

@@ -27,7 +27,6 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from feddymem import __version__
@@ -47,6 +46,7 @@ from feddymem.logging.experiment import find_wandb, heatmap_panel, make_loggers
 from feddymem.memory.aggregate import GlobalMemory, aggregate, mean_aggregate
 from feddymem.memory.kmeans import resolve_gpu
 from feddymem.memory.reduce import MemoryBank
+from feddymem.metrics.auroc import auroc_score
 from feddymem.metrics.threshold import normal_threshold
 
 
@@ -363,8 +363,7 @@ class FederatedOrchestrator:
                     paths += list(batch["path"])
             per_product[product] = module.compute_test_metrics()
         scores_all, labels_all = torch.cat(scores).double().numpy(), torch.cat(labels).numpy()
-        both = labels_all.min() != labels_all.max()
-        result: dict[str, Any] = {"image_auroc": float(roc_auc_score(labels_all, scores_all)) if both else float("nan")}
+        result: dict[str, Any] = {"image_auroc": auroc_score(scores_all, labels_all)}
         for key in ("pixel_auroc", "aupro"):
             values = [m[key] for m in per_product.values() if key in m]
             if values:

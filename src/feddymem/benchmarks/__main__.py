@@ -1,0 +1,49 @@
+"""``python -m feddymem.benchmarks suite|kmeans``.
+
+``suite``: the whole benchmark (``make bench``). ``kmeans``: the server K-means timed alone on synthetic
+uploads, FAISS GPU/CPU vs scikit-learn (``scripts/gpu_check.sh``; needs no data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from feddymem.benchmarks import perf
+from feddymem.errors import FedDyMemError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m feddymem.benchmarks")
+    sub = parser.add_subparsers(dest="what", required=True)
+    suite = sub.add_parser("suite", help="every method on every data set of the plan; writes results.md/.json")
+    suite.add_argument("--plan", default=None, help="benchmark plan (default configs/bench.yaml)")
+    suite.add_argument("--out", default="benchmarks", help="where results.md, results.json, convergence.png go")
+    suite.add_argument("--runs", default="runs/bench", help="where the runs' folders go")
+    suite.add_argument("--datasets", nargs="+", default=None, help="only these data sets of the plan")
+    suite.add_argument("--methods", nargs="+", default=None, help="only these methods of the plan")
+    km = sub.add_parser("kmeans", help="server K-means on synthetic uploads: FAISS vs scikit-learn")
+    km.add_argument("--clients", type=int, default=5)
+    km.add_argument("--items", type=int, default=784)
+    km.add_argument("--dim", type=int, default=152)
+    km.add_argument("--scale", type=int, nargs="+", default=[1, 10], help="multiply the uploads by these")
+    args = parser.parse_args(argv)
+    if args.what == "kmeans":
+        for scale in args.scale:
+            points = perf.synthetic_uploads(args.clients * scale, args.items, args.dim)
+            print(json.dumps(perf.compare_kmeans(points, args.items)))
+        return 0
+    from feddymem.benchmarks.suite import load_plan, run_suite
+
+    try:
+        results = run_suite(load_plan(args.plan), args.out, args.runs, args.datasets, args.methods)
+    except FedDyMemError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}/results.md, results.json and convergence.png ({results['total_s'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Rendering of the benchmark results: ``results.md`` and the convergence plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from feddymem.io import atomic_write_bytes
+from feddymem.logging.console import human_bytes
+
+
+def _f(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "–" if not a or not b else f"{a / b:.1f}×"
+
+
+def plot_convergence(results: dict[str, Any], methods: list[str], out: Path) -> None:
+    """Mean image AUROC per round, one panel per data set; local and centralised as dashed references."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in results["runs"]))
+    if not datasets:
+        return
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.8), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for run in (r for r in results["runs"] if r["dataset"] == dataset):
+            curve = run["auroc_per_round"]
+            if run["method"] in methods:
+                ax.plot(range(len(curve)), curve, marker="o", label=run["method"])
+            elif run["method"] in ("local", "centralized"):
+                ax.plot(range(len(curve)), curve, ls="--", alpha=0.7, label=run["method"])
+        ax.set(title=dataset, xlabel="round", ylabel="mean image AUROC")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(out, buffer.getvalue())
+
+
+def render_markdown(results: dict[str, Any], convergence: list[str]) -> str:
+    m = results["machine"]
+    v = m["versions"]
+    lines = [
+        "# FedDyMem benchmarks",
+        "",
+        "Written by `make bench` (`python -m feddymem.benchmarks suite`, plan: `configs/bench.yaml`); "
+        "`results.json` holds every number below and more.",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['memory_gb']} GB RAM, "
+        f"GPU: {m['gpu'] or 'none'}; {m['os']}",
+        f"- Versions: feddymem {v['feddymem']} (commit {m['commit']}), torch {v['torch']}, faiss {v['faiss']}, "
+        f"timm {v['timm']}, lightning {v['lightning']}, python {v['python']}",
+        f"- Seed {results['seed']}; every run: `{' '.join(results['overrides'])}`; total time "
+        f"{results.get('total_s', 0) / 60:.1f} min",
+        "- Same backbone (ImageNet EfficientNet-Lite0, offline weights), same partition, same test sets and the "
+        "same cached features for every method. Image AUROC is per client over its own test set, then averaged; "
+        "pixel AUROC and AUPRO are over the products with masks.",
+        "",
+    ]
+    datasets = list(results["datasets"])
+    for dataset in datasets:
+        runs = [r for r in results["runs"] if r["dataset"] == dataset]
+        if not runs:
+            continue
+        lines += [
+            f"## {dataset}",
+            "",
+            "| method | overrides | mean image AUROC | per-client image AUROC | pixel AUROC | AUPRO | "
+            "up / client / round | down / client / round | s / round (round 0) | peak RSS |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in runs:
+            per_client = " ".join(_f(c.get("image_auroc"), 3) for c in r["clients"].values())
+            lines.append(
+                f"| {r['method']} | `{' '.join(r['overrides']) or '(defaults)'}` | **{_f(r['mean_image_auroc'])}** | "
+                f"{per_client} | {_f(r['pixel_auroc'])} | {_f(r['aupro'])} | "
+                f"{human_bytes(r['bytes_up_per_client_round'])} | {human_bytes(r['bytes_down_per_client_round'])} | "
+                f"{r['time_per_round_s']:.1f} ({r['round0_s']:.1f}) | {r['peak_rss_mb'] / 1024:.2f} GB |"
+            )
+        lines.append("")
+    lines += _upload_section(results, datasets) + _perf_section(results) + _convergence_section(results, convergence)
+    return "\n".join(lines) + "\n"
+
+
+def _upload_section(results: dict[str, Any], datasets: list[str]) -> list[str]:
+    lines = [
+        "## Upload per client and round",
+        "",
+        "Goal: FedDyMem's upload at most 1/100 of the un-reduced bank (every patch of the client's training "
+        "images, float32).",
+        "",
+        "| data set | FedDyMem | un-reduced bank | bank / FedDyMem | coreset upload (no reduce) | FedAvg generator |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dataset in datasets:
+        by = {r["method"]: r for r in results["runs"] if r["dataset"] == dataset}
+        fed = by.get("feddymem")
+        if not fed:
+            continue
+        bank = fed["unreduced_bytes_per_client"]
+        up = fed["bytes_up_per_client_round"]
+        core = by.get("no_reduce", {}).get("bytes_up_per_client_round")
+        avg = by.get("fedavg", {}).get("bytes_up_per_client_round")
+        lines.append(
+            f"| {dataset} | {human_bytes(up)} | {human_bytes(bank) if bank else '–'} | {_ratio(bank, up)} | "
+            f"{human_bytes(core) if core else '–'} | {human_bytes(avg) if avg else '–'} |"
+        )
+    return [*lines, ""]
+
+
+def _perf_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## Performance side by side", ""]
+    p = results.get("perf")
+    if p:
+        lines += [
+            f"Server K-means on the real round-0 uploads of `{p['dataset']}` (N×: N noisy copies of them, as if "
+            "N times the clients), same points, same number of iterations, no early stop. "
+            "Goal: FAISS ≥ 20× faster than scikit-learn.",
+            "",
+            "| uploads | points × dim → k | FAISS CPU | FAISS GPU | scikit-learn | speed-up (CPU) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k in p["kmeans"]:
+            gpu = f"{k['faiss_gpu_s']:.3f} s" if k.get("faiss_gpu_s") else "no GPU"
+            lines.append(
+                f"| {k['scale']}× | {k['points']} × {k['dim']} → {k['k']} | {k['faiss_cpu_s']:.3f} s | {gpu} | "
+                f"{k['sklearn_s']:.3f} s | **{k['speedup_cpu']:.1f}×** |"
+            )
+        lines += [
+            "",
+            "Scoring: the k = 3 nearest memory items of every patch of "
+            f"{p['scoring'][0]['images'] if p['scoring'] else 0} test images (same queries; same result checked).",
+            "",
+            "| queries × dim | memory items | FAISS | torch.cdist + topk | speed-up | same result |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in p["scoring"]:
+            lines.append(
+                f"| {s['queries']} × {s['dim']} | {s['memory_items']} | {s['faiss_s'] * 1e3:.1f} ms | "
+                f"{s['cdist_s'] * 1e3:.1f} ms | {s['speedup']:.1f}× | {s['same_result']} |"
+            )
+        t = p["throughput"]
+        lines += [
+            "",
+            f"Throughput ({t['images']} training images, one client, batch of the eval loader):",
+            "",
+            "| | from image files (decode + backbone) | from cached features |",
+            "|---|---|---|",
+            f"| memory building (embed + memory-reduce) | {t['build_from_images_per_s']:.1f} img/s | "
+            f"{t['build_from_cache_per_s']:.1f} img/s |",
+            f"| scoring (anomaly map + image score) | {t['score_from_images_per_s']:.1f} img/s | "
+            f"{t['score_from_cache_per_s']:.1f} img/s |",
+            "",
+        ]
+    if results.get("cache"):
+        lines += [
+            "Feature cache: the first pass decodes every image and runs the frozen backbone; every later epoch and "
+            "round reads the cache. Goal: later passes ≥ 10× faster.",
+            "",
+            "| data set | images | first pass | cached pass | per-image speed-up | cache size |",
+            "|---|---|---|---|---|---|",
+        ]
+        for dataset, c in results["cache"].items():
+            lines.append(
+                f"| {dataset} | {c['images']} | {c['first_pass_s']:.1f} s ({c['first_pass_images_per_s']:.0f} img/s) | "
+                f"{c['cached_pass_s']:.2f} s ({c['cached_images_per_s']:.0f} img/s) | **{c['speedup']:.0f}×** | "
+                f"{human_bytes(c['cache_bytes'])}{' fp16' if c['fp16'] else ''} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _convergence_section(results: dict[str, Any], methods: list[str]) -> list[str]:
+    lines = [
+        "## Convergence",
+        "",
+        "![Mean image AUROC per round](convergence.png)",
+        "",
+        "| data set | method | mean image AUROC per round (round 0 first) |",
+        "|---|---|---|",
+    ]
+    for r in results["runs"]:
+        if r["method"] in methods:
+            lines.append(f"| {r['dataset']} | {r['method']} | {' → '.join(_f(a, 3) for a in r['auroc_per_round'])} |")
+    return [*lines, ""]

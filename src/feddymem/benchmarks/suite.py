@@ -1,0 +1,348 @@
+"""``make bench``: every method and ablation of ``configs/bench.yaml`` on every benchmark data set.
+
+For each data set the backbone features of every image are extracted once (timed: that is the
+feature-cache measurement) and shared by all runs, which then differ only in what they train and
+share. Each run goes through the same :class:`FederatedOrchestrator` as ``feddymem train``. After
+every run ``results.json`` and ``results.md`` are rewritten, so a stopped suite keeps what it did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from feddymem.benchmarks import perf
+from feddymem.benchmarks.results import plot_convergence, render_markdown
+from feddymem.config import config_dir, load_config, load_yaml, merge_checked
+from feddymem.errors import ConfigError
+from feddymem.federation.orchestrator import FederatedOrchestrator, provenance
+from feddymem.io import atomic_write_json, atomic_write_text
+from feddymem.logging.console import Reporter
+
+
+@dataclass
+class PerfPlan:
+    dataset: str = "elpv"  # the data set whose real uploads and features the timings use
+    kmeans_scales: list[int] = field(default_factory=lambda: [1, 10])
+    scoring_images: int = 64  # test images whose patches are the scoring queries
+    scoring_memory_sizes: list[int] = field(default_factory=lambda: [784, 3136])
+    throughput_images: int = 128
+
+
+@dataclass
+class BenchPlan:
+    seed: int = 0
+    overrides: list[str] = field(default_factory=list)  # applied to every run
+    datasets: dict[str, list[str]] = field(default_factory=dict)  # dataset name → its own overrides
+    methods: dict[str, list[str]] = field(default_factory=dict)  # row name → overrides
+    convergence: list[str] = field(default_factory=lambda: ["feddymem", "fedavg", "fedprox"])
+    perf: PerfPlan = field(default_factory=PerfPlan)
+
+
+def load_plan(path: str | Path | None = None) -> BenchPlan:
+    """The benchmark plan (default ``configs/bench.yaml``); unknown keys are errors."""
+    path = Path(path) if path else config_dir() / "bench.yaml"
+    if not path.is_file():
+        raise ConfigError(f"benchmark plan not found: {path}")
+    merged = merge_checked(OmegaConf.structured(BenchPlan), load_yaml(path), str(path))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+class PeakMemory:
+    """Peak resident memory (MB) of this process inside the ``with`` block (Linux: VmHWM reset by
+    ``/proc/self/clear_refs``), and peak CUDA memory when a GPU is used."""
+
+    def __enter__(self) -> PeakMemory:
+        self.resettable = True
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.resettable = False  # the process-lifetime peak is all we can report
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.rss_mb = _vm_hwm_kb() / 1024
+        self.cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def _vm_hwm_kb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers come from: CPU, cores, memory, GPU, library versions, commit."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gb = float("nan")
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "configs"], capture_output=True, text=True)
+        commit += " (modified)" if dirty.stdout.strip() else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(mem_gb, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "os": platform.platform(),
+        "commit": commit,
+        "versions": {k: v for k, v in provenance(load_config([])).items() if k not in ("backbone", "weights")},
+    }
+
+
+# --- per data set ---------------------------------------------------------------------------------
+def _base_overrides(plan: BenchPlan, dataset: str, runs_dir: Path) -> list[str]:
+    return [
+        f"dataset={dataset}",
+        f"seed={plan.seed}",
+        *plan.overrides,
+        *plan.datasets[dataset],
+        f"output_dir={runs_dir}",
+    ]
+
+
+def _fresh(run_dir: Path) -> Path:
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a benchmark rerun replaces its own earlier run folder
+    return run_dir
+
+
+def warm_cache(plan: BenchPlan, dataset: str, runs_dir: Path) -> tuple[FederatedOrchestrator, dict[str, Any]]:
+    """Extract every image's features once (timed), then read them all back from the cache (timed)."""
+    cfg = load_config([*_base_overrides(plan, dataset, runs_dir), f"name={dataset}-features", "method=local"])
+    orch = FederatedOrchestrator(cfg, _fresh(runs_dir / f"{dataset}-features"), Reporter(quiet=True))
+    orch.setup()
+    sets = [s for c in orch.clients for s in (c.memory_set, c.test_set)]
+    unique = len({s.path for d in sets for s in d.samples})
+    start = time.perf_counter()
+    wrapped = [orch.cache.wrap(d) for d in sets]
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    reads = 0
+    for d in wrapped:
+        for batch in DataLoader(d, batch_size=cfg.optim.eval_batch_size):
+            reads += len(batch["label"])
+    cached = time.perf_counter() - start
+    return orch, {
+        "images": unique,
+        "first_pass_s": first,
+        "first_pass_images_per_s": unique / first,
+        "cached_reads": reads,
+        "cached_pass_s": cached,
+        "cached_images_per_s": reads / cached,
+        "speedup": (first / unique) / (cached / reads),
+        "cache_bytes": orch.cache.nbytes,
+        "fp16": orch.cache.fp16,
+    }
+
+
+def run_method(plan: BenchPlan, dataset: str, method: str, runs_dir: Path, cache: Any) -> dict[str, Any]:
+    """One method on one data set, through the real orchestrator; its condensed results."""
+    name = f"{dataset}-{method}"
+    overrides = [*_base_overrides(plan, dataset, runs_dir), *plan.methods[method], f"name={name}"]
+    cfg = load_config(overrides)
+    orch = FederatedOrchestrator(cfg, _fresh(runs_dir / name), Reporter(quiet=True), feature_cache=cache)
+    with PeakMemory() as peak:
+        start = time.perf_counter()
+        summary = orch.run()
+        wall = time.perf_counter() - start
+    return condense(dataset, method, plan.methods[method], summary, wall, peak, orch)
+
+
+def condense(
+    dataset: str,
+    method: str,
+    overrides: list[str],
+    summary: dict[str, Any],
+    wall: float,
+    peak: PeakMemory,
+    orch: FederatedOrchestrator,
+) -> dict[str, Any]:
+    rounds = summary["rounds"]
+    final = rounds[-1]
+    n_clients = len(final["clients"])
+    clients = {
+        str(cid): {k: c.get(k) for k in ("image_auroc", "pixel_auroc", "aupro") if c.get(k) is not None}
+        for cid, c in final["clients"].items()
+    }
+
+    def mean_of(key: str) -> float | None:
+        values = [c[key] for c in clients.values() if key in c]
+        return float(np.mean(values)) if values else None
+
+    training = [r for r in rounds if r["round"] > 0] or rounds
+    patches = [c.get("memory_patches") for r in rounds for c in r["clients"].values() if c.get("memory_patches")]
+    return {
+        "dataset": dataset,
+        "method": method,
+        "overrides": list(overrides),
+        "mean_image_auroc": final["mean_image_auroc"],
+        "pixel_auroc": mean_of("pixel_auroc"),
+        "aupro": mean_of("aupro"),
+        "clients": clients,
+        "auroc_per_round": [r["mean_image_auroc"] for r in rounds],
+        "bytes_up_per_client_round": float(np.mean([r["bytes_up"] for r in rounds])) / n_clients,
+        "bytes_down_per_client_round": float(np.mean([r["bytes_down"] for r in rounds])) / n_clients,
+        # The un-reduced bank: every patch of a client's training images, float32, per client.
+        "unreduced_bytes_per_client": float(np.mean(patches)) * orch._memory_dim() * 4 if patches else None,
+        "round0_s": rounds[0]["time_s"],
+        "time_per_round_s": float(np.mean([r["time_s"] for r in training])),
+        "rounds": len(rounds) - 1,
+        "wall_s": wall,
+        "peak_rss_mb": peak.rss_mb,
+        "peak_rss_resettable": peak.resettable,
+        "peak_cuda_mb": peak.cuda_mb,
+    }
+
+
+# --- performance side by side -----------------------------------------------------------------------
+def measure_perf(plan: BenchPlan, orch: FederatedOrchestrator) -> dict[str, Any]:
+    """K-means, scoring and throughput on the real features of ``orch``'s data set (round-0 generators)."""
+    p = plan.perf
+    out: dict[str, Any] = {"dataset": orch.cfg.dataset}
+    banks = [orch.build_memory(c) for c in orch.clients]
+    uploads = torch.cat([b.items for b in banks]).numpy()
+    k = orch._patch_positions()
+    out["kmeans"] = [
+        {"scale": s, **perf.compare_kmeans(perf.replicate(uploads, s, plan.seed), k, orch.cfg.server.kmeans_iters)}
+        for s in p.kmeans_scales
+    ]
+    client = orch.clients[0]
+    module = client.module
+    module.set_global_memory(banks[0].items)
+    test = orch.cache.wrap(client.test_set)
+    n = min(p.scoring_images, len(test))
+    features = torch.stack([test[i]["features"] for i in range(n)])
+    with torch.no_grad():
+        embedded = module.model.embed(features)
+    queries = embedded.permute(0, 2, 3, 1).reshape(-1, embedded.shape[1]).contiguous()
+    bank = torch.cat([b.items for b in banks])
+    generator = torch.Generator().manual_seed(plan.seed)
+    scoring = []
+    for size in p.scoring_memory_sizes:
+        if size <= bank.shape[0]:
+            memory = bank[torch.randperm(bank.shape[0], generator=generator)[:size]]
+        else:  # more items than the uploads hold: sample real patches of the test queries' own client
+            memory = queries[torch.randperm(queries.shape[0], generator=generator)[:size]]
+        scoring.append({"images": n, **perf.compare_scoring(queries, memory.contiguous())})
+    out["scoring"] = scoring
+    out["throughput"] = throughput(orch, client, p.throughput_images)
+    return out
+
+
+def throughput(orch: FederatedOrchestrator, client: Any, images: int) -> dict[str, float]:
+    """Images/s for memory building and for scoring, from image files and from cached features."""
+    from torch.utils.data import Subset
+
+    module = client.module
+    n = min(images, len(client.memory_set))
+    raw = Subset(client.memory_set, range(n))
+    cached = Subset(orch.cache.wrap(client.memory_set), range(n))
+    bs = orch.cfg.optim.eval_batch_size
+
+    def build(ds) -> None:
+        module.build_memory(DataLoader(ds, batch_size=bs))
+
+    def score(ds) -> None:
+        with torch.no_grad():
+            for batch in DataLoader(ds, batch_size=bs):
+                module.score_batch(batch)
+
+    return {
+        "images": n,
+        "build_from_images_per_s": n / perf.timed(lambda: build(raw)),
+        "build_from_cache_per_s": n / perf.timed(lambda: build(cached)),
+        "score_from_images_per_s": n / perf.timed(lambda: score(raw)),
+        "score_from_cache_per_s": n / perf.timed(lambda: score(cached)),
+    }
+
+
+# --- the whole suite ---------------------------------------------------------------------------------
+def run_suite(
+    plan: BenchPlan,
+    out_dir: str | Path = "benchmarks",
+    runs_dir: str | Path = "runs/bench",
+    datasets: list[str] | None = None,
+    methods: list[str] | None = None,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Run the plan (or the named subset); write results.json, results.md and convergence.png."""
+    reporter = reporter or Reporter()
+    out_dir, runs_dir = Path(out_dir), Path(runs_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, known in ((datasets, plan.datasets), (methods, plan.methods)):
+        unknown = sorted(set(name or []) - set(known))
+        if unknown:
+            raise ConfigError(f"not in the benchmark plan: {', '.join(unknown)}; it has {', '.join(known)}")
+    datasets = datasets or list(plan.datasets)
+    methods = methods or list(plan.methods)
+    torch.manual_seed(plan.seed)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "seed": plan.seed,
+        "overrides": plan.overrides,
+        "datasets": {d: plan.datasets[d] for d in datasets},
+        "runs": [],
+        "cache": {},
+        "perf": None,
+    }
+    start = time.perf_counter()
+
+    def save() -> None:
+        results["total_s"] = time.perf_counter() - start
+        atomic_write_json(out_dir / "results.json", results)
+        plot_convergence(results, plan.convergence, out_dir / "convergence.png")
+        atomic_write_text(out_dir / "results.md", render_markdown(results, plan.convergence))
+
+    for dataset in datasets:
+        reporter.print(f"[bench] {dataset}: extracting features once for every method")
+        features, cache_stats = warm_cache(plan, dataset, runs_dir)
+        results["cache"][dataset] = cache_stats
+        if dataset == plan.perf.dataset:
+            reporter.print(f"[bench] {dataset}: K-means, scoring and throughput side by side")
+            results["perf"] = measure_perf(plan, features)
+        save()
+        for method in methods:
+            reporter.print(f"[bench] {dataset}: {method}")
+            run = run_method(plan, dataset, method, runs_dir, features.cache)
+            results["runs"].append(run)
+            reporter.print(
+                f"[bench] {dataset}: {method}: mean image AUROC {run['mean_image_auroc']:.4f}, "
+                f"{run['time_per_round_s']:.1f} s/round, wall {run['wall_s']:.0f} s"
+            )
+            save()
+    return results

@@ -1,0 +1,70 @@
+"""The benchmark suite end to end on the synthetic data: real runs, real timings, real files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import FAST
+from feddymem.benchmarks.__main__ import main
+from feddymem.benchmarks.suite import load_plan, run_suite
+from feddymem.errors import ConfigError
+
+
+def _plan(tmp_path, synthetic_yaml):
+    path = tmp_path / "bench.yaml"
+    path.write_text(
+        "seed: 0\n"
+        f"overrides: [federation.rounds=1, data.num_clients=3, {', '.join(FAST)}]\n"
+        f"datasets: {{synthetic: ['dataset={synthetic_yaml}']}}\n"
+        "methods: {feddymem: [], fedavg: [method=fedavg], no_reduce: [memory.reduce=coreset, "
+        "memory.coreset_ratio=0.05], local: [method=local]}\n"
+        "perf: {dataset: synthetic, kmeans_scales: [1, 2], scoring_images: 4, scoring_memory_sizes: [64],"
+        " throughput_images: 8}\n"
+    )
+    return path
+
+
+def test_suite_writes_results_for_every_method(tmp_path, synthetic_yaml):
+    out = tmp_path / "bench"
+    assert (
+        main(
+            [
+                "suite",
+                "--plan",
+                str(_plan(tmp_path, synthetic_yaml)),
+                "--out",
+                str(out),
+                "--runs",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["method"]: r for r in results["runs"]}
+    assert list(runs) == ["feddymem", "fedavg", "no_reduce", "local"]
+    assert all(len(r["auroc_per_round"]) == 2 and r["peak_rss_mb"] > 100 for r in runs.values())
+    assert runs["local"]["bytes_up_per_client_round"] == 0
+    assert runs["feddymem"]["unreduced_bytes_per_client"] > runs["feddymem"]["bytes_up_per_client_round"]
+    kmeans = results["perf"]["kmeans"]
+    assert [k["scale"] for k in kmeans] == [1, 2] and kmeans[1]["points"] == 2 * kmeans[0]["points"]
+    assert all(k["faiss_cpu_s"] > 0 and k["sklearn_s"] > 0 for k in kmeans)
+    assert all(s["same_result"] for s in results["perf"]["scoring"])
+    cache = results["cache"]["synthetic"]
+    assert cache["images"] > 0 and cache["speedup"] > 1
+    md = (out / "results.md").read_text()
+    assert "## synthetic" in md and "| fedavg | `method=fedavg` |" in md and "no GPU" in md
+    assert "bank / FedDyMem" in md and "## Convergence" in md
+    assert (out / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plan_errors_name_the_key_and_the_choices(tmp_path, synthetic_yaml):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methodz: {}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'methodz'"):
+        load_plan(bad)
+    with pytest.raises(ConfigError, match="not in the benchmark plan: nope; it has feddymem, fedavg"):
+        run_suite(load_plan(_plan(tmp_path, synthetic_yaml)), tmp_path / "o", tmp_path / "r", methods=["nope"])
+    assert load_plan().methods["fedprox"] == ["method=fedprox", "federation.prox_mu=0.01"]
