@@ -9,7 +9,7 @@ FAISS_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 FAISS_OTHER := $(if $(filter gpu,$(FAISS_EXTRA)),faiss-cpu,faiss-gpu)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test lint format clean
+.PHONY: help install train test bench lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ train: install  ## run a federated experiment: make train DATASET=elpv ARGS='fed
 
 test: install  ## run the test suite
 	$(BIN)/python -m pytest -q
+
+bench: install  ## every method on ELPV + shared mixtures (< 1 h on 2 cores): benchmarks/results.md
+	$(BIN)/python -m feddymem.benchmarks suite --out benchmarks $(ARGS)
 
 lint: install  ## ruff check and format check
 	$(BIN)/ruff check src tests
