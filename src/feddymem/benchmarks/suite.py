@@ -146,7 +146,7 @@ def warm_cache(plan: BenchPlan, dataset: str, runs_dir: Path) -> tuple[Federated
     cfg = load_config([*_base_overrides(plan, dataset, runs_dir), f"name={dataset}-features", "method=local"])
     orch = FederatedOrchestrator(cfg, _fresh(runs_dir / f"{dataset}-features"), Reporter(quiet=True))
     orch.setup()
-    sets = [s for c in orch.clients for s in (c.memory_set, c.test_set)]
+    sets = [s for c in orch.clients for s in (c.normal_set, c.test_set)]
     unique = len({s.path for d in sets for s in d.samples})
     start = time.perf_counter()
     wrapped = [orch.cache.wrap(d) for d in sets]
@@ -199,6 +199,11 @@ def condense(
         str(cid): {k: c.get(k) for k in ("image_auroc", "pixel_auroc", "aupro") if c.get(k) is not None}
         for cid, c in final["clients"].items()
     }
+    per_product: dict[str, list[float]] = {}
+    for c in final["clients"].values():
+        for product, values in c.get("products", {}).items():
+            if values.get("image_auroc") == values.get("image_auroc"):  # not NaN
+                per_product.setdefault(product, []).append(values["image_auroc"])
 
     def mean_of(key: str) -> float | None:
         values = [c[key] for c in clients.values() if key in c]
@@ -214,6 +219,8 @@ def condense(
         "pixel_auroc": mean_of("pixel_auroc"),
         "aupro": mean_of("aupro"),
         "clients": clients,
+        # Mean over the clients that hold it: scores compared within one product only.
+        "product_image_auroc": {p: float(np.mean(v)) for p, v in per_product.items()},
         "auroc_per_round": [r["mean_image_auroc"] for r in rounds],
         "bytes_up_per_client_round": float(np.mean([r["bytes_up"] for r in rounds])) / n_clients,
         "bytes_down_per_client_round": float(np.mean([r["bytes_down"] for r in rounds])) / n_clients,

@@ -125,9 +125,10 @@ class Client:
     data: ClientData
     module: FedDyMemModule
     optimizer: torch.optim.Optimizer
-    train_set: ImageDataset
-    memory_set: ImageDataset
+    train_set: ImageDataset  # what the generator trains on (all clients' images under centralized)
+    memory_set: ImageDataset  # what the memory is built from (likewise)
     test_set: ImageDataset
+    normal_set: ImageDataset  # the client's own normal training images: its decision threshold
     anchor: dict[str, torch.Tensor] | None = None  # FedProx: the last global generator parameters
 
     @property
@@ -208,9 +209,18 @@ class FederatedOrchestrator:
             def dataset(samples, augment=False, mean=mean, std=std):
                 return ImageDataset(samples, d.image_size, d.crop_size, mean, std, augment=augment)
 
+            own = dataset(part.train)
             train = pooled if centralized else part.train
             self.clients.append(
-                Client(part, module, optimizer, dataset(train, augment=d.augment), dataset(train), dataset(part.test))
+                Client(
+                    part,
+                    module,
+                    optimizer,
+                    dataset(train, augment=d.augment),
+                    dataset(pooled) if centralized else own,
+                    dataset(part.test),
+                    own,
+                )
             )
         if self.cache is None:
             extractor = self.clients[0].module.model.extract if self.clients else None
@@ -375,9 +385,9 @@ class FederatedOrchestrator:
 
     def normal_scores(self, client: Client) -> np.ndarray:
         """Image scores of the client's normal training images under the current memory (for thresholds)."""
-        memory_set = self._cached(client.memory_set, f"client {client.id} features")
+        normal_set = self._cached(client.normal_set, f"client {client.id} features")
         with torch.no_grad():
-            scores = [client.module.score_batch(b)[1].cpu() for b in self._loader(memory_set, shuffle=False)]
+            scores = [client.module.score_batch(b)[1].cpu() for b in self._loader(normal_set, shuffle=False)]
         return torch.cat(scores).numpy()
 
     # --- server side ------------------------------------------------------------------------------
