@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from feddymem.io import atomic_write_bytes
 from feddymem.logging.console import human_bytes
@@ -36,6 +37,7 @@ def plot_convergence(results: dict[str, Any], methods: list[str], out: Path) -> 
             elif run["method"] in ("local", "centralized"):
                 ax.plot(range(len(curve)), curve, ls="--", alpha=0.7, label=run["method"])
         ax.set(title=dataset, xlabel="round", ylabel="mean image AUROC")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
