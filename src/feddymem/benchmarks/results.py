@@ -68,7 +68,9 @@ def render_markdown(results: dict[str, Any], convergence: list[str]) -> str:
         "same cached features for every method. Image AUROC is per client over its own test set (all its "
         "products' images ranked together), then averaged over clients; per-product image AUROC ranks one "
         "product's images only (mean over the clients holding it); pixel AUROC and AUPRO are over the products "
-        "with masks.",
+        "with masks. Bytes per round are averaged over all rounds, round 0 included. Peak RSS is the process's "
+        "peak during the run (Linux VmHWM, reset per run), including the data set's shared feature cache "
+        "(size below).",
         "",
     ]
     datasets = list(results["datasets"])
