@@ -10,6 +10,7 @@ from feddymem.config import load_config
 from feddymem.errors import FedDyMemError
 from feddymem.federation.baselines import average_parameters, proximal_term
 from feddymem.federation.orchestrator import FederatedOrchestrator
+from feddymem.federation.upload import payload_bytes
 from feddymem.io import load_checkpoint
 from feddymem.predict import load_predictor
 
@@ -21,7 +22,7 @@ def _run(tmp_path, yaml, name, *extra):
 
 
 def _generator_bytes(orch) -> int:
-    return sum(t.element_size() * t.nelement() for t in orch.clients[0].module.model.generator.state_dict().values())
+    return payload_bytes(orch.clients[0].module.model.generator.state_dict())
 
 
 def test_average_parameters_and_proximal_term():
@@ -120,14 +121,14 @@ def test_ablations_change_what_is_uploaded(tmp_path, synthetic_yaml):
     )
     server = mean_run["rounds"][0]["server"]
     assert (
-        server["global_items"] == mean_orch._patch_positions()
+        server["global_items"] == mean_orch.patch_positions()
         and server["kmeans_objective"] != server["kmeans_objective"]
     )
 
     frozen, frozen_run = _run(tmp_path, synthetic_yaml, "frozen", "federation.local_epochs=0", "federation.rounds=1")
-    identity = torch.eye(frozen._memory_dim())
+    identity = torch.eye(frozen.memory_dim())
     weight = frozen.clients[0].module.model.generator.state_dict()
-    conv = next(v for k, v in weight.items() if v.dim() == 4)[:, : frozen._memory_dim(), 0, 0]
+    conv = next(v for k, v in weight.items() if v.dim() == 4)[:, : frozen.memory_dim(), 0, 0]
     assert torch.equal(conv.cpu(), identity)
     assert frozen_run["rounds"][1]["clients"][0]["train_loss"] != frozen_run["rounds"][1]["clients"][0]["train_loss"]
 

@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from feddymem.benchmarks import perf
 from feddymem.benchmarks.results import plot_convergence, render_markdown
 from feddymem.config import config_dir, load_config, load_yaml, merge_checked
+from feddymem.data.feature_cache import FeatureCache
 from feddymem.errors import ConfigError
-from feddymem.federation.orchestrator import FederatedOrchestrator, provenance
+from feddymem.federation.orchestrator import Client, FederatedOrchestrator, library_versions
 from feddymem.io import atomic_write_json, atomic_write_text
 from feddymem.logging.console import Reporter
 
@@ -120,7 +121,7 @@ def machine() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "os": platform.platform(),
         "commit": commit,
-        "versions": {k: v for k, v in provenance(load_config([])).items() if k not in ("backbone", "weights")},
+        "versions": library_versions(),
     }
 
 
@@ -170,7 +171,7 @@ def warm_cache(plan: BenchPlan, dataset: str, runs_dir: Path) -> tuple[Federated
     }
 
 
-def run_method(plan: BenchPlan, dataset: str, method: str, runs_dir: Path, cache: Any) -> dict[str, Any]:
+def run_method(plan: BenchPlan, dataset: str, method: str, runs_dir: Path, cache: FeatureCache) -> dict[str, Any]:
     """One method on one data set, through the real orchestrator; its condensed results."""
     name = f"{dataset}-{method}"
     overrides = [*_base_overrides(plan, dataset, runs_dir), *plan.methods[method], f"name={name}"]
@@ -225,7 +226,7 @@ def condense(
         "bytes_up_per_client_round": float(np.mean([r["bytes_up"] for r in rounds])) / n_clients,
         "bytes_down_per_client_round": float(np.mean([r["bytes_down"] for r in rounds])) / n_clients,
         # The un-reduced bank: every patch of a client's training images, float32, per client.
-        "unreduced_bytes_per_client": float(np.mean(patches)) * orch._memory_dim() * 4 if patches else None,
+        "unreduced_bytes_per_client": float(np.mean(patches)) * orch.memory_dim() * 4 if patches else None,
         "round0_s": rounds[0]["time_s"],
         "time_per_round_s": float(np.mean([r["time_s"] for r in training])),
         "rounds": len(rounds) - 1,
@@ -243,7 +244,7 @@ def measure_perf(plan: BenchPlan, orch: FederatedOrchestrator) -> dict[str, Any]
     out: dict[str, Any] = {"dataset": orch.cfg.dataset}
     banks = [orch.build_memory(c) for c in orch.clients]
     uploads = torch.cat([b.items for b in banks]).numpy()
-    k = orch._patch_positions()
+    k = orch.patch_positions()
     out["kmeans"] = [
         {"scale": s, **perf.compare_kmeans(perf.replicate(uploads, s, plan.seed), k, orch.cfg.server.kmeans_iters)}
         for s in p.kmeans_scales
@@ -257,24 +258,18 @@ def measure_perf(plan: BenchPlan, orch: FederatedOrchestrator) -> dict[str, Any]
     with torch.no_grad():
         embedded = module.model.embed(features)
     queries = embedded.permute(0, 2, 3, 1).reshape(-1, embedded.shape[1]).contiguous()
-    bank = torch.cat([b.items for b in banks])
     generator = torch.Generator().manual_seed(plan.seed)
     scoring = []
-    for size in p.scoring_memory_sizes:
-        if size <= bank.shape[0]:
-            memory = bank[torch.randperm(bank.shape[0], generator=generator)[:size]]
-        else:  # more items than the uploads hold: sample real patches of the test queries' own client
-            memory = queries[torch.randperm(queries.shape[0], generator=generator)[:size]]
+    for size in p.scoring_memory_sizes:  # memories drawn from the real uploads (at most all of them)
+        memory = torch.from_numpy(uploads)[torch.randperm(len(uploads), generator=generator)[:size]]
         scoring.append({"images": n, **perf.compare_scoring(queries, memory.contiguous())})
     out["scoring"] = scoring
     out["throughput"] = throughput(orch, client, p.throughput_images)
     return out
 
 
-def throughput(orch: FederatedOrchestrator, client: Any, images: int) -> dict[str, float]:
+def throughput(orch: FederatedOrchestrator, client: Client, images: int) -> dict[str, float]:
     """Images/s for memory building and for scoring, from image files and from cached features."""
-    from torch.utils.data import Subset
-
     module = client.module
     n = min(images, len(client.memory_set))
     raw = Subset(client.memory_set, range(n))

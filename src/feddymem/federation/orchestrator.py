@@ -38,7 +38,7 @@ from feddymem.data.partition import ClientData
 from feddymem.errors import CheckpointError, FedDyMemError
 from feddymem.federation.baselines import average_parameters, proximal_term
 from feddymem.federation.distributed import broadcast_from_server, clients_of_rank, gather_to_server, make_fabric
-from feddymem.federation.upload import UploadRejected, validate_parameters, validate_upload
+from feddymem.federation.upload import UploadRejected, payload_bytes, validate_parameters, validate_upload
 from feddymem.io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from feddymem.lightning_model import FedDyMemModule
 from feddymem.logging.console import Reporter, human_bytes
@@ -95,16 +95,6 @@ def load_client_module(checkpoint: str | Path, client_id: int = 0) -> tuple[FedD
     module = client_module_from_config(cfg, client_id)
     module.load_trainable_state(payload["clients"][client_id]["model"])
     return module.eval(), cfg
-
-
-def payload_bytes(payload: MemoryBank | dict[str, torch.Tensor] | torch.Tensor | None) -> int:
-    """Bytes of what crosses the client boundary: a memory bank, a parameter dict or a tensor."""
-    if payload is None:
-        return 0
-    if isinstance(payload, MemoryBank):
-        return payload.nbytes
-    tensors = payload.values() if isinstance(payload, dict) else [payload]
-    return sum(t.element_size() * t.nelement() for t in tensors)
 
 
 log = logging.getLogger(__name__)
@@ -306,10 +296,11 @@ class FederatedOrchestrator:
         if self.method == "feddymem" and round_idx > 0 and self.cfg.memory.rebuild.value == "once":
             return {"upload": None}  # ablation: the round-0 memory is kept
         bank = self.build_memory(client)
+        stats = {"memory_items": int(bank.items.shape[0]), "num_images": bank.num_images}
         if self.method in ("local", "centralized"):
             client.module.set_global_memory(bank.items)  # the client's own memory; it never leaves
-            return {"upload": None, "memory_items": int(bank.items.shape[0]), "num_images": bank.num_images}
-        return {"upload": bank, "memory_items": int(bank.items.shape[0]), "num_images": bank.num_images}
+            return {"upload": None, **stats}
+        return {"upload": bank, **stats}
 
     def training_clients(self) -> list[Client]:
         """The clients that train this round: all of this rank's, or under ``centralized`` the one pooled model."""
@@ -391,12 +382,14 @@ class FederatedOrchestrator:
         return torch.cat(scores).numpy()
 
     # --- server side ------------------------------------------------------------------------------
-    def _patch_positions(self) -> int:
+    def patch_positions(self) -> int:
+        """H·W: patches per image at the memory's resolution."""
         extractor = self.clients[0].module.model.feature_extractor if self.clients else None
         reduction = min(extractor.body.feature_info.reduction()) if extractor else 8
         return (self.cfg.data.crop_size // reduction) ** 2
 
-    def _memory_dim(self) -> int:
+    def memory_dim(self) -> int:
+        """D: the dimension of memory items."""
         return self.clients[0].module.model.generator.out_channels
 
     def accept_uploads(self, results: list[dict[str, Any]], round_idx: int) -> list[dict[str, Any]]:
@@ -409,8 +402,8 @@ class FederatedOrchestrator:
             def check(res: dict[str, Any]) -> None:
                 validate_parameters(res["id"], res["upload"], reference=reference, max_bytes=max_bytes)
         else:
-            max_items = max(s.max_upload_items, self.cfg.memory.size, self._patch_positions())
-            dim = self._memory_dim()
+            max_items = max(s.max_upload_items, self.cfg.memory.size, self.patch_positions())
+            dim = self.memory_dim()
 
             def check(res: dict[str, Any]) -> None:
                 validate_upload(res["id"], res["upload"], dim=dim, max_items=max_items, max_bytes=max_bytes)
@@ -438,7 +431,7 @@ class FederatedOrchestrator:
         if s.aggregation.value == "mean":
             return mean_aggregate(uploads, weight_by_client_size=s.weight_by_client_size)
         warm = self.global_memory if (s.warm_start and self.global_memory is not None) else None
-        size = s.size or self._patch_positions()
+        size = s.size or self.patch_positions()
         return aggregate(
             uploads,
             size,
@@ -535,7 +528,7 @@ class FederatedOrchestrator:
             if "memory_items" in res:
                 entry["memory_items"] = res["memory_items"]
                 # The bank before memory-reduce: every patch of every training image.
-                entry["memory_patches"] = res["num_images"] * self._patch_positions()
+                entry["memory_patches"] = res["num_images"] * self.patch_positions()
             record["clients"][cid] = entry
         panels, score_rows, normal = {}, [], []
         q, k_sigma = self.cfg.threshold_percentile, (self.cfg.threshold_k_sigma or None)
@@ -793,7 +786,8 @@ class FederatedOrchestrator:
         return self.summary()
 
 
-def provenance(cfg: DictConfig) -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """Versions of feddymem, torch, timm, faiss, lightning and Python."""
     import faiss
     import timm
 
@@ -805,6 +799,13 @@ def provenance(cfg: DictConfig) -> dict[str, str]:
         "faiss": str(getattr(faiss, "__version__", "unknown")),
         "lightning": str(L.__version__),
         "python": platform.python_version(),
+    }
+
+
+def provenance(cfg: DictConfig) -> dict[str, str]:
+    """What a checkpoint was made with: library versions, backbone and its weights."""
+    return {
+        **library_versions(),
         "backbone": str(cfg.model.backbone.name),
         "weights": str(cfg.model.backbone.weights),
     }

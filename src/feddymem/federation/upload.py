@@ -8,6 +8,16 @@ import torch
 from feddymem.memory.reduce import MemoryBank
 
 
+def payload_bytes(payload: MemoryBank | dict[str, torch.Tensor] | torch.Tensor | None) -> int:
+    """Bytes of what crosses the client boundary: a memory bank, a parameter dict or a tensor."""
+    if payload is None:
+        return 0
+    if isinstance(payload, MemoryBank):
+        return payload.nbytes
+    tensors = payload.values() if isinstance(payload, dict) else [payload]
+    return sum(t.element_size() * t.nelement() for t in tensors)
+
+
 class UploadRejected(Exception):
     """An upload the server refuses; the message names the client and the reason."""
 
@@ -63,7 +73,7 @@ def validate_parameters(
             )
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise reject(f"non-finite values (NaN or inf) in '{name}'")
-    size = sum(v.element_size() * v.nelement() for v in params.values())
+    size = payload_bytes(params)
     if size > max_bytes:
         raise reject(f"{size} bytes, limit {max_bytes}")
     return params
