@@ -74,3 +74,34 @@ def test_coreset_reduce_uploads_real_patches_at_the_ratio():
     patches = emb.permute(0, 2, 3, 1).reshape(-1, 8)
     assert bank.items.shape == (10, 8) and torch.all(bank.weights == 1) and bank.num_images == 4
     assert all((patches == item).all(1).any() for item in bank.items)  # raw patches, not averages
+
+
+def test_coreset_on_real_features_picks_distinct_patches_and_shrinks_the_coverage_radius(fedmodel):
+    # Real EfficientNet-Lite0 patches of real magnetic-tile images: picks have very different norms, the
+    # case where leaving |c|² out of the distance update made picks repeat (114 distinct of 14,974).
+    import pytest
+
+    from conftest import SHARED_DATA
+    from feddymem.data.datasets import ImageDataset
+    from feddymem.data.products import load_product
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    split = load_product(
+        {"name": "tile", "layout": "mvtec", "root": "industrial/magnetic_tile"}, data_root=str(SHARED_DATA)
+    )
+    ds = ImageDataset(split.train[:12], 224, 224)
+    with torch.no_grad():
+        features = fedmodel.extract(torch.stack([ds[i]["image"] for i in range(len(ds))]))
+    patches = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    picks = greedy_coreset(patches, 400, seed=0)
+    assert len(set(picks.tolist())) == 400
+
+    def coverage_radius(n: int) -> float:  # farthest patch from its nearest pick, in the full space
+        return float(torch.cdist(patches, patches[picks[:n]]).min(dim=1).values.max())
+
+    radii = [coverage_radius(n) for n in (25, 100, 400)]
+    assert radii[0] > radii[1] > radii[2]
+    # k-center beats a random subset of the same size at covering the bank.
+    random = torch.randperm(len(patches), generator=torch.Generator().manual_seed(0))[:400]
+    assert radii[2] < float(torch.cdist(patches, patches[random]).min(dim=1).values.max())

@@ -116,8 +116,11 @@ def greedy_coreset(patches: torch.Tensor, size: int, *, projection_dim: int = 12
     picks[0] = int(torch.randint(n, (1,), generator=g))
     nearest = torch.full((n,), float("inf"), device=p.device)
     for i in range(1, size):
-        # |x - c|² = |x|² - 2 x·c + |c|² (the constant |c|² does not change the argmax): one matrix-vector pass.
-        torch.minimum(nearest, torch.addmv(squared_norms, p, p[picks[i - 1]], alpha=-2.0), out=nearest)
+        # |x - c|² = |x|² - 2 x·c + |c|²: one matrix-vector pass. |c|² differs between picks, so it must be
+        # added before the minimum over picks (leaving it out made picks repeat).
+        last = picks[i - 1]
+        distance = torch.addmv(squared_norms + squared_norms[last], p, p[last], alpha=-2.0)
+        torch.minimum(nearest, distance, out=nearest)
         picks[i] = int(nearest.argmax())
     return picks
 
