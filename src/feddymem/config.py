@@ -53,6 +53,16 @@ class Scoring(str, enum.Enum):
     nearest = "nearest"  # plain nearest distance
 
 
+class Normalize(str, enum.Enum):
+    product = "product"  # scores z-normalised per product by held-out normal images' scores
+    none = "none"  # raw distances
+
+
+class Keep(str, enum.Enum):
+    best = "best"  # each client keeps the round that is best by its held-out normal-only criterion
+    last = "last"  # the state after the last round
+
+
 class Logger(str, enum.Enum):
     csv = "csv"
     wandb = "wandb"  # W&B (offline unless logged in or WANDB_MODE=online) + the CSV log
@@ -93,6 +103,7 @@ class ScoringConfig:
     method: Scoring = Scoring.nearest
     k: int = 3
     sigma: float = 4.0
+    normalize: Normalize = Normalize.product  # comparable scores across a client's products
 
 
 @dataclass
@@ -141,6 +152,15 @@ class FederationConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Which round's state a client keeps, judged on its held-out normal images only."""
+
+    keep: Keep = Keep.best
+    synthetic_per_image: int = 2  # synthetic (cut-paste) anomalies made from each held-out normal image
+    patience: int = 0  # stop after this many rounds in which no client improved (0 = run every round)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4  # SPEC default 1e-3 overfits on ELPV after round 2 (0.911 → 0.893 by round 5)
     weight_decay: float = 5e-4
@@ -183,6 +203,9 @@ class DataConfig:
     table: list[list[float]] = field(default_factory=list)
     min_train_per_client: int = 4
     test_fraction: float = 0.2  # held-out normals, for sources without a test/good folder
+    # Normal training images per client and product kept out of the memory and training: thresholds,
+    # score normalisation and the choice of the kept round come from them.
+    holdout_fraction: float = 0.1
     image_size: int = 256
     crop_size: int = 224
     augment: bool = False
@@ -208,6 +231,7 @@ class TrainConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -333,6 +357,8 @@ def validate(cfg: DictConfig) -> None:
         "server.size",
         "model.loss.j_negatives",
         "memory.min_cluster_size",
+        "selection.synthetic_per_image",
+        "selection.patience",
     ):
         positive(key, allow_zero=True)
     if cfg.data.crop_size > cfg.data.image_size:
@@ -349,6 +375,8 @@ def validate(cfg: DictConfig) -> None:
             f"{processes} processes (federation.devices × num_nodes) for {cfg.data.num_clients} "
             "clients: every process must host at least one client"
         )
+    if not 0 <= cfg.data.holdout_fraction < 1:
+        raise ConfigError(f"'data.holdout_fraction' must be in [0, 1), got {cfg.data.holdout_fraction}")
     if not 0 < cfg.memory.coreset_ratio <= 1:
         raise ConfigError(f"'memory.coreset_ratio' must be in (0, 1], got {cfg.memory.coreset_ratio}")
     if cfg.method == Method.centralized and processes > 1:

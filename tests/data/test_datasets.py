@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from feddymem.data.datasets import ImageDataset, verify_samples
+from feddymem.data.datasets import ImageDataset, SyntheticAnomalyDataset, verify_samples
 from feddymem.data.feature_cache import FeatureCache
 from feddymem.data.products import Sample
 from feddymem.errors import DataError
@@ -68,3 +68,26 @@ def test_feature_cache_budget_fp16_and_augmentation(fedmodel, synthetic_root):
     assert cached[0]["features"].dtype == torch.float32
     augmented = ImageDataset(samples, 96, 96, augment=True)
     assert half.wrap(augmented) is augmented
+
+
+def test_synthetic_anomalies_paste_a_region_of_another_normal_image_deterministically(tmp_path):
+    dark = _write(tmp_path, "dark.png", np.full((40, 40), 20, np.uint8))
+    bright = _write(tmp_path, "bright.png", np.full((40, 40), 230, np.uint8))
+    samples = [Sample(dark, 0, "p"), Sample(bright, 0, "p")]
+    ds = SyntheticAnomalyDataset(samples, per_image=3, seed=5, image_size=32, crop_size=32)
+    assert len(ds) == 6 and len({s.path for s in ds.samples}) == 6
+    assert all(s.label == 1 and s.path.startswith((dark, bright)) for s in ds.samples)
+    normal = ImageDataset(samples, 32, 32)
+    for index in range(len(ds)):
+        item, again = ds[index], ds[index]
+        assert torch.equal(item["image"], again["image"]) and item["label"] == 1
+        region = item["mask"].bool()
+        assert 0.02 * 32 * 32 * 0.5 < region.sum() < 0.15 * 32 * 32 * 1.5  # 2–15 % of the image
+        source = normal[index // 3]["image"]
+        assert torch.equal(item["image"][:, ~region], source[:, ~region])  # untouched outside the region
+        assert (item["image"][:, region] - source[:, region]).abs().mean() > 0.5  # the other image, pasted
+    assert not torch.equal(ds[0]["image"], ds[1]["image"])
+    # The feature cache keys synthetic items apart from their source images.
+    cache = FeatureCache(lambda x: x.mean(dim=1, keepdim=True))
+    cached = cache.wrap(ds)
+    assert len(cache.store) == 6 and torch.allclose(cached[2]["features"], ds[2]["image"].mean(0, keepdim=True))

@@ -1,6 +1,6 @@
 import pytest
 
-from feddymem.data.partition import partition_clients
+from feddymem.data.partition import hold_out, partition_clients
 from feddymem.data.products import ProductSplit, Sample
 from feddymem.errors import DataError
 
@@ -39,3 +39,22 @@ def test_client_without_images_is_an_error():
         partition_clients(_products([10]), 2, method="table", table=[[1.0], [0.0]])
     with pytest.raises(DataError, match="cannot give each of 50 clients at least 5"):
         partition_clients(_products([20]), 50, alpha=0.5, min_train=5, max_tries=5)
+
+
+def test_hold_out_takes_a_seeded_share_of_every_product_and_never_all_of_it():
+    clients = partition_clients(_products([200, 100, 3]), 3, method="table", table=[[1, 0, 0], [0, 1, 0], [0, 0.5, 1]])
+    before = {c.client_id: {s.path for s in c.train} for c in clients}
+    hold_out(clients, 0.1, seed=1)
+    again = partition_clients(_products([200, 100, 3]), 3, method="table", table=[[1, 0, 0], [0, 1, 0], [0, 0.5, 1]])
+    hold_out(again, 0.1, seed=1)
+    assert [c.holdout for c in clients] == [c.holdout for c in again]
+    for c in clients:
+        held, kept = {s.path for s in c.holdout}, {s.path for s in c.train}
+        assert not held & kept and held | kept == before[c.client_id]  # a split, nothing lost
+        for product, n in {p: sum(s.product == p for s in c.train + c.holdout) for p in c.products}.items():
+            h = sum(s.product == product for s in c.holdout)
+            assert h == (max(1, round(0.1 * n)) if n >= 2 else 0) and h < n
+    assert [len(c.holdout) for c in clients] == [20, 7, 3 + 1]  # 200 → 20; 67 → 7; 33 → 3 and 3 → 1
+    unchanged = partition_clients(_products([20]), 2)
+    hold_out(unchanged, 0.0)
+    assert all(not c.holdout for c in unchanged) and sum(len(c.train) for c in unchanged) == 20

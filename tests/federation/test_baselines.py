@@ -52,7 +52,7 @@ def test_centralized_trains_one_model_on_pooled_data(tmp_path, synthetic_yaml):
     pooled = sum(len(c.train) for c in orch.all_clients)
     assert len({id(c.module) for c in orch.clients}) == 1
     assert all(len(c.train_set) == len(c.memory_set) == pooled for c in orch.clients)
-    assert all(len(c.normal_set) == len(c.data.train) < pooled for c in orch.clients)  # own threshold
+    assert all(0 < len(c.normal_set) == len(c.data.holdout) < pooled for c in orch.clients)  # own held-out images
     last = summary["rounds"][-1]["clients"]
     assert last[0]["time_s"] > 0 and last[1]["time_s"] == last[2]["time_s"] == 0.0
     assert set(last) == {0, 1, 2} and all("image_auroc" in c for c in last.values())

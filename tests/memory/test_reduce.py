@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from feddymem.memory.reduce import cluster_mean, fit_weights, greedy_coreset, position_mean, reduce_memory
@@ -79,7 +80,6 @@ def test_coreset_reduce_uploads_real_patches_at_the_ratio():
 def test_coreset_on_real_features_picks_distinct_patches_and_shrinks_the_coverage_radius(fedmodel):
     # Real EfficientNet-Lite0 patches of real magnetic-tile images: picks have very different norms, the
     # case where leaving |c|² out of the distance update made picks repeat (114 distinct of 14,974).
-    import pytest
 
     from conftest import SHARED_DATA
     from feddymem.data.datasets import ImageDataset
@@ -105,3 +105,23 @@ def test_coreset_on_real_features_picks_distinct_patches_and_shrinks_the_coverag
     # k-center beats a random subset of the same size at covering the bank.
     random = torch.randperm(len(patches), generator=torch.Generator().manual_seed(0))[:400]
     assert radii[2] < float(torch.cdist(patches, patches[random]).min(dim=1).values.max())
+
+
+def test_a_memory_larger_than_the_patches_never_uploads_raw_patches():
+    # 2 images × 16 positions = 32 patches, asked for 100 items: capped so every item averages >= 4 patches.
+    torch.manual_seed(0)
+    emb = torch.randn(2, 8, 4, 4)
+    bank = reduce_memory(emb, "cluster_mean", size=100, min_cluster_size=4, iters=10)
+    assert 1 <= bank.items.shape[0] <= 8
+    assert torch.all(bank.weights >= 4) and bank.weights.sum() <= 32
+    patches = emb.permute(0, 2, 3, 1).reshape(-1, 8)
+    assert not any((patches == item).all(1).any() for item in bank.items)
+
+
+def test_when_no_cluster_is_large_enough_the_upload_is_the_mean_of_all_patches():
+    points = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    items, mass = cluster_mean(points, 3, iters=5, min_cluster_size=3)
+    assert torch.allclose(items, points.mean(0, keepdim=True)) and mass.tolist() == [3.0]
+
+    with pytest.raises(ValueError, match="averages 4"):
+        cluster_mean(points, 3, iters=5, min_cluster_size=4)

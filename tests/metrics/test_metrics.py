@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from feddymem.metrics import AUPRO, AUROC, aupro_score
+from feddymem.metrics import AUPRO, AUROC, ScoreNormalizer, aupro_score, auroc_score
 
 
 def test_aupro_perfect_random_and_inverted():
@@ -65,3 +65,24 @@ def test_auroc_score_matches_scikit_learn_with_ties():
         labels[:2] = [True, False]
         assert auroc_score(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert np.isnan(auroc_score(np.ones(4), np.zeros(4)))
+
+
+def test_per_product_normalisation_puts_two_products_on_one_scale():
+    # Product "a" scores around 1, product "b" around 100 (ten times the spread): raw pooled ranking fails.
+    rng = np.random.default_rng(0)
+    held_a, held_b = rng.normal(1, 0.1, 50), rng.normal(100, 1.0, 50)
+    normalizer = ScoreNormalizer.fit(np.r_[held_a, held_b], ["a"] * 50 + ["b"] * 50)
+    assert normalizer.params("a") == pytest.approx((1, 0.1), rel=0.2)
+    assert normalizer.params("b") == pytest.approx((100, 1.0), rel=0.2)
+    normal_a, normal_b = rng.normal(1, 0.1, 100), rng.normal(100, 1.0, 100)
+    anomalous_a, anomalous_b = rng.normal(1.5, 0.1, 100), rng.normal(105, 1.0, 100)
+    scores = np.r_[normal_a, normal_b, anomalous_a, anomalous_b]
+    products = ["a"] * 100 + ["b"] * 100 + ["a"] * 100 + ["b"] * 100
+    labels = np.r_[np.zeros(200), np.ones(200)]
+    assert auroc_score(scores, labels) < 0.8  # every b image above every a image
+    assert auroc_score(normalizer(scores, products), labels) > 0.99
+    # One held-out image of a product: its spread comes from the pooled scores; unseen products too.
+    single = ScoreNormalizer.fit([1.0, 2.0, 3.0, 10.0], ["a", "a", "a", "b"])
+    assert single.params("b") == (10.0, pytest.approx(np.std([1.0, 2.0, 3.0, 10.0])))
+    assert single.params("c") == single.pooled
+    assert single.to_dict() == {"a": [2.0, pytest.approx(np.std([1.0, 2.0, 3.0]))], "b": [10.0, single.pooled[1]]}

@@ -194,7 +194,7 @@ def condense(
     orch: FederatedOrchestrator,
 ) -> dict[str, Any]:
     rounds = summary["rounds"]
-    final = rounds[-1]
+    final = summary["final"]  # each client at the round it keeps (selection.keep)
     n_clients = len(final["clients"])
     clients = {
         str(cid): {k: c.get(k) for k in ("image_auroc", "pixel_auroc", "aupro") if c.get(k) is not None}
@@ -223,6 +223,8 @@ def condense(
         # Mean over the clients that hold it: scores compared within one product only.
         "product_image_auroc": {p: float(np.mean(v)) for p, v in per_product.items()},
         "auroc_per_round": [r["mean_image_auroc"] for r in rounds],
+        "criterion_per_round": [r.get("mean_criterion") for r in rounds],
+        "kept_rounds": {str(cid): c.get("kept_round") for cid, c in final["clients"].items()},
         "bytes_up_per_client_round": float(np.mean([r["bytes_up"] for r in rounds])) / n_clients,
         "bytes_down_per_client_round": float(np.mean([r["bytes_down"] for r in rounds])) / n_clients,
         # The un-reduced bank: every patch of a client's training images, float32, per client.

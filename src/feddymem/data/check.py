@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 
 from feddymem.data.datasets import verify_samples
-from feddymem.data.partition import ClientData, partition_clients
+from feddymem.data.partition import ClientData, hold_out, partition_clients
 from feddymem.data.products import ProductSplit, load_product
 from feddymem.logging.console import Reporter
 
@@ -31,6 +31,7 @@ def plan_data(cfg: DictConfig) -> DataPlan:
         seed=d.seed,
         min_train=d.min_train_per_client,
     )
+    hold_out(clients, d.holdout_fraction, d.seed)
     return DataPlan(products, clients)
 
 
@@ -39,7 +40,11 @@ def verify_plan(plan: DataPlan, reporter: Reporter, client_ids: list[int] | None
     if client_ids is None:
         samples = {s.path: s for p in plan.products for s in (*p.train, *p.test, *p.valid)}
     else:
-        samples = {s.path: s for k in client_ids for s in (*plan.clients[k].train, *plan.clients[k].test)}
+        samples = {
+            s.path: s
+            for k in client_ids
+            for s in (*plan.clients[k].train, *plan.clients[k].holdout, *plan.clients[k].test)
+        }
     with reporter.bars():
         verify_samples(list(samples.values()), reporter.task("decoding images", len(samples)))
     return len(samples)
@@ -64,8 +69,18 @@ def report_plan(plan: DataPlan, reporter: Reporter) -> None:
     rows = []
     for c in plan.clients:
         counts = c.counts()
-        rows.append([str(c.client_id), *[str(counts.get(n, 0)) for n in names], str(len(c.train)), str(len(c.test))])
-    reporter.table("clients (training images per product)", ["client", *names, "train", "test"], rows)
+        rows.append(
+            [
+                str(c.client_id),
+                *[str(counts.get(n, 0)) for n in names],
+                str(len(c.train)),
+                str(len(c.holdout)),
+                str(len(c.test)),
+            ]
+        )
+    reporter.table(
+        "clients (training images per product)", ["client", *names, "train", "held-out normal", "test"], rows
+    )
 
 
 def check_data(cfg: DictConfig, reporter: Reporter) -> DataPlan:

@@ -120,3 +120,53 @@ def verify_samples(samples: Sequence[Sample], progress=None) -> None:
                 )
         if progress is not None:
             progress()
+
+
+class SyntheticAnomalyDataset(ImageDataset):
+    """Cut-paste anomalies made from normal images: needs no real defect, so a site can judge its model.
+
+    Each normal image gives ``per_image`` items: a rectangle (2–15 % of the image, aspect 1:3–3:1) cut
+    from another normal image of the same product (the image itself when it is alone), brightness-jittered
+    and pasted at a random place. Items are deterministic (seeded by ``seed`` and index), labelled 1,
+    and named ``<path>#cutpaste-<seed>-<j>`` so the feature cache can hold them.
+    """
+
+    def __init__(self, samples: Sequence[Sample], per_image: int = 2, seed: int = 0, **kwargs) -> None:
+        self.sources = list(samples)
+        self.per_image, self.seed = per_image, seed
+        synthetic = [
+            Sample(f"{s.path}#cutpaste-{seed}-{j}", 1, s.product, "synthetic")
+            for s in self.sources
+            for j in range(per_image)
+        ]
+        super().__init__(synthetic, **kwargs)
+
+    def __getitem__(self, index: int) -> dict:
+        source = self.sources[index // self.per_image]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        donors = [s for s in self.sources if s.product == source.product and s.path != source.path] or [source]
+        donor = donors[int(torch.randint(len(donors), (1,), generator=g))]
+        image = self.load_image(source.path)
+        patch_from = self.load_image(donor.path)
+        size = self.crop_size
+
+        def uniform(low: float, high: float) -> float:
+            return low + (high - low) * float(torch.rand((), generator=g))
+
+        area = uniform(0.02, 0.15) * size * size
+        aspect = float(np.exp(uniform(np.log(1 / 3), np.log(3))))
+        h = int(min(size - 1, max(2, round((area * aspect) ** 0.5))))
+        w = int(min(size - 1, max(2, round((area / aspect) ** 0.5))))
+        sy, sx, dy, dx = (int(torch.randint(size - d + 1, (1,), generator=g)) for d in (h, w, h, w))
+        patch = patch_from[:, sy : sy + h, sx : sx + w] * uniform(0.8, 1.2) + uniform(-0.3, 0.3)
+        image[:, dy : dy + h, dx : dx + w] = patch
+        mask = torch.zeros(size, size)
+        mask[dy : dy + h, dx : dx + w] = 1.0
+        return {
+            "image": image,
+            "label": 1,
+            "mask": mask,
+            "has_mask": False,  # a made-up region: not a ground truth for pixel metrics
+            "path": self.samples[index].path,
+            "index": index,
+        }

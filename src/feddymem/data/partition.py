@@ -12,12 +12,14 @@ from feddymem.errors import DataError
 
 @dataclass
 class ClientData:
-    """One client's share: its normal training images and the test images of the products it holds."""
+    """One client's share: its normal training images, its held-out normal images (never in the memory
+    or in training: thresholds, score normalisation, model selection) and the test images of its products."""
 
     client_id: int
     train: list[Sample] = field(default_factory=list)
     test: list[Sample] = field(default_factory=list)
     products: list[str] = field(default_factory=list)
+    holdout: list[Sample] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {p: sum(s.product == p for s in self.train) for p in self.products}
@@ -93,3 +95,24 @@ def partition_clients(
                 f"(at least {min_train} needed); check 'data.table' or 'data.num_clients'"
             )
     return clients
+
+
+def hold_out(clients: list[ClientData], fraction: float, seed: int = 0) -> None:
+    """Move ``fraction`` of each client's normal training images of each product to ``holdout`` (in place).
+
+    Per product: round(fraction · n) images, at least one when the client has two or more of that
+    product and ``fraction`` > 0, and never all of them. Seeded by (seed, client).
+    """
+    if fraction <= 0:
+        return
+    for client in clients:
+        rng = np.random.default_rng([seed, client.client_id])
+        held: set[int] = set()
+        for product in client.products:
+            positions = [i for i, s in enumerate(client.train) if s.product == product]
+            n = len(positions)
+            count = min(n - 1, max(1 if n >= 2 else 0, round(fraction * n)))
+            if count:
+                held.update(positions[j] for j in rng.choice(n, size=count, replace=False).tolist())
+        client.holdout = [s for i, s in enumerate(client.train) if i in held]
+        client.train = [s for i, s in enumerate(client.train) if i not in held]

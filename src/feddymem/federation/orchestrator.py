@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from feddymem import __version__
 from feddymem.config import to_container, to_yaml
 from feddymem.data.check import plan_data, verify_plan
-from feddymem.data.datasets import ImageDataset
+from feddymem.data.datasets import ImageDataset, SyntheticAnomalyDataset
 from feddymem.data.feature_cache import FeatureCache
 from feddymem.data.partition import ClientData
 from feddymem.errors import CheckpointError, FedDyMemError
@@ -47,6 +47,7 @@ from feddymem.memory.aggregate import GlobalMemory, aggregate, mean_aggregate
 from feddymem.memory.kmeans import resolve_gpu
 from feddymem.memory.reduce import MemoryBank
 from feddymem.metrics.auroc import auroc_score
+from feddymem.metrics.normalize import ScoreNormalizer
 from feddymem.metrics.threshold import normal_threshold
 
 
@@ -93,7 +94,9 @@ def load_client_module(checkpoint: str | Path, client_id: int = 0) -> tuple[FedD
         raise CheckpointError(f"{checkpoint} has no client {client_id}; it has {sorted(payload['clients'])}")
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), payload["config"])
     module = client_module_from_config(cfg, client_id)
-    module.load_trainable_state(payload["clients"][client_id]["model"])
+    saved = payload["clients"][client_id]
+    # The kept state (selection.keep=best: the round best by the held-out criterion), else the last one.
+    module.load_trainable_state(saved.get("kept", {}).get("model", saved["model"]))
     return module.eval(), cfg
 
 
@@ -109,6 +112,15 @@ class TooFewClients(FedDyMemError):
 
 
 @dataclass
+class KeptState:
+    """The state a client keeps: the round that is best by its held-out, normal-only criterion."""
+
+    round: int
+    criterion: float  # image AUROC of held-out normal images against cut-paste anomalies made from them
+    model: dict[str, torch.Tensor]  # generator, radius and memory (FedDyMemModule.trainable_state)
+
+
+@dataclass
 class Client:
     """Everything one client holds; nothing here is shared with other clients."""
 
@@ -118,8 +130,12 @@ class Client:
     train_set: ImageDataset  # what the generator trains on (all clients' images under centralized)
     memory_set: ImageDataset  # what the memory is built from (likewise)
     test_set: ImageDataset
-    normal_set: ImageDataset  # the client's own normal training images: its decision threshold
+    # Held-out normal images (never in the memory or in training): thresholds, score normalisation and
+    # the criterion; the client's own training images when data.holdout_fraction is 0.
+    normal_set: ImageDataset
+    synthetic_set: SyntheticAnomalyDataset | None = None  # cut-paste anomalies of the held-out images
     anchor: dict[str, torch.Tensor] | None = None  # FedProx: the last global generator parameters
+    kept: KeptState | None = None
 
     @property
     def id(self) -> int:
@@ -201,6 +217,20 @@ class FederatedOrchestrator:
 
             own = dataset(part.train)
             train = pooled if centralized else part.train
+            per_image = self.cfg.selection.synthetic_per_image
+            synthetic = (
+                SyntheticAnomalyDataset(
+                    part.holdout,
+                    per_image,
+                    self.cfg.seed + client_id,
+                    image_size=d.image_size,
+                    crop_size=d.crop_size,
+                    mean=mean,
+                    std=std,
+                )
+                if part.holdout and per_image > 0
+                else None
+            )
             self.clients.append(
                 Client(
                     part,
@@ -209,7 +239,8 @@ class FederatedOrchestrator:
                     dataset(train, augment=d.augment),
                     dataset(pooled) if centralized else own,
                     dataset(part.test),
-                    own,
+                    dataset(part.holdout) if part.holdout else own,
+                    synthetic,
                 )
             )
         if self.cache is None:
@@ -347,14 +378,20 @@ class FederatedOrchestrator:
         return seconds
 
     def evaluate(self, client: Client) -> dict[str, Any]:
-        """Image AUROC over the client's whole test set, and per product image AUROC, pixel AUROC and AUPRO.
+        """Held-out normal statistics, then the test set: image AUROC over the client's whole test set, and
+        per product image AUROC, pixel AUROC and AUPRO.
 
-        The client's pixel AUROC and AUPRO are the means over its products that have masks.
+        With ``model.scoring.normalize=product`` test scores are z-normalised per product by the held-out
+        normal scores before the client-level AUROC (per-product metrics do not change under it). The
+        client's pixel AUROC and AUPRO are the means over its products that have masks.
         """
+        t0 = time.perf_counter()
+        normal_scores, normal_products = self.image_scores(client, client.normal_set)
+        normalize = self.cfg.model.scoring.normalize.value == "product"
+        normalizer = ScoreNormalizer.fit(normal_scores, normal_products) if normalize else ScoreNormalizer()
         test_set = self._cached(client.test_set, f"client {client.id} test features")
         module = client.module
-        t0 = time.perf_counter()
-        scores, labels, paths, per_product = [], [], [], {}
+        scores, labels, paths, products, per_product = [], [], [], [], {}
         for product in client.data.products:
             indices = [i for i, s in enumerate(client.test_set.samples) if s.product == product]
             with torch.no_grad():
@@ -362,24 +399,53 @@ class FederatedOrchestrator:
                     scores.append(module.test_step(batch, batch_idx)["pred_score"].cpu())
                     labels.append(torch.as_tensor(batch["label"]))
                     paths += list(batch["path"])
+                    products += [product] * len(batch["path"])
             per_product[product] = module.compute_test_metrics()
-        scores_all, labels_all = torch.cat(scores).double().numpy(), torch.cat(labels).numpy()
+        raw, labels_all = torch.cat(scores).double().numpy(), torch.cat(labels).numpy()
+        scores_all = normalizer(raw, products)
         result: dict[str, Any] = {"image_auroc": auroc_score(scores_all, labels_all)}
+        if normalize:
+            result["image_auroc_raw"] = auroc_score(raw, labels_all)
         for key in ("pixel_auroc", "aupro"):
             values = [m[key] for m in per_product.values() if key in m]
             if values:
                 result[key] = float(np.mean(values))
         result["products"] = per_product
         result["scores"] = [(p, int(y), float(v)) for p, y, v in zip(paths, labels_all, scores_all, strict=True)]
+        result["criterion"] = self.criterion(client, normalizer, normalizer(normal_scores, normal_products))
+        result["normal_scores"] = normal_scores
+        q, k_sigma = self.cfg.threshold_percentile, (self.cfg.threshold_k_sigma or None)
+        by_product = {p: normal_scores[np.asarray(normal_products) == p] for p in dict.fromkeys(normal_products)}
+        result["product_thresholds"] = {p: normal_threshold(v, q, k_sigma) for p, v in by_product.items()}
+        result["normalizer"] = normalizer.to_dict()
         result["eval_time_s"] = time.perf_counter() - t0
         return result
 
-    def normal_scores(self, client: Client) -> np.ndarray:
-        """Image scores of the client's normal training images under the current memory (for thresholds)."""
-        normal_set = self._cached(client.normal_set, f"client {client.id} features")
+    def image_scores(self, client: Client, dataset: ImageDataset) -> tuple[np.ndarray, list[str]]:
+        """Raw image scores of ``dataset`` under the client's current model, and each image's product."""
+        cached = self._cached(dataset, f"client {client.id} held-out features")
         with torch.no_grad():
-            scores = [client.module.score_batch(b)[1].cpu() for b in self._loader(normal_set, shuffle=False)]
-        return torch.cat(scores).numpy()
+            scores = [client.module.score_batch(b)[1].cpu() for b in self._loader(cached, shuffle=False)]
+        return torch.cat(scores).double().numpy(), [s.product for s in dataset.samples]
+
+    def criterion(self, client: Client, normalizer: ScoreNormalizer, normal: np.ndarray) -> float:
+        """Normal-only model-selection criterion: image AUROC of the held-out normal images against cut-paste
+        anomalies made from them (NaN without held-out images)."""
+        if client.synthetic_set is None:
+            return float("nan")
+        raw, products = self.image_scores(client, client.synthetic_set)
+        synthetic = normalizer(raw, products)
+        labels = np.r_[np.zeros(len(normal)), np.ones(len(synthetic))]
+        return auroc_score(np.r_[normal, synthetic], labels)
+
+    def keep_best(self, client: Client, round_idx: int, criterion: float) -> int:
+        """Snapshot the client's state when ``criterion`` beats the kept one (ties keep the earlier round);
+        the round now kept."""
+        judged = criterion == criterion  # NaN without held-out images: nothing to judge by, keep the last
+        better = client.kept is None or not judged or criterion > client.kept.criterion
+        if self.cfg.selection.keep.value == "last" or better:
+            client.kept = KeptState(round_idx, criterion, client.module.trainable_state())
+        return client.kept.round
 
     # --- server side ------------------------------------------------------------------------------
     def patch_positions(self) -> int:
@@ -490,16 +556,13 @@ class FederatedOrchestrator:
         if "error" in message:
             raise TooFewClients(message["error"])
         update_seconds = self.apply_server_message(message)
-        evaluations = [
-            {
-                "id": client.id,
-                **self.evaluate(client),
-                "panel": self.panel(client),
-                "normal_scores": self.normal_scores(client),
-                "update_time_s": update_seconds[client.id],
-            }
-            for client in self.clients
-        ]
+        evaluations = []
+        for client in self.clients:
+            evaluation = self.evaluate(client)
+            evaluation["kept_round"] = self.keep_best(client, round_idx, evaluation["criterion"])
+            evaluations.append(
+                {"id": client.id, **evaluation, "panel": self.panel(client), "update_time_s": update_seconds[client.id]}
+            )
         gathered_eval = gather_to_server(self.fabric, evaluations)
         if not self.is_server:
             return None
@@ -550,6 +613,8 @@ class FederatedOrchestrator:
         record["bytes_up"] = sum(c["bytes_up"] for c in record["clients"].values())
         record["bytes_down"] = down * len(record["clients"])
         record["mean_image_auroc"] = float(np.mean([c["image_auroc"] for c in record["clients"].values()]))
+        criteria = [c["criterion"] for c in record["clients"].values() if c.get("criterion") == c.get("criterion")]
+        record["mean_criterion"] = float(np.mean(criteria)) if criteria else float("nan")
         record["time_s"] = time.perf_counter() - start
         record["cache"] = {
             "extraction_s": self.cache.stats.extraction_seconds,
@@ -649,6 +714,7 @@ class FederatedOrchestrator:
         left_out = [f"{cid} ({c['error']})" for cid, c in record["clients"].items() if "error" in c]
         self.reporter.print(
             f"round {r:>2}: mean image AUROC {record['mean_image_auroc']:.4f}  "
+            f"held-out criterion {record['mean_criterion']:.4f}  "
             f"up {human_bytes(record['bytes_up'])}  down {human_bytes(record['bytes_down'])}  "
             f"time {record['time_s']:.1f}s  (cache saved {record['cache']['saved_s']:.1f}s so far)"
             + (f"  left out: {', '.join(left_out)}" if left_out else "")
@@ -657,7 +723,12 @@ class FederatedOrchestrator:
     def client_states(self) -> dict[int, dict[str, Any]]:
         """Every client's model and optimiser state, gathered on rank 0 (small: no backbone)."""
         local = {
-            c.id: {"model": c.module.trainable_state(), "optimizer": c.optimizer.state_dict()} for c in self.clients
+            c.id: {
+                "model": c.module.trainable_state(),
+                "optimizer": c.optimizer.state_dict(),
+                "kept": None if c.kept is None else vars(c.kept),
+            }
+            for c in self.clients
         }
         gathered = gather_to_server(self.fabric, local)
         return {k: v for part in gathered for k, v in part.items()} if gathered is not None else {}
@@ -667,17 +738,21 @@ class FederatedOrchestrator:
         states = self.client_states()
         if not self.is_server:
             return
+        kept = self.kept_record()["clients"]
         payload = {
             "round": round_idx,
             "method": self.method,
             "global_memory": None if self.global_memory is None else self.global_memory.clone(),
             "global_generator": self.global_generator,
+            # Per client: "model" is the state after this round (for resume), "kept" the state a user gets.
             "clients": {
                 k: {
                     **states[k],
                     "train": [s.path for s in self.all_clients[k].train],
                     "products": list(self.all_clients[k].products),
-                    "threshold": self.history[-1]["clients"][k]["threshold"],
+                    "threshold": kept[k]["threshold"],
+                    "product_thresholds": kept[k].get("product_thresholds", {}),
+                    "normalizer": kept[k].get("normalizer", {}),
                 }
                 for k in sorted(states)
             },
@@ -705,6 +780,7 @@ class FederatedOrchestrator:
                 )
             client.module.load_trainable_state(saved["model"])  # includes the client's memory
             client.optimizer.load_state_dict(saved["optimizer"])
+            client.kept = KeptState(**saved["kept"]) if saved.get("kept") else None
             if payload["global_memory"] is not None:
                 client.module.set_global_memory(payload["global_memory"])
             if self.method == "fedprox":
@@ -715,8 +791,22 @@ class FederatedOrchestrator:
         self.start_round = int(payload["round"]) + 1
         torch.set_rng_state(payload["rng"]["torch"])
 
+    def kept_record(self) -> dict[str, Any]:
+        """The final result a user gets: every client's metrics at the round it keeps, and their mean."""
+        last = self.history[-1]
+        by_round = {r["round"]: r for r in self.history}
+        clients = {}
+        for cid, stats in last["clients"].items():
+            kept_round = stats.get("kept_round", last["round"])
+            clients[cid] = {**by_round.get(kept_round, last)["clients"][cid], "kept_round": kept_round}
+        return {
+            "round": last["round"],
+            "clients": clients,
+            "mean_image_auroc": float(np.mean([c["image_auroc"] for c in clients.values()])),
+        }
+
     def summary(self) -> dict[str, Any]:
-        final = self.history[-1] if self.history else {}
+        final = self.kept_record() if self.history else {}
         return {
             "run_dir": str(self.run_dir),
             "method": self.method,
@@ -734,9 +824,10 @@ class FederatedOrchestrator:
         }
 
     def print_table(self) -> None:
-        final = self.history[-1]
+        final = self.kept_record()
         has_pixel = any("pixel_auroc" in s for s in final["clients"].values())
-        cols = ["client", "products", "train imgs", "image AUROC"] + (["pixel AUROC", "AUPRO"] if has_pixel else [])
+        cols = ["client", "products", "train imgs", "kept round", "image AUROC"]
+        cols += ["pixel AUROC", "AUPRO"] if has_pixel else []
         cols += ["up/round", "down/round", "time"]
         rows = []
         for cid, s in final["clients"].items():
@@ -745,6 +836,7 @@ class FederatedOrchestrator:
                 str(cid),
                 ",".join(self.all_clients[cid].products),
                 str(s["train_images"]),
+                str(s["kept_round"]),
                 f"{s['image_auroc']:.4f}",
             ]
             if has_pixel:
@@ -752,11 +844,24 @@ class FederatedOrchestrator:
             row += [human_bytes(s["bytes_up"]), human_bytes(s["bytes_down"]), f"{t:.1f}s"]
             rows.append(row)
         self.reporter.table(
-            f"{self.method} on {self.cfg.dataset}: round {final['round']}, "
-            f"mean image AUROC {final['mean_image_auroc']:.4f}",
+            f"{self.method} on {self.cfg.dataset}: after round {final['round']}, each client's kept round "
+            f"(selection.keep={self.cfg.selection.keep.value}), mean image AUROC {final['mean_image_auroc']:.4f}",
             cols,
             rows,
         )
+
+    def should_stop(self, round_idx: int) -> bool:
+        """Early stop (``selection.patience`` > 0): no client has improved its criterion for that many rounds."""
+        patience = self.cfg.selection.patience
+        if patience <= 0 or round_idx >= self.cfg.federation.rounds:
+            return False
+        stop = None
+        if self.is_server:
+            latest = max(c.get("kept_round", round_idx) for c in self.history[-1]["clients"].values())
+            stop = round_idx - latest >= patience
+            if stop:
+                self.reporter.print(f"stopping after round {round_idx}: no client improved for {patience} round(s)")
+        return bool(broadcast_from_server(self.fabric, stop))
 
     def run(self) -> dict[str, Any] | None:
         """Set up, run the remaining rounds, checkpoint after each; the summary on rank 0."""
@@ -773,6 +878,8 @@ class FederatedOrchestrator:
                     self.history.append(record)
                     self.log_round(record)
                 self.save(round_idx)
+                if self.should_stop(round_idx):
+                    break
         self.fabric.barrier()
         if not self.is_server:
             return None

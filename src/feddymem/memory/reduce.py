@@ -14,12 +14,15 @@ Every reduction is a weighted average of patch embeddings, so no item is a singl
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from feddymem.memory.kmeans import kmeans
 from feddymem.memory.search import squared_distances
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,8 +82,10 @@ def cluster_mean(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K-means of ``patches`` (P, D) to ``size`` clusters; items are the exact (weighted) means of all members.
 
-    Clusters with fewer than ``min_cluster_size`` members are dropped (unless that would drop all).
-    Returns items (M, D) and their total member weight (M,).
+    Clusters with fewer than ``min_cluster_size`` members are dropped. When none is that large the
+    upload is one item, the mean of every patch (``ValueError`` when there are fewer patches than
+    ``min_cluster_size``): no item ever averages fewer patches. Returns items (M, D) and their total
+    member weight (M,).
     """
     p = patches.float().cpu()
     w = torch.ones(p.shape[0]) if weights is None else weights.float().cpu()
@@ -91,10 +96,11 @@ def cluster_mean(
     mass = torch.zeros(k).index_add_(0, result.assignments, w)
     members = torch.zeros(k).index_add_(0, result.assignments, torch.ones_like(w))
     sums = torch.zeros(k, p.shape[1]).index_add_(0, result.assignments, p * w[:, None])
-    keep = members >= min_cluster_size
+    keep = (members >= min_cluster_size) & (mass > 0)
     if not keep.any():
-        keep = members > 0
-    keep &= mass > 0
+        if p.shape[0] < min_cluster_size or float(w.sum()) <= 0:
+            raise ValueError(f"{p.shape[0]} patches cannot make an item that averages {min_cluster_size} or more")
+        return (p * w[:, None]).sum(0, keepdim=True) / w.sum(), w.sum().view(1)
     return sums[keep] / mass[keep, None], mass[keep]
 
 
@@ -148,6 +154,18 @@ def reduce_memory(
     emb = embeddings.float()
     if method == "cluster_mean":
         patches = emb.permute(0, 2, 3, 1).reshape(-1, d)
+        # Privacy: a larger memory must never turn the upload into raw patches. At most one item per
+        # min_cluster_size patches, so that each item can average that many.
+        cap = max(1, patches.shape[0] // max(1, min_cluster_size))
+        if size > cap:
+            log.info(
+                "memory.size %d capped to %d items: %d patches, memory.min_cluster_size %d",
+                size,
+                cap,
+                patches.shape[0],
+                min_cluster_size,
+            )
+            size = cap
         items, mass = cluster_mean(
             patches,
             size,

@@ -2,5 +2,6 @@
 
 from feddymem.metrics.aupro import AUPRO, aupro_score
 from feddymem.metrics.auroc import AUROC, auroc_score
+from feddymem.metrics.normalize import ScoreNormalizer
 
-__all__ = ["AUPRO", "AUROC", "aupro_score", "auroc_score"]
+__all__ = ["AUPRO", "AUROC", "ScoreNormalizer", "aupro_score", "auroc_score"]

@@ -1,0 +1,55 @@
+"""Per-product score normalisation from held-out normal images only.
+
+Distances to the memory have a different scale for every product (a textured tile and a smooth wire
+harness), so a client that holds several products cannot rank their images on one scale. Each
+product's scores are z-normalised by the mean and standard deviation of its held-out normal images'
+scores: a score then says how unusual an image is *for its product*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ScoreNormalizer:
+    """product → (location, scale); products it has not seen are scaled by the pooled statistics."""
+
+    stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+    pooled: tuple[float, float] = (0.0, 1.0)
+
+    @classmethod
+    def fit(cls, scores: Sequence[float] | np.ndarray, products: Sequence[str]) -> ScoreNormalizer:
+        """Statistics of held-out normal ``scores`` with their ``products``.
+
+        A product with a single held-out image (or zero spread) takes the pooled standard deviation.
+        """
+        values = np.asarray(scores, dtype=np.float64).ravel()
+        names = np.asarray(list(products))
+        if values.size == 0:
+            raise ValueError("score normalisation needs at least one held-out normal score")
+        if values.size != names.size:
+            raise ValueError(f"{values.size} scores for {names.size} product names")
+        pooled_scale = float(values.std()) if values.size > 1 and values.std() > 0 else max(abs(values.mean()), 1e-12)
+        stats = {}
+        for product in dict.fromkeys(names.tolist()):
+            own = values[names == product]
+            scale = float(own.std()) if own.size > 1 and own.std() > 0 else pooled_scale
+            stats[product] = (float(own.mean()), scale)
+        return cls(stats, (float(values.mean()), pooled_scale))
+
+    def params(self, product: str) -> tuple[float, float]:
+        return self.stats.get(product, self.pooled)
+
+    def __call__(self, scores: Sequence[float] | np.ndarray, products: Sequence[str]) -> np.ndarray:
+        """(score − location) / scale of each score's product."""
+        values = np.asarray(scores, dtype=np.float64).ravel()
+        loc, scale = np.array([self.params(p) for p in products], dtype=np.float64).reshape(-1, 2).T
+        return (values - loc) / scale
+
+    def to_dict(self) -> dict[str, list[float]]:
+        """Plain lists, safe in a ``weights_only`` checkpoint."""
+        return {p: [loc, scale] for p, (loc, scale) in self.stats.items()}
