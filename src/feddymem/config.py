@@ -34,6 +34,9 @@ class Method(str, enum.Enum):
     feddymem = "feddymem"  # reduced memories up, K-means global memory down (the method)
     local = "local"  # every client alone with its own memory: nothing is shared
     centralized = "centralized"  # all clients' training data pooled in one model: the reference
+    # PatchCore (Roth et al. 2022) in-project: pooled data, greedy coreset (memory.coreset_ratio) of every
+    # training patch, nearest-patch score, no training; the accuracy reference for the benchmarks.
+    patchcore = "patchcore"
     fedavg = "fedavg"  # generator parameters averaged by client size; every client keeps a local memory
     fedprox = "fedprox"  # FedAvg + proximal term mu/2 ||w - w_global||^2 in local training
 
@@ -51,6 +54,7 @@ class Rebuild(str, enum.Enum):
 class Scoring(str, enum.Enum):
     softmin = "softmin"  # nearest distance times its softmin weight over the k nearest (CFA)
     nearest = "nearest"  # plain nearest distance
+    patchcore = "patchcore"  # nearest distance; image score = PatchCore's reweighted maximum
 
 
 class Normalize(str, enum.Enum):
@@ -379,8 +383,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"'data.holdout_fraction' must be in [0, 1), got {cfg.data.holdout_fraction}")
     if not 0 < cfg.memory.coreset_ratio <= 1:
         raise ConfigError(f"'memory.coreset_ratio' must be in (0, 1], got {cfg.memory.coreset_ratio}")
-    if cfg.method == Method.centralized and processes > 1:
-        raise ConfigError(f"method=centralized pools all data in one process; got {processes} processes")
+    if cfg.method in (Method.centralized, Method.patchcore) and processes > 1:
+        raise ConfigError(f"method={cfg.method.value} pools all data in one process; got {processes} processes")
     if cfg.server.aggregation == Aggregation.mean and (
         cfg.memory.reduce not in (Reduce.position_mean, Reduce.position_weighted)
         or cfg.memory.size

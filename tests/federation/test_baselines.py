@@ -137,3 +137,20 @@ def test_ablations_change_what_is_uploaded(tmp_path, synthetic_yaml):
     first = load_checkpoint(tmp_path / "once/checkpoints/round_000.ckpt")["global_memory"]
     assert torch.equal(once.global_memory, first)
     assert once_run["rounds"][2]["clients"][0]["train_loss"] == once_run["rounds"][2]["clients"][0]["train_loss"]
+
+
+def test_patchcore_reference_keeps_a_coreset_of_raw_pooled_patches_and_does_not_train(tmp_path, synthetic_yaml):
+    orch, summary = _run(
+        tmp_path, synthetic_yaml, "patchcore", "method=patchcore", "memory.coreset_ratio=0.05", "federation.rounds=3"
+    )
+    assert [r["round"] for r in summary["rounds"]] == [0]  # nothing trains: round 0 is the model
+    assert summary["rounds"][0]["bytes_up"] == 0 and orch.global_memory is None
+    module = orch.clients[0].module
+    assert module.model.score_method == "patchcore" and len({id(c.module) for c in orch.clients}) == 1
+    pooled = orch.cache.wrap(orch.clients[0].memory_set)
+    patches = torch.cat([pooled[i]["features"].flatten(1).T for i in range(len(pooled))])
+    memory = module.model.memory
+    assert memory.shape[0] == round(0.05 * patches.shape[0])
+    exact = torch.cdist(memory, patches, compute_mode="donot_use_mm_for_euclid_dist")
+    assert exact.min(dim=1).values.max() < 1e-3  # every item is a real patch (through the identity generator)
+    assert all(0 <= c["image_auroc"] <= 1 for c in summary["final"]["clients"].values())

@@ -36,3 +36,27 @@ def test_softmin_weighting():
     assert torch.allclose(s[0], torch.tensor(1 / 3))
     assert s[1] > 0.95
     assert torch.equal(softmin_scores(d, "nearest"), d[:, 0])
+
+
+def test_patchcore_reweighting_keeps_a_patch_near_an_isolated_memory_item_and_discounts_a_dense_one(fedmodel):
+    # Memory: nine copies of p (a dense region), and q with its eight neighbours far away (isolated).
+    d = fedmodel.generator.out_channels
+    p, q = torch.zeros(d), torch.zeros(d)
+    q[0] = 100.0
+    far = torch.zeros(8, d)
+    far[:, 1] = torch.arange(8) * 10.0 + 500.0
+    dense = torch.cat([p.repeat(9, 1), q[None], far])
+    saved = fedmodel.memory.clone()
+    try:
+        fedmodel.set_memory(dense)
+        near_p, near_q = p.clone(), q.clone()
+        near_p[2], near_q[2] = 3.0, 3.0  # distance 3 from p, and from q
+        embeddings = torch.stack([near_p, near_q]).view(2, d, 1, 1)
+        patch_scores = torch.full((2, 1, 1), 3.0)
+        scores = fedmodel.reweighted_max(embeddings, patch_scores)
+        # Near p: m* and its eight neighbours are equally far, weight 1 − 1/9. Near the isolated q: its
+        # neighbours are far, the softmax weight of q vanishes and the score stays whole (eq. 7).
+        assert abs(float(scores[0]) - 3.0 * 8 / 9) < 1e-5
+        assert abs(float(scores[1]) - 3.0) < 1e-5
+    finally:
+        fedmodel.set_memory(saved)

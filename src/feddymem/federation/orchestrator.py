@@ -8,8 +8,10 @@ with their client and are never averaged or gradient-synced. A checkpoint is wri
 
 The baselines of the benchmarks run through the same rounds (``method=``): ``local`` (each client
 with its own memory, nothing shared), ``centralized`` (one model on all clients' data, evaluated on
-every client's test set), ``fedavg``/``fedprox`` (the server averages generator parameters; each
-client keeps a local memory, rebuilt with the averaged generator).
+every client's test set), ``patchcore`` (the in-project PatchCore reference: pooled data, no
+training, a greedy coreset of every training patch, nearest-patch scoring), ``fedavg``/``fedprox``
+(the server averages generator parameters; each client keeps a local memory, rebuilt with the
+averaged generator).
 """
 
 from __future__ import annotations
@@ -66,9 +68,10 @@ def client_module_from_config(cfg: DictConfig, client_id: int | None = None) -> 
         margin=m.loss.margin,
         radius_init=m.loss.radius_init,
         score_k=m.scoring.k,
-        score_method=str(getattr(m.scoring.method, "value", m.scoring.method)),
+        score_method="patchcore" if cfg.method.value == "patchcore" else str(m.scoring.method.value),
         sigma=m.scoring.sigma,
-        memory_reduce=str(getattr(mem.reduce, "value", mem.reduce)),
+        # PatchCore: a greedy coreset of the raw patches, scored by the nearest one.
+        memory_reduce="coreset" if cfg.method.value == "patchcore" else str(getattr(mem.reduce, "value", mem.reduce)),
         memory_size=mem.size,
         local_kmeans_ratio=mem.local_kmeans_ratio,
         coreset_ratio=mem.coreset_ratio,
@@ -160,6 +163,8 @@ class FederatedOrchestrator:
         as the benchmark suite does across methods; by default every run extracts its own."""
         self.cfg = cfg
         self.method = cfg.method.value
+        # centralized and patchcore: one model over every client's pooled training images.
+        self.pooled = self.method in ("centralized", "patchcore")
         self.run_dir = Path(run_dir)
         self.resume = resume
         f = cfg.federation
@@ -201,7 +206,7 @@ class FederatedOrchestrator:
             if not self.resume:
                 atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
         d = self.cfg.data
-        centralized = self.method == "centralized"
+        centralized = self.pooled
         pooled = [s for part in plan.clients for s in part.train]
         for client_id in mine:
             part = plan.clients[client_id]
@@ -328,14 +333,14 @@ class FederatedOrchestrator:
             return {"upload": None}  # ablation: the round-0 memory is kept
         bank = self.build_memory(client)
         stats = {"memory_items": int(bank.items.shape[0]), "num_images": bank.num_images}
-        if self.method in ("local", "centralized"):
+        if self.method == "local" or self.pooled:
             client.module.set_global_memory(bank.items)  # the client's own memory; it never leaves
             return {"upload": None, **stats}
         return {"upload": bank, **stats}
 
     def training_clients(self) -> list[Client]:
         """The clients that train this round: all of this rank's, or under ``centralized`` the one pooled model."""
-        return self.clients[:1] if self.method == "centralized" else self.clients
+        return self.clients[:1] if self.pooled else self.clients
 
     def client_round(self, client: Client, round_idx: int) -> dict[str, Any]:
         """Train (after round 0) and prepare the upload; a failure or timeout is reported, not raised."""
@@ -343,7 +348,7 @@ class FederatedOrchestrator:
         timeout = self.cfg.federation.client_timeout_s
         deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
         try:
-            train = round_idx > 0 and self.cfg.federation.local_epochs > 0
+            train = round_idx > 0 and self.cfg.federation.local_epochs > 0 and self.method != "patchcore"
             loss = self.local_training(client, round_idx, deadline) if train else float("nan")
             update = self.client_update(client, round_idx)
             if time.monotonic() > deadline:
@@ -511,7 +516,7 @@ class FederatedOrchestrator:
     def server_step(self, results: list[dict[str, Any]], round_idx: int) -> dict[str, Any]:
         """Rank 0: check the uploads and build what goes down (a global memory, or averaged parameters)."""
         nothing_sent = all(r["upload"] is None and "error" not in r for r in results)
-        if self.method in ("local", "centralized") or nothing_sent:  # nothing_sent: memory.rebuild=once
+        if self.method == "local" or self.pooled or nothing_sent:  # nothing_sent: memory.rebuild=once
             return {"participants": [], "server": {}}
         accepted = self.accept_uploads(results, round_idx)
         participants = [r["id"] for r in accepted]
@@ -852,6 +857,8 @@ class FederatedOrchestrator:
 
     def should_stop(self, round_idx: int) -> bool:
         """Early stop (``selection.patience`` > 0): no client has improved its criterion for that many rounds."""
+        if self.method == "patchcore":
+            return True  # nothing trains: the round-0 memory is the model
         patience = self.cfg.selection.patience
         if patience <= 0 or round_idx >= self.cfg.federation.rounds:
             return False

@@ -20,8 +20,9 @@ from feddymem.models.loss import HypersphereLoss
 
 
 def softmin_scores(distances: torch.Tensor, method: str = "softmin") -> torch.Tensor:
-    """(P, k) sorted Euclidean distances → (P,) patch scores: nearest distance × its softmin weight."""
-    if method == "nearest" or distances.shape[1] == 1:
+    """(P, k) sorted Euclidean distances → (P,) patch scores: nearest distance × its softmin weight
+    (``softmin``), or the nearest distance (``nearest``, ``patchcore``)."""
+    if method != "softmin" or distances.shape[1] == 1:
         return distances[:, 0]
     return F.softmin(distances, dim=1)[:, 0] * distances[:, 0]
 
@@ -113,7 +114,30 @@ class FedDyMemModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features → (anomaly maps (B, H_img, W_img), image scores (B,))."""
         with torch.no_grad():
-            return self.anomaly_map(self.patch_scores(self.embed(features), use_index), image_size)
+            embeddings = self.embed(features)
+            patch_scores = self.patch_scores(embeddings, use_index)
+            maps, image_scores = self.anomaly_map(patch_scores, image_size)
+            if self.score_method == "patchcore":
+                image_scores = self.reweighted_max(embeddings, patch_scores)
+            return maps, image_scores
+
+    def reweighted_max(self, embeddings: torch.Tensor, patch_scores: torch.Tensor, neighbours: int = 9) -> torch.Tensor:
+        """PatchCore's image score (Roth et al. 2022, eq. 7): the largest patch score times
+        1 − softmax of that patch's distances to its nearest memory item m* and m*'s neighbours in the memory.
+
+        A patch whose nearest item is itself a rare normal pattern (far from its neighbours) keeps its
+        score; one near a dense part of the memory is discounted by up to 1 − 1/neighbours.
+        """
+        b, d, h, w = embeddings.shape
+        flat = patch_scores.flatten(1)
+        top = flat.argmax(dim=1)
+        worst = embeddings.permute(0, 2, 3, 1).reshape(b, h * w, d)[torch.arange(b), top]  # (B, D)
+        nearest = squared_distances(worst, self.memory).argmin(dim=1)
+        k = min(neighbours, self.memory.shape[0])
+        support = torch.topk(squared_distances(self.memory[nearest], self.memory), k, largest=False).indices
+        distances = (worst[:, None, :] - self.memory[support]).norm(dim=-1)  # (B, k), m* first
+        weight = 1.0 - torch.softmax(distances, dim=1)[:, 0]
+        return weight * flat.max(dim=1).values
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W), normalised → (anomaly maps (B, H, W), image scores (B,))."""
