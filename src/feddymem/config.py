@@ -57,6 +57,11 @@ class Scoring(str, enum.Enum):
     patchcore = "patchcore"  # nearest distance; image score = PatchCore's reweighted maximum
 
 
+class GeneratorInit(str, enum.Enum):
+    identity = "identity"  # distance-preserving start: round 0 scores the backbone features as they are
+    random = "random"  # PyTorch's default 1×1 conv initialisation, as CFA
+
+
 class Normalize(str, enum.Enum):
     product = "product"  # scores z-normalised per product by held-out normal images' scores
     none = "none"  # raw distances
@@ -92,6 +97,7 @@ class BackboneConfig:
 class GeneratorConfig:
     reduction: int = 1  # γ_d: D = C / γ_d
     coord_channels: bool = True
+    init: GeneratorInit = GeneratorInit.identity
 
 
 @dataclass

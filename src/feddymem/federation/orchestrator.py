@@ -63,6 +63,7 @@ def client_module_from_config(cfg: DictConfig, client_id: int | None = None) -> 
         pool_size=m.backbone.pool_size,
         generator_reduction=m.generator.reduction,
         coord_channels=m.generator.coord_channels,
+        generator_init=m.generator.init.value,
         k_nearest=m.loss.k_nearest,
         j_negatives=m.loss.j_negatives,
         margin=m.loss.margin,

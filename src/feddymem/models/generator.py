@@ -17,20 +17,28 @@ def coordinate_channels(batch: int, height: int, width: int, device: torch.devic
 class MemoryGenerator(nn.Module):
     """1×1 CoordConv: append (y, x) coordinates, then a 1×1 conv C(+2) → D, with D = C / γ_d."""
 
-    def __init__(self, in_channels: int, reduction: int = 1, coord_channels: bool = True) -> None:
+    def __init__(
+        self, in_channels: int, reduction: int = 1, coord_channels: bool = True, init: str = "identity"
+    ) -> None:
         super().__init__()
-        self.coord_channels = coord_channels
+        if init not in ("identity", "random"):
+            raise ValueError(f"generator init must be 'identity' or 'random', got '{init}'")
+        self.coord_channels, self.init = coord_channels, init
         self.out_channels = max(1, in_channels // reduction)
         self.conv = nn.Conv2d(in_channels + (2 if coord_channels else 0), self.out_channels, kernel_size=1)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Start as a distance-preserving map: identity when D = C, orthonormal rows otherwise.
+        """``identity``: start as a distance-preserving map, identity when D = C, orthonormal rows otherwise.
+        ``random``: PyTorch's default (Kaiming-uniform) initialisation, as CFA does.
 
-        A random 1×1 conv would distort the backbone's patch geometry before any training; this way
+        A random 1×1 conv distorts the backbone's patch geometry before any training; with ``identity``
         round 0 (untrained generators) scores like the backbone features themselves.
         """
+        if self.init == "random":
+            self.conv.reset_parameters()
+            return
         weight = self.conv.weight.view(self.out_channels, -1)
         weight.zero_()
         in_channels = weight.shape[1] - (2 if self.coord_channels else 0)

@@ -38,6 +38,7 @@ class FedDyMemModel(nn.Module):
         pool_size: int = 3,
         generator_reduction: int = 1,
         coord_channels: bool = True,
+        generator_init: str = "identity",
         k_nearest: int = 3,
         j_negatives: int = 3,
         margin: float = 0.1,
@@ -48,7 +49,9 @@ class FedDyMemModel(nn.Module):
     ) -> None:
         super().__init__()
         self.feature_extractor = FeatureExtractor(backbone, layers, weights, pool_size)
-        self.generator = MemoryGenerator(self.feature_extractor.out_channels, generator_reduction, coord_channels)
+        self.generator = MemoryGenerator(
+            self.feature_extractor.out_channels, generator_reduction, coord_channels, generator_init
+        )
         self.loss = HypersphereLoss(k_nearest, j_negatives, margin, radius_init)
         self.anomaly_map = AnomalyMapGenerator(sigma)
         self.score_k, self.score_method = score_k, getattr(score_method, "value", score_method)
