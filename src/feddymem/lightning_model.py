@@ -186,9 +186,11 @@ class FedDyMemModule(L.LightningModule):
 
     # --- checkpoints ----------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Generator, radius and memory: everything but the frozen backbone (which the config rebuilds)."""
+        """A copy of the generator, radius and memory: everything but the frozen backbone (the config rebuilds it)."""
         return {
-            k: v.detach().cpu() for k, v in self.model.state_dict().items() if not k.startswith("feature_extractor.")
+            k: v.detach().cpu().clone()
+            for k, v in self.model.state_dict().items()
+            if not k.startswith("feature_extractor.")
         }
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,80 @@
+"""Held-out normal images: thresholds, per-product normalisation and the round each client keeps."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from conftest import FAST
+from feddymem.config import load_config
+from feddymem.federation.orchestrator import FederatedOrchestrator, load_client_module
+from feddymem.io import load_checkpoint
+from feddymem.metrics import ScoreNormalizer
+from feddymem.metrics.threshold import normal_threshold
+
+
+def _run(tmp_path, yaml, name, *extra):
+    cfg = load_config([f"dataset={yaml}", "data.num_clients=2", "data.holdout_fraction=0.25", *FAST, *extra])
+    orch = FederatedOrchestrator(cfg, tmp_path / name)
+    return orch, orch.run()
+
+
+def test_a_collapsed_generator_is_not_kept_and_patience_stops_the_run(tmp_path, synthetic_yaml, monkeypatch):
+    # Local training that collapses the generator (every patch maps to one point, as over-fitting to a
+    # hypersphere can): the held-out criterion must fall to chance and round 0 be kept.
+    extra = ["federation.rounds=4", "selection.patience=2"]
+    cfg = load_config([f"dataset={synthetic_yaml}", "data.num_clients=2", "data.holdout_fraction=0.25", *FAST, *extra])
+    orch = FederatedOrchestrator(cfg, tmp_path / "wrecked")
+    real_training = orch.local_training
+
+    def collapsing_training(client, round_idx, deadline):
+        loss = real_training(client, round_idx, deadline)
+        with torch.no_grad():
+            client.module.model.generator.conv.weight.mul_(1e-9)
+        return loss
+
+    monkeypatch.setattr(orch, "local_training", collapsing_training)
+    summary = orch.run()
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]  # stopped: no client improved in rounds 1 and 2
+    for cid, final in summary["final"]["clients"].items():
+        criteria = [r["clients"][cid]["criterion"] for r in rounds]
+        assert final["kept_round"] == int(np.argmax(criteria)) == 0
+        assert criteria[0] > 0.9 and max(criteria[1:]) < 0.75
+        assert final["image_auroc"] == rounds[0]["clients"][cid]["image_auroc"]  # the kept round's metrics
+    # What a user loads is the kept state (round 0's generator), not the wrecked one; resume gets the latter.
+    ckpt = load_checkpoint(tmp_path / "wrecked/checkpoints/last.ckpt")
+    saved = ckpt["clients"][0]
+    assert saved["kept"]["round"] == 0
+    module, _ = load_client_module(tmp_path / "wrecked/checkpoints/last.ckpt", 0)
+    weight = module.model.generator.conv.weight
+    assert torch.equal(weight, saved["kept"]["model"]["generator.conv.weight"])
+    assert not torch.equal(weight, saved["model"]["generator.conv.weight"])
+    c = weight.shape[0]
+    assert torch.allclose(weight.view(c, -1)[:, :c], torch.eye(c))  # round 0: the identity generator
+
+
+def test_keep_last_takes_the_last_round_and_the_run_goes_on(tmp_path, synthetic_yaml):
+    _, summary = _run(tmp_path, synthetic_yaml, "last", "federation.rounds=2", "selection.keep=last")
+    assert len(summary["rounds"]) == 3
+    assert all(c["kept_round"] == 2 for c in summary["final"]["clients"].values())
+
+
+def test_thresholds_and_normalisation_come_from_held_out_normal_images(tmp_path, synthetic_yaml):
+    orch, summary = _run(tmp_path, synthetic_yaml, "held", "federation.rounds=0")
+    ckpt = load_checkpoint(tmp_path / "held/checkpoints/last.ckpt")
+    for client in orch.clients:
+        held = {s.path for s in client.data.holdout}
+        train = {s.path for s in client.data.train}
+        assert held and not held & train and {s.path for s in client.normal_set.samples} == held
+        raw, products = orch.image_scores(client, client.normal_set)
+        saved = ckpt["clients"][client.id]
+        assert saved["threshold"] == normal_threshold(raw, 99.0)
+        for product in client.data.products:
+            own = raw[np.asarray(products) == product]
+            assert saved["product_thresholds"][product] == normal_threshold(own, 99.0)
+        normalizer = ScoreNormalizer.fit(raw, products)
+        assert saved["normalizer"] == normalizer.to_dict()
+        # The client-level AUROC ranks the normalised test scores; the raw one is reported beside it.
+        final = summary["final"]["clients"][client.id]
+        assert "image_auroc_raw" in final and 0 <= final["criterion"] <= 1
