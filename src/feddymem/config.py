@@ -152,6 +152,7 @@ class ServerConfig:
 class FederationConfig:
     rounds: int = 10
     local_epochs: int = 3  # 0 = frozen generator (ablation "no metric loss")
+    eval_every: int = 1  # score the test set every N rounds and after the last; 0 = only the kept states
     prox_mu: float = 0.01  # method=fedprox: weight of the proximal term
     accelerator: str = "auto"
     devices: int = 1  # processes per node
@@ -369,6 +370,7 @@ def validate(cfg: DictConfig) -> None:
         "memory.min_cluster_size",
         "selection.synthetic_per_image",
         "selection.patience",
+        "federation.eval_every",
     ):
         positive(key, allow_zero=True)
     if cfg.data.crop_size > cfg.data.image_size:

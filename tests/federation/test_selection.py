@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import FAST
@@ -78,3 +79,16 @@ def test_thresholds_and_normalisation_come_from_held_out_normal_images(tmp_path,
         # The client-level AUROC ranks the normalised test scores; the raw one is reported beside it.
         final = summary["final"]["clients"][client.id]
         assert "image_auroc_raw" in final and 0 <= final["criterion"] <= 1
+
+
+def test_without_per_round_test_scoring_the_kept_states_are_scored_once_at_the_end(tmp_path, synthetic_yaml):
+    orch, summary = _run(tmp_path, synthetic_yaml, "quiet", "federation.rounds=2", "federation.eval_every=0")
+    assert all("image_auroc" not in c for r in summary["rounds"] for c in r["clients"].values())
+    assert all(np.isnan(r["mean_image_auroc"]) and 0 <= r["mean_criterion"] <= 1 for r in summary["rounds"])
+    final = summary["final"]["clients"]
+    assert set(final) == {0, 1} and all(0 <= c["image_auroc"] <= 1 and "products" in c for c in final.values())
+    # The same kept states scored every round give the same final metrics.
+    _, every = _run(tmp_path, synthetic_yaml, "every", "federation.rounds=2")
+    for cid, c in every["final"]["clients"].items():
+        assert c["kept_round"] == final[cid]["kept_round"]
+        assert c["image_auroc"] == pytest.approx(final[cid]["image_auroc"], abs=1e-6)

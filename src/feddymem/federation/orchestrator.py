@@ -178,6 +178,7 @@ class FederatedOrchestrator:
         self.global_generator: dict[str, torch.Tensor] | None = None  # fedavg / fedprox
         self.cache = feature_cache
         self.history: list[dict[str, Any]] = []
+        self.final_tests: dict[int, dict[str, Any]] = {}  # test metrics of kept states scored at the end
         self.start_round = 0
         self.server_gpu = resolve_gpu(cfg.server.gpu)
 
@@ -383,18 +384,32 @@ class FederatedOrchestrator:
             self.global_generator = message["generator"]
         return seconds
 
-    def evaluate(self, client: Client) -> dict[str, Any]:
-        """Held-out normal statistics, then the test set: image AUROC over the client's whole test set, and
-        per product image AUROC, pixel AUROC and AUPRO.
-
-        With ``model.scoring.normalize=product`` test scores are z-normalised per product by the held-out
-        normal scores before the client-level AUROC (per-product metrics do not change under it). The
-        client's pixel AUROC and AUPRO are the means over its products that have masks.
-        """
+    def evaluate_held_out(self, client: Client) -> tuple[dict[str, Any], ScoreNormalizer]:
+        """Every round, normal images only: thresholds, the per-product normaliser and the criterion."""
         t0 = time.perf_counter()
         normal_scores, normal_products = self.image_scores(client, client.normal_set)
         normalize = self.cfg.model.scoring.normalize.value == "product"
         normalizer = ScoreNormalizer.fit(normal_scores, normal_products) if normalize else ScoreNormalizer()
+        q, k_sigma = self.cfg.threshold_percentile, (self.cfg.threshold_k_sigma or None)
+        by_product = {p: normal_scores[np.asarray(normal_products) == p] for p in dict.fromkeys(normal_products)}
+        result = {
+            "criterion": self.criterion(client, normalizer, normalizer(normal_scores, normal_products)),
+            "normal_scores": normal_scores,
+            "product_thresholds": {p: normal_threshold(v, q, k_sigma) for p, v in by_product.items()},
+            "normalizer": normalizer.to_dict(),
+            "held_out_time_s": time.perf_counter() - t0,
+        }
+        return result, normalizer
+
+    def evaluate(self, client: Client, normalizer: ScoreNormalizer) -> dict[str, Any]:
+        """The test set: image AUROC over the client's whole test set, and per product image AUROC, pixel
+        AUROC and AUPRO.
+
+        With ``model.scoring.normalize=product`` test scores are z-normalised per product by the held-out
+        normal scores (``normalizer``) before the client-level AUROC; per-product metrics do not change
+        under it. The client's pixel AUROC and AUPRO are the means over its products that have masks.
+        """
+        t0 = time.perf_counter()
         test_set = self._cached(client.test_set, f"client {client.id} test features")
         module = client.module
         scores, labels, paths, products, per_product = [], [], [], [], {}
@@ -410,7 +425,7 @@ class FederatedOrchestrator:
         raw, labels_all = torch.cat(scores).double().numpy(), torch.cat(labels).numpy()
         scores_all = normalizer(raw, products)
         result: dict[str, Any] = {"image_auroc": auroc_score(scores_all, labels_all)}
-        if normalize:
+        if self.cfg.model.scoring.normalize.value == "product":
             result["image_auroc_raw"] = auroc_score(raw, labels_all)
         for key in ("pixel_auroc", "aupro"):
             values = [m[key] for m in per_product.values() if key in m]
@@ -418,14 +433,30 @@ class FederatedOrchestrator:
                 result[key] = float(np.mean(values))
         result["products"] = per_product
         result["scores"] = [(p, int(y), float(v)) for p, y, v in zip(paths, labels_all, scores_all, strict=True)]
-        result["criterion"] = self.criterion(client, normalizer, normalizer(normal_scores, normal_products))
-        result["normal_scores"] = normal_scores
-        q, k_sigma = self.cfg.threshold_percentile, (self.cfg.threshold_k_sigma or None)
-        by_product = {p: normal_scores[np.asarray(normal_products) == p] for p in dict.fromkeys(normal_products)}
-        result["product_thresholds"] = {p: normal_threshold(v, q, k_sigma) for p, v in by_product.items()}
-        result["normalizer"] = normalizer.to_dict()
         result["eval_time_s"] = time.perf_counter() - t0
         return result
+
+    def tested(self, round_idx: int) -> bool:
+        """Whether the test set is scored after ``round_idx`` (``federation.eval_every``; 0 = never, the kept
+        states are scored once at the end)."""
+        every = self.cfg.federation.eval_every
+        return every > 0 and (round_idx % every == 0 or round_idx == self.cfg.federation.rounds)
+
+    def final_evaluation(self) -> dict[int, dict[str, Any]]:
+        """Test metrics of every client's kept state whose round was not scored on the test set (on rank 0)."""
+        local = {}
+        for client in self.clients:
+            if client.kept is None or self.tested(client.kept.round):
+                continue
+            current = client.module.trainable_state()
+            client.module.load_trainable_state(client.kept.model)
+            _, normalizer = self.evaluate_held_out(client)
+            result = self.evaluate(client, normalizer)
+            result.pop("scores")
+            local[client.id] = result
+            client.module.load_trainable_state(current)
+        gathered = gather_to_server(self.fabric, local)
+        return {k: v for part in gathered for k, v in part.items()} if gathered is not None else {}
 
     def image_scores(self, client: Client, dataset: ImageDataset) -> tuple[np.ndarray, list[str]]:
         """Raw image scores of ``dataset`` under the client's current model, and each image's product."""
@@ -564,11 +595,11 @@ class FederatedOrchestrator:
         update_seconds = self.apply_server_message(message)
         evaluations = []
         for client in self.clients:
-            evaluation = self.evaluate(client)
+            evaluation, normalizer = self.evaluate_held_out(client)
             evaluation["kept_round"] = self.keep_best(client, round_idx, evaluation["criterion"])
-            evaluations.append(
-                {"id": client.id, **evaluation, "panel": self.panel(client), "update_time_s": update_seconds[client.id]}
-            )
+            if self.tested(round_idx):
+                evaluation.update(self.evaluate(client, normalizer), panel=self.panel(client))
+            evaluations.append({"id": client.id, **evaluation, "update_time_s": update_seconds[client.id]})
         gathered_eval = gather_to_server(self.fabric, evaluations)
         if not self.is_server:
             return None
@@ -602,10 +633,10 @@ class FederatedOrchestrator:
         panels, score_rows, normal = {}, [], []
         q, k_sigma = self.cfg.threshold_percentile, (self.cfg.threshold_k_sigma or None)
         for ev in (e for rank_evals in gathered_eval for e in rank_evals):
-            panels[ev["id"]] = ev.pop("panel")
+            panels[ev["id"]] = ev.pop("panel", None)
             normal.append(ev.pop("normal_scores"))
             ev["threshold"] = normal_threshold(normal[-1], q, k_sigma)
-            score_rows += [(ev["id"], *row) for row in ev.pop("scores")]
+            score_rows += [(ev["id"], *row) for row in ev.pop("scores", [])]
             record["clients"][ev.pop("id")].update(ev)
         self.log_panels(round_idx, panels)
         record["threshold"] = normal_threshold(np.concatenate(normal), q, k_sigma)  # the global model's threshold
@@ -614,11 +645,13 @@ class FederatedOrchestrator:
         csv.writer(table).writerows(
             [("client", "label", "score", "path")] + [(c, y, f"{v:.7g}", p) for c, p, y, v in sorted(score_rows)]
         )
-        atomic_write_text(self.run_dir / "scores.csv", table.getvalue())
+        if score_rows:
+            atomic_write_text(self.run_dir / "scores.csv", table.getvalue())
         record["clients"] = dict(sorted(record["clients"].items()))
         record["bytes_up"] = sum(c["bytes_up"] for c in record["clients"].values())
         record["bytes_down"] = down * len(record["clients"])
-        record["mean_image_auroc"] = float(np.mean([c["image_auroc"] for c in record["clients"].values()]))
+        # NaN in rounds whose test set is not scored (federation.eval_every).
+        record["mean_image_auroc"] = float(np.mean([c.get("image_auroc", np.nan) for c in record["clients"].values()]))
         criteria = [c["criterion"] for c in record["clients"].values() if c.get("criterion") == c.get("criterion")]
         record["mean_criterion"] = float(np.mean(criteria)) if criteria else float("nan")
         record["time_s"] = time.perf_counter() - start
@@ -704,7 +737,7 @@ class FederatedOrchestrator:
             "round/bytes_up": record["bytes_up"],
             "round/bytes_down": record["bytes_down"],
             "round/time_s": record["time_s"],
-            "round/mean_image_auroc": record["mean_image_auroc"],
+            **({"round/mean_image_auroc": record["mean_image_auroc"]} if self.tested(r) else {}),
             "cache/extraction_s": record["cache"]["extraction_s"],
             "cache/saved_s": record["cache"]["saved_s"],
         }
@@ -719,8 +752,9 @@ class FederatedOrchestrator:
         self.fabric.log_dict(metrics, step=r)
         left_out = [f"{cid} ({c['error']})" for cid, c in record["clients"].items() if "error" in c]
         self.reporter.print(
-            f"round {r:>2}: mean image AUROC {record['mean_image_auroc']:.4f}  "
-            f"held-out criterion {record['mean_criterion']:.4f}  "
+            f"round {r:>2}: mean image AUROC "
+            + (f"{record['mean_image_auroc']:.4f}  " if self.tested(r) else "(test set not scored)  ")
+            + f"held-out criterion {record['mean_criterion']:.4f}  "
             f"up {human_bytes(record['bytes_up'])}  down {human_bytes(record['bytes_down'])}  "
             f"time {record['time_s']:.1f}s  (cache saved {record['cache']['saved_s']:.1f}s so far)"
             + (f"  left out: {', '.join(left_out)}" if left_out else "")
@@ -798,17 +832,23 @@ class FederatedOrchestrator:
         torch.set_rng_state(payload["rng"]["torch"])
 
     def kept_record(self) -> dict[str, Any]:
-        """The final result a user gets: every client's metrics at the round it keeps, and their mean."""
+        """The final result a user gets: every client's metrics at the round it keeps, and their mean.
+
+        Kept rounds whose test set was not scored take the test metrics of the final evaluation."""
         last = self.history[-1]
         by_round = {r["round"]: r for r in self.history}
         clients = {}
         for cid, stats in last["clients"].items():
             kept_round = stats.get("kept_round", last["round"])
-            clients[cid] = {**by_round.get(kept_round, last)["clients"][cid], "kept_round": kept_round}
+            clients[cid] = {
+                **by_round.get(kept_round, last)["clients"][cid],
+                **self.final_tests.get(cid, {}),
+                "kept_round": kept_round,
+            }
         return {
             "round": last["round"],
             "clients": clients,
-            "mean_image_auroc": float(np.mean([c["image_auroc"] for c in clients.values()])),
+            "mean_image_auroc": float(np.mean([c.get("image_auroc", np.nan) for c in clients.values()])),
         }
 
     def summary(self) -> dict[str, Any]:
@@ -837,7 +877,7 @@ class FederatedOrchestrator:
         cols += ["up/round", "down/round", "time"]
         rows = []
         for cid, s in final["clients"].items():
-            t = sum(r["clients"][cid]["time_s"] + r["clients"][cid]["eval_time_s"] for r in self.history)
+            t = sum(r["clients"][cid]["time_s"] + r["clients"][cid].get("eval_time_s", 0.0) for r in self.history)
             row = [
                 str(cid),
                 ",".join(self.all_clients[cid].products),
@@ -888,9 +928,12 @@ class FederatedOrchestrator:
                 self.save(round_idx)
                 if self.should_stop(round_idx):
                     break
+            self.final_tests = self.final_evaluation()
         self.fabric.barrier()
         if not self.is_server:
             return None
+        if self.final_tests:
+            atomic_write_json(self.run_dir / "metrics.json", self.summary())
         self.log_final()
         for logger in self.fabric.loggers:
             logger.finalize("success")
