@@ -82,7 +82,7 @@ def test_thresholds_and_normalisation_come_from_held_out_normal_images(tmp_path,
 
 
 def test_without_per_round_test_scoring_the_kept_states_are_scored_once_at_the_end(tmp_path, synthetic_yaml):
-    orch, summary = _run(tmp_path, synthetic_yaml, "quiet", "federation.rounds=2", "federation.eval_every=0")
+    _, summary = _run(tmp_path, synthetic_yaml, "quiet", "federation.rounds=2", "federation.eval_every=0")
     assert all("image_auroc" not in c for r in summary["rounds"] for c in r["clients"].values())
     assert all(np.isnan(r["mean_image_auroc"]) and 0 <= r["mean_criterion"] <= 1 for r in summary["rounds"])
     final = summary["final"]["clients"]
@@ -92,3 +92,28 @@ def test_without_per_round_test_scoring_the_kept_states_are_scored_once_at_the_e
     for cid, c in every["final"]["clients"].items():
         assert c["kept_round"] == final[cid]["kept_round"]
         assert c["image_auroc"] == pytest.approx(final[cid]["image_auroc"], abs=1e-6)
+
+
+def test_clients_in_the_same_state_score_a_products_test_images_once(tmp_path, synthetic_yaml, monkeypatch):
+    from feddymem.federation.orchestrator import state_fingerprint
+    from feddymem.lightning_model import FedDyMemModule
+
+    scored: list[int] = []
+    real = FedDyMemModule.test_step
+
+    def counting(self, batch, batch_idx):
+        scored.append(len(batch["path"]))
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(FedDyMemModule, "test_step", counting)
+    orch, summary = _run(tmp_path, synthetic_yaml, "same", "federation.rounds=0")
+    # Round 0: identity generators and one global memory, so every client is in the same state.
+    states = {state_fingerprint(c.module.trainable_state()) for c in orch.clients}
+    assert len(states) == 1
+    distinct = {s.path for c in orch.clients for s in c.test_set.samples}
+    assert sum(scored) == len(distinct) < sum(len(c.test_set) for c in orch.clients)
+    finals = summary["final"]["clients"]
+    assert all(
+        finals[0]["products"][p] == finals[1]["products"][p]
+        for p in set(finals[0]["products"]) & set(finals[1]["products"])
+    )

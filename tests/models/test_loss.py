@@ -32,3 +32,19 @@ def test_loss_terms():
     # The hard negative at squared distance 1 is not beyond r² + margin = 1.5: repel pays 0.5.
     close = HypersphereLoss(k_nearest=1, j_negatives=1, margin=0.5, radius_init=1.0)
     assert abs(close(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 0.0], [1.0, 0.0]])).item() - 0.5) < 1e-6
+
+
+def test_gradient_through_the_selected_neighbours_equals_the_full_distance_matrix():
+    # The reference: the same loss written on the full (P, M) matrix of squared distances.
+    torch.manual_seed(3)
+    memory = torch.randn(200, 16)
+    patches = torch.randn(50, 16, requires_grad=True)
+    loss_fn = HypersphereLoss(k_nearest=3, j_negatives=3, margin=0.5, radius_init=1.0)
+    loss_fn(patches, memory).backward()
+    fast = patches.grad.clone()
+    patches.grad = None
+    nearest = torch.topk(torch.cdist(patches, memory).pow(2), 6, dim=1, largest=False).values
+    r2 = loss_fn.radius.pow(2)
+    reference = torch.relu(nearest[:, :3] - r2).mean() + torch.relu(r2 + 0.5 - nearest[:, 3:]).mean()
+    reference.backward()
+    assert torch.allclose(fast, patches.grad, atol=1e-5)

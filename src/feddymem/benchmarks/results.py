@@ -81,17 +81,20 @@ def render_markdown(results: dict[str, Any], convergence: list[str]) -> str:
             f"## {dataset}",
             "",
             "| method | overrides | mean image AUROC | per-client image AUROC | per-product image AUROC | "
-            "pixel AUROC | AUPRO | up / client / round | down / client / round | s / round (round 0) | peak RSS |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "pixel AUROC | AUPRO | memory items scored (uploaded / client) | up / client / round | "
+            "down / client / round | kept rounds | s / round (round 0) | peak RSS |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in runs:
             per_client = " ".join(_f(c.get("image_auroc"), 3) for c in r["clients"].values())
             per_product = ", ".join(f"{p} {_f(a, 3)}" for p, a in r["product_image_auroc"].items())
+            items = f"{r.get('scoring_memory_items') or '–'} ({_f(r.get('upload_items_per_client'), 0)})"
+            kept = " ".join(str(k) for k in r.get("kept_rounds", {}).values()) or "–"
             lines.append(
                 f"| {r['method']} | `{' '.join(r['overrides']) or '(defaults)'}` | **{_f(r['mean_image_auroc'])}** | "
-                f"{per_client} | {per_product} | {_f(r['pixel_auroc'])} | {_f(r['aupro'])} | "
+                f"{per_client} | {per_product} | {_f(r['pixel_auroc'])} | {_f(r['aupro'])} | {items} | "
                 f"{human_bytes(r['bytes_up_per_client_round'])} | {human_bytes(r['bytes_down_per_client_round'])} | "
-                f"{r['time_per_round_s']:.1f} ({r['round0_s']:.1f}) | {r['peak_rss_mb'] / 1024:.2f} GB |"
+                f"{kept} | {r['time_per_round_s']:.1f} ({r['round0_s']:.1f}) | {r['peak_rss_mb'] / 1024:.2f} GB |"
             )
         lines.append("")
     lines += _upload_section(results, datasets) + _perf_section(results) + _convergence_section(results, convergence)

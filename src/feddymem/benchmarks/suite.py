@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader, Subset
 from feddymem.benchmarks import perf
 from feddymem.benchmarks.results import plot_convergence, render_markdown
 from feddymem.config import config_dir, load_config, load_yaml, merge_checked
-from feddymem.data.feature_cache import FeatureCache
 from feddymem.errors import ConfigError
 from feddymem.federation.orchestrator import Client, FederatedOrchestrator, library_versions
 from feddymem.io import atomic_write_json, atomic_write_text
@@ -171,11 +170,19 @@ def warm_cache(plan: BenchPlan, dataset: str, runs_dir: Path) -> tuple[Federated
     }
 
 
-def run_method(plan: BenchPlan, dataset: str, method: str, runs_dir: Path, cache: FeatureCache) -> dict[str, Any]:
-    """One method on one data set, through the real orchestrator; its condensed results."""
+def run_method(
+    plan: BenchPlan, dataset: str, method: str, runs_dir: Path, features: FederatedOrchestrator
+) -> dict[str, Any]:
+    """One method on one data set, through the real orchestrator; its condensed results.
+
+    The run reads the data set's shared feature cache (``features``) unless it changes the backbone: the
+    cache is keyed by image and pre-processing, not by extractor, so such a run extracts its own.
+    """
     name = f"{dataset}-{method}"
     overrides = [*_base_overrides(plan, dataset, runs_dir), *plan.methods[method], f"name={name}"]
     cfg = load_config(overrides)
+    same_backbone = cfg.model.backbone == features.cfg.model.backbone
+    cache = features.cache if same_backbone else None
     orch = FederatedOrchestrator(cfg, _fresh(runs_dir / name), Reporter(quiet=True), feature_cache=cache)
     with PeakMemory() as peak:
         start = time.perf_counter()
@@ -229,6 +236,9 @@ def condense(
         "bytes_down_per_client_round": float(np.mean([r["bytes_down"] for r in rounds])) / n_clients,
         # The un-reduced bank: every patch of a client's training images, float32, per client.
         "unreduced_bytes_per_client": float(np.mean(patches)) * orch.memory_dim() * 4 if patches else None,
+        # Items a client scores against (the global memory, or its own / the pooled coreset) and uploads.
+        "scoring_memory_items": int(orch.clients[0].module.model.memory.shape[0]) if orch.clients else None,
+        "upload_items_per_client": float(np.mean(uploads)) if (uploads := _upload_items(rounds)) else None,
         "round0_s": rounds[0]["time_s"],
         "time_per_round_s": float(np.mean([r["time_s"] for r in training])),
         "rounds": len(rounds) - 1,
@@ -237,6 +247,12 @@ def condense(
         "peak_rss_resettable": peak.resettable,
         "peak_cuda_mb": peak.cuda_mb,
     }
+
+
+def _upload_items(rounds: list[dict[str, Any]]) -> list[int]:
+    return [
+        c["memory_items"] for r in rounds for c in r["clients"].values() if c.get("uploaded") and "memory_items" in c
+    ]
 
 
 # --- performance side by side -----------------------------------------------------------------------
@@ -342,7 +358,7 @@ def run_suite(
         save()
         for method in methods:
             reporter.print(f"[bench] {dataset}: {method}")
-            run = run_method(plan, dataset, method, runs_dir, features.cache)
+            run = run_method(plan, dataset, method, runs_dir, features)
             results["runs"].append(run)
             reporter.print(
                 f"[bench] {dataset}: {method}: mean image AUROC {run['mean_image_auroc']:.4f}, "

@@ -17,6 +17,7 @@ averaged generator).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import platform
@@ -179,6 +180,7 @@ class FederatedOrchestrator:
         self.cache = feature_cache
         self.history: list[dict[str, Any]] = []
         self.final_tests: dict[int, dict[str, Any]] = {}  # test metrics of kept states scored at the end
+        self._product_scores: dict[tuple, tuple] = {}  # (state, product, images) → scores, labels, paths, metrics
         self.start_round = 0
         self.server_gpu = resolve_gpu(cfg.server.gpu)
 
@@ -412,16 +414,34 @@ class FederatedOrchestrator:
         t0 = time.perf_counter()
         test_set = self._cached(client.test_set, f"client {client.id} test features")
         module = client.module
+        fingerprint = state_fingerprint(module.trainable_state())
         scores, labels, paths, products, per_product = [], [], [], [], {}
         for product in client.data.products:
-            indices = [i for i, s in enumerate(client.test_set.samples) if s.product == product]
-            with torch.no_grad():
-                for batch_idx, batch in enumerate(self._loader(Subset(test_set, indices), shuffle=False)):
-                    scores.append(module.test_step(batch, batch_idx)["pred_score"].cpu())
-                    labels.append(torch.as_tensor(batch["label"]))
-                    paths += list(batch["path"])
-                    products += [product] * len(batch["path"])
-            per_product[product] = module.compute_test_metrics()
+            # Clients in the same state (round 0, or frozen generators with one global memory) score a
+            # product's test images identically: score them once per process.
+            key = (fingerprint, product, tuple(s.path for s in client.test_set.samples if s.product == product))
+            if key not in self._product_scores:
+                indices = [i for i, s in enumerate(client.test_set.samples) if s.product == product]
+                p_scores, p_labels, p_paths = [], [], []
+                with torch.no_grad():
+                    for batch_idx, batch in enumerate(self._loader(Subset(test_set, indices), shuffle=False)):
+                        p_scores.append(module.test_step(batch, batch_idx)["pred_score"].cpu())
+                        p_labels.append(torch.as_tensor(batch["label"]))
+                        p_paths += list(batch["path"])
+                self._product_scores = {  # keep only the latest state's entries
+                    k: v for k, v in self._product_scores.items() if k[0] == fingerprint
+                }
+                self._product_scores[key] = (
+                    torch.cat(p_scores),
+                    torch.cat(p_labels),
+                    p_paths,
+                    module.compute_test_metrics(),
+                )
+            p_scores, p_labels, p_paths, per_product[product] = self._product_scores[key]
+            scores.append(p_scores)
+            labels.append(p_labels)
+            paths += p_paths
+            products += [product] * len(p_paths)
         raw, labels_all = torch.cat(scores).double().numpy(), torch.cat(labels).numpy()
         scores_all = normalizer(raw, products)
         result: dict[str, Any] = {"image_auroc": auroc_score(scores_all, labels_all)}
@@ -942,6 +962,15 @@ class FederatedOrchestrator:
         if self.history:
             self.print_table()
         return self.summary()
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A digest of a client's trainable state (generator, radius, memory): equal states, equal scores."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def library_versions() -> dict[str, str]:

@@ -30,8 +30,11 @@ class HypersphereLoss(nn.Module):
         )
         k = min(self.k_nearest, memory.shape[0])
         j = min(self.j_negatives, memory.shape[0] - k)
-        dist = squared_distances(patches, memory)
-        nearest = torch.topk(dist, k + j, dim=1, largest=False).values
+        # Find the K + J nearest items without autograd, then differentiate only through those distances: the
+        # same gradient as through the full (P, M) matrix, without its backward pass (M is 10⁴ items and more).
+        with torch.no_grad():
+            index = torch.topk(squared_distances(patches, memory), k + j, dim=1, largest=False).indices
+        nearest = (patches.unsqueeze(1) - memory[index]).pow(2).sum(dim=-1)  # (P, K + J), ascending
         r2 = self.radius.pow(2)
         attract = F.relu(nearest[:, :k] - r2).mean()
         if j == 0:
