@@ -44,6 +44,7 @@ class Method(str, enum.Enum):
 class Aggregation(str, enum.Enum):
     kmeans = "kmeans"  # FAISS K-means of all uploaded items (the method)
     mean = "mean"  # ablation: item-by-item weighted mean of position-aligned uploads
+    coreset = "coreset"  # greedy k-center selection of the uploaded items: keeps rare normal patterns
 
 
 class Rebuild(str, enum.Enum):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from feddymem.memory.aggregate import aggregate, mean_aggregate
+from feddymem.memory.aggregate import aggregate, coreset_aggregate, mean_aggregate
 from feddymem.memory.reduce import MemoryBank
 
 
@@ -35,3 +35,18 @@ def test_server_mean_is_item_by_item_weighted_mean():
     assert torch.allclose(mean_aggregate(uploads, weight_by_client_size=False).items, torch.full((4, 2), 0.5))
     with pytest.raises(ValueError, match=r"one shape .*\(3, 2\), \(4, 2\)"):
         mean_aggregate([_bank(0.0, 4, 1), _bank(0.0, 3, 1)])
+
+
+def test_coreset_aggregation_keeps_a_rare_upload_that_kmeans_averages_away():
+    # 300 items in a tight blob and one rare but normal pattern far away, over two clients.
+    torch.manual_seed(0)
+    blob = torch.randn(300, 4) * 0.1
+    rare = torch.tensor([[20.0, 0.0, 0.0, 0.0]])
+    uploads = [
+        MemoryBank(blob[:150], torch.ones(150), 10),
+        MemoryBank(torch.cat([blob[150:], rare]), torch.ones(151), 10),
+    ]
+    result = coreset_aggregate(uploads, 8, seed=1)
+    assert result.items.shape == (8, 4) and result.num_points == 301
+    assert (result.items == rare).all(dim=1).any()  # kept as it was uploaded
+    assert result.objective < 1.0  # every upload is within the coverage radius of a chosen item

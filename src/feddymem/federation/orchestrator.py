@@ -46,7 +46,7 @@ from feddymem.io import atomic_write_json, atomic_write_text, load_checkpoint, s
 from feddymem.lightning_model import FedDyMemModule
 from feddymem.logging.console import Reporter, human_bytes
 from feddymem.logging.experiment import find_wandb, heatmap_panel, make_loggers
-from feddymem.memory.aggregate import GlobalMemory, aggregate, mean_aggregate
+from feddymem.memory.aggregate import GlobalMemory, aggregate, coreset_aggregate, mean_aggregate
 from feddymem.memory.kmeans import resolve_gpu
 from feddymem.memory.reduce import MemoryBank
 from feddymem.metrics.auroc import auroc_score
@@ -553,6 +553,8 @@ class FederatedOrchestrator:
         s = self.cfg.server
         if s.aggregation.value == "mean":
             return mean_aggregate(uploads, weight_by_client_size=s.weight_by_client_size)
+        if s.aggregation.value == "coreset":
+            return coreset_aggregate(uploads, s.size or self.patch_positions(), seed=self.cfg.seed + round_idx)
         warm = self.global_memory if (s.warm_start and self.global_memory is not None) else None
         size = s.size or self.patch_positions()
         return aggregate(

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from feddymem.memory.kmeans import kmeans
-from feddymem.memory.reduce import MemoryBank
+from feddymem.memory.reduce import MemoryBank, greedy_coreset
+from feddymem.memory.search import squared_distances
 
 
 @dataclass
@@ -57,6 +58,23 @@ def aggregate(
         max_points_per_centroid=max(256, points.shape[0] // max(size, 1) + 1),
     )
     return GlobalMemory(result.centroids, result.objective, points.shape[0], result.gpu)
+
+
+def coreset_aggregate(uploads: list[MemoryBank], size: int, *, seed: int = 0) -> GlobalMemory:
+    """A greedy k-center coreset of all uploaded items (``size`` of them, at most all).
+
+    K-means replaces rare items by the mean of their neighbourhood; k-center keeps the items that are
+    farthest from everything already chosen, so rare normal patterns stay in the global memory. The
+    items are still the clients' averages (no raw patch is ever uploaded). Objective: the coverage
+    radius², the largest squared distance of an uploaded item to its nearest chosen one.
+    """
+    if not uploads:
+        raise ValueError("no uploads to aggregate")
+    points = torch.cat([u.items.float().cpu() for u in uploads])
+    picks = greedy_coreset(points, size, seed=seed)
+    items = points[picks].contiguous()
+    radius2 = float(squared_distances(points, items).min(dim=1).values.max())
+    return GlobalMemory(items, radius2, points.shape[0], False)
 
 
 def mean_aggregate(uploads: list[MemoryBank], *, weight_by_client_size: bool = True) -> GlobalMemory:
