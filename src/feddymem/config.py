@@ -115,6 +115,10 @@ class ScoringConfig:
     k: int = 3
     sigma: float = 4.0
     normalize: Normalize = Normalize.product  # comparable scores across a client's products
+    # Memories larger than this are searched with a FAISS inverted-file index (√M lists, nprobe visited)
+    # for scoring and for the loss's neighbours; 0 = always exact.
+    approximate_above: int = 0
+    nprobe: int = 8
 
 
 @dataclass
@@ -352,6 +356,7 @@ def validate(cfg: DictConfig) -> None:
         "data.num_clients",
         "model.loss.k_nearest",
         "model.scoring.k",
+        "model.scoring.nprobe",
         "memory.kmeans_iters",
         "server.kmeans_iters",
         "memory.local_kmeans_ratio",
@@ -372,6 +377,7 @@ def validate(cfg: DictConfig) -> None:
         "selection.synthetic_per_image",
         "selection.patience",
         "federation.eval_every",
+        "model.scoring.approximate_above",
     ):
         positive(key, allow_zero=True)
     if cfg.data.crop_size > cfg.data.image_size:

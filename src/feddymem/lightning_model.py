@@ -40,6 +40,8 @@ class FedDyMemModule(L.LightningModule):
         score_k: int = 3,
         score_method: str = "softmin",
         sigma: float = 4.0,
+        approximate_above: int = 0,
+        nprobe: int = 8,
         memory_reduce: str = "cluster_mean",
         memory_size: int = 0,
         local_kmeans_ratio: int = 1,
@@ -71,6 +73,8 @@ class FedDyMemModule(L.LightningModule):
             score_k,
             score_method,
             sigma,
+            approximate_above,
+            nprobe,
         )
         # A federated client must not merge its metrics with other processes' clients (sync_metrics=False);
         # under a multi-GPU Trainer the default syncs them like any torchmetrics metric.

@@ -60,3 +60,22 @@ def test_patchcore_reweighting_keeps_a_patch_near_an_isolated_memory_item_and_di
         assert abs(float(scores[1]) - 3.0) < 1e-5
     finally:
         fedmodel.set_memory(saved)
+
+
+def test_a_large_memory_is_searched_approximately_for_scores_and_loss_with_nearly_exact_results():
+    from feddymem.models.torch_model import FedDyMemModel
+
+    torch.manual_seed(0)
+    exact, approx = FedDyMemModel(weights="none"), FedDyMemModel(weights="none", approximate_above=1000, nprobe=8)
+    d = exact.generator.out_channels
+    centres = torch.randn(30, d) * 3
+    memory = centres[torch.randint(30, (4000,))] + torch.randn(4000, d)
+    embeddings = (centres[torch.randint(30, (2 * 49,))] + torch.randn(2 * 49, d)).T.reshape(d, 2, 7, 7)
+    embeddings = embeddings.permute(1, 0, 2, 3).contiguous()
+    for model in (exact, approx):
+        model.set_memory(memory)
+    assert approx.memory_index().approximate and not exact.memory_index().approximate
+    s_exact, s_approx = exact.patch_scores(embeddings), approx.patch_scores(embeddings)
+    assert torch.all(s_approx >= s_exact - 1e-3) and float((s_approx / s_exact).mean()) < 1.05
+    l_exact, l_approx = exact.compute_loss(embeddings), approx.compute_loss(embeddings)
+    assert abs(float(l_approx) - float(l_exact)) < 0.05 * abs(float(l_exact))

@@ -72,6 +72,8 @@ def client_module_from_config(cfg: DictConfig, client_id: int | None = None) -> 
         score_k=m.scoring.k,
         score_method="patchcore" if cfg.method.value == "patchcore" else str(m.scoring.method.value),
         sigma=m.scoring.sigma,
+        approximate_above=m.scoring.approximate_above,
+        nprobe=m.scoring.nprobe,
         # PatchCore: a greedy coreset of the raw patches, scored by the nearest one.
         memory_reduce="coreset" if cfg.method.value == "patchcore" else str(getattr(mem.reduce, "value", mem.reduce)),
         memory_size=mem.size,

@@ -24,19 +24,44 @@ def as_float32(x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 class MemoryIndex:
-    """Exact L2 FAISS index over memory items (on the GPU when FAISS has one and ``gpu`` is true)."""
+    """L2 FAISS index over memory items (on the GPU when FAISS has one and ``gpu`` is true).
 
-    def __init__(self, memory: torch.Tensor | np.ndarray, gpu: bool = False) -> None:
+    Exact (flat) by default. With ``approximate_above`` > 0, a memory larger than that is searched with
+    an inverted-file index (√M lists, ``nprobe`` of them visited per query): about √M / nprobe times
+    fewer distances, which is what makes memories of 10⁴ items and more affordable on a CPU. A query
+    whose visited lists hold fewer than k items is answered exactly.
+    """
+
+    def __init__(
+        self, memory: torch.Tensor | np.ndarray, gpu: bool = False, approximate_above: int = 0, nprobe: int = 8
+    ) -> None:
         items = as_float32(memory)
         self.size, self.dim = items.shape
-        index = faiss.IndexFlatL2(self.dim)
+        self.flat = faiss.IndexFlatL2(self.dim)
+        self.flat.add(items)
+        self.approximate = 0 < approximate_above < self.size
+        index = self.flat
+        if self.approximate:
+            lists = max(1, round(self.size**0.5))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dim), self.dim, lists)
+            index.cp.seed = 0  # the coarse K-means: same lists for the same memory
+            index.cp.min_points_per_centroid = 1
+            index.train(items)
+            index.add(items)
+            index.nprobe = min(nprobe, lists)
         if gpu and faiss_gpu_available():
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-        index.add(items)
+            resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(resources, 0, index)
+            self.flat = faiss.index_cpu_to_gpu(resources, 0, self.flat) if self.approximate else index
         self.index = index
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distances and indices of the ``k`` nearest items, sorted, as tensors on ``queries``' device."""
         k = min(k, self.size)
-        dist, idx = self.index.search(as_float32(queries), k)
+        q = as_float32(queries)
+        dist, idx = self.index.search(q, k)
+        if self.approximate:
+            short = np.flatnonzero((idx < 0).any(axis=1))
+            if short.size:
+                dist[short], idx[short] = self.flat.search(q[short], k)
         return torch.from_numpy(dist).to(queries.device), torch.from_numpy(idx).to(queries.device)

@@ -23,8 +23,11 @@ class HypersphereLoss(nn.Module):
         self.k_nearest, self.j_negatives, self.margin = k_nearest, j_negatives, margin
         self.radius = nn.Parameter(torch.tensor(float(radius_init)))
 
-    def forward(self, embeddings: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """``embeddings``: (B, D, H, W) or (P, D); ``memory``: (M, D). Returns the scalar loss."""
+    def forward(
+        self, embeddings: torch.Tensor, memory: torch.Tensor, neighbours: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``embeddings``: (B, D, H, W) or (P, D); ``memory``: (M, D); ``neighbours``: optional (P, K + J)
+        indices of each patch's nearest items, ascending (e.g. from a FAISS index). Returns the scalar loss."""
         patches = (
             embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1]) if embeddings.dim() == 4 else embeddings
         )
@@ -32,8 +35,11 @@ class HypersphereLoss(nn.Module):
         j = min(self.j_negatives, memory.shape[0] - k)
         # Find the K + J nearest items without autograd, then differentiate only through those distances: the
         # same gradient as through the full (P, M) matrix, without its backward pass (M is 10⁴ items and more).
-        with torch.no_grad():
-            index = torch.topk(squared_distances(patches, memory), k + j, dim=1, largest=False).indices
+        if neighbours is not None and neighbours.shape[1] == k + j:
+            index = neighbours.to(patches.device)
+        else:
+            with torch.no_grad():
+                index = torch.topk(squared_distances(patches, memory), k + j, dim=1, largest=False).indices
         nearest = (patches.unsqueeze(1) - memory[index]).pow(2).sum(dim=-1)  # (P, K + J), ascending
         r2 = self.radius.pow(2)
         attract = F.relu(nearest[:, :k] - r2).mean()

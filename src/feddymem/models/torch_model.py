@@ -46,8 +46,11 @@ class FedDyMemModel(nn.Module):
         score_k: int = 3,
         score_method: str = "softmin",
         sigma: float = 4.0,
+        approximate_above: int = 0,
+        nprobe: int = 8,
     ) -> None:
         super().__init__()
+        self.approximate_above, self.nprobe = approximate_above, nprobe
         self.feature_extractor = FeatureExtractor(backbone, layers, weights, pool_size)
         self.generator = MemoryGenerator(
             self.feature_extractor.out_channels, generator_reduction, coord_channels, generator_init
@@ -80,7 +83,9 @@ class FedDyMemModel(nn.Module):
 
     def memory_index(self) -> MemoryIndex:
         if self._index is None:
-            self._index = MemoryIndex(self.memory, gpu=self.memory.is_cuda)
+            self._index = MemoryIndex(
+                self.memory, gpu=self.memory.is_cuda, approximate_above=self.approximate_above, nprobe=self.nprobe
+            )
         return self._index
 
     # --- forward pieces -------------------------------------------------------------------------
@@ -96,7 +101,13 @@ class FedDyMemModel(nn.Module):
         memory = self.memory if target is None else target
         if memory.numel() == 0:
             raise RuntimeError("the metric loss needs a memory: build one with build_memory() or set_memory()")
-        return self.loss(embeddings, memory)
+        neighbours = None
+        if target is None and self.memory_index().approximate:
+            # A large memory: find each patch's K + J nearest items with the (approximate) FAISS index.
+            patches = embeddings.detach().permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
+            count = min(self.loss.k_nearest + self.loss.j_negatives, memory.shape[0])
+            _, neighbours = self.memory_index().search(patches, count)
+        return self.loss(embeddings, memory, neighbours)
 
     def patch_scores(self, embeddings: torch.Tensor, use_index: bool = True) -> torch.Tensor:
         """(B, D, H, W) → (B, H, W) patch scores against the memory (FAISS, or torch for export)."""

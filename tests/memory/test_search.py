@@ -1,0 +1,34 @@
+import numpy as np
+import torch
+
+from feddymem.memory.search import MemoryIndex
+
+
+def _clustered(n: int, dim: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(40, dim, generator=g) * 4
+    return centres[torch.randint(40, (n,), generator=g)] + torch.randn(n, dim, generator=g)
+
+
+def test_approximate_index_finds_nearly_the_exact_nearest_distances_with_far_fewer_comparisons():
+    memory, queries = _clustered(6000, 32, 0), _clustered(2000, 32, 1)
+    exact = MemoryIndex(memory)
+    approx = MemoryIndex(memory, approximate_above=4096, nprobe=8)
+    assert not exact.approximate and approx.approximate
+    d_exact, _ = exact.search(queries, 1)
+    d_approx, i_approx = approx.search(queries, 1)
+    # Never closer than the truth, and the truth for most queries; an approximate nearest is still near.
+    assert torch.all(d_approx >= d_exact - 1e-3)
+    assert (d_approx - d_exact).abs().le(1e-3).float().mean() > 0.8
+    assert float(d_approx.sqrt().mean()) < 1.05 * float(d_exact.sqrt().mean())
+    assert torch.allclose(d_approx[:, 0], (queries - memory[i_approx[:, 0]]).pow(2).sum(1), rtol=1e-4, atol=1e-3)
+    # Small memories stay exact.
+    assert not MemoryIndex(memory[:100], approximate_above=4096).approximate
+
+
+def test_approximate_index_answers_every_query_even_when_visited_lists_are_short():
+    memory = _clustered(5000, 8, 2)
+    index = MemoryIndex(memory, approximate_above=100, nprobe=1)
+    far = torch.full((5, 8), 1e3)  # far from every list: still k real neighbours, sorted
+    dist, idx = index.search(far, 9)
+    assert (idx >= 0).all() and np.all(np.diff(dist.numpy(), axis=1) >= 0)
