@@ -82,10 +82,10 @@ def test_synthetic_anomalies_paste_a_region_of_another_normal_image_deterministi
         item, again = ds[index], ds[index]
         assert torch.equal(item["image"], again["image"]) and item["label"] == 1
         region = item["mask"].bool()
-        assert 0.02 * 32 * 32 * 0.5 < region.sum() < 0.15 * 32 * 32 * 1.5  # 2–15 % of the image
+        assert 0.005 * 32 * 32 * 0.5 < region.sum() < 0.05 * 32 * 32 * 1.5  # 0.5–5 % of the image
         source = normal[index // 3]["image"]
         assert torch.equal(item["image"][:, ~region], source[:, ~region])  # untouched outside the region
-        assert (item["image"][:, region] - source[:, region]).abs().mean() > 0.5  # the other image, pasted
+        assert (item["image"][:, region] - source[:, region]).abs().mean() > 0.3  # the other image, blended in
     assert not torch.equal(ds[0]["image"], ds[1]["image"])
     # The feature cache keys synthetic items apart from their source images.
     cache = FeatureCache(lambda x: x.mean(dim=1, keepdim=True))

@@ -52,9 +52,10 @@ def render_markdown(results: dict[str, Any], convergence: list[str]) -> str:
     m = results["machine"]
     v = m["versions"]
     lines = [
-        "# FedDyMem benchmarks",
+        f"# {results.get('title', 'FedDyMem benchmarks')}",
         "",
-        "Written by `make bench` (`python -m feddymem.benchmarks suite`, plan: `configs/bench.yaml`); "
+        *[line for note in results.get("notes", []) for line in (note, "")],
+        "Written by `python -m feddymem.benchmarks suite` (`make bench` for `configs/bench.yaml`); "
         "`results.json` holds every number below and more.",
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['memory_gb']} GB RAM, "

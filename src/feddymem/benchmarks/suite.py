@@ -49,6 +49,8 @@ class BenchPlan:
     methods: dict[str, list[str]] = field(default_factory=dict)  # row name → overrides
     convergence: list[str] = field(default_factory=lambda: ["feddymem", "fedavg", "fedprox"])
     perf: PerfPlan = field(default_factory=PerfPlan)
+    title: str = "FedDyMem benchmarks"  # the heading of results.md
+    notes: list[str] = field(default_factory=list)  # lines written under the heading
 
 
 def load_plan(path: str | Path | None = None) -> BenchPlan:
@@ -333,6 +335,8 @@ def run_suite(
     torch.manual_seed(plan.seed)
     results: dict[str, Any] = {
         "machine": machine(),
+        "title": plan.title,
+        "notes": plan.notes,
         "seed": plan.seed,
         "overrides": plan.overrides,
         "datasets": {d: plan.datasets[d] for d in datasets},

@@ -125,10 +125,12 @@ def verify_samples(samples: Sequence[Sample], progress=None) -> None:
 class SyntheticAnomalyDataset(ImageDataset):
     """Cut-paste anomalies made from normal images: needs no real defect, so a site can judge its model.
 
-    Each normal image gives ``per_image`` items: a rectangle (2–15 % of the image, aspect 1:3–3:1) cut
-    from another normal image of the same product (the image itself when it is alone), brightness-jittered
-    and pasted at a random place. Items are deterministic (seeded by ``seed`` and index), labelled 1,
-    and named ``<path>#cutpaste-<seed>-<j>`` so the feature cache can hold them.
+    Each normal image gives ``per_image`` items: a rectangle (0.5–5 % of the image, aspect 1:3–3:1) cut
+    from another normal image of the same product (the image itself when it is alone) and blended in at a
+    random place with opacity 0.4–0.9. They are meant to be hard: large, opaque pastes are found by
+    every model (their AUROC saturates at 1) and could not tell a better round from a worse one. Items
+    are deterministic (seeded by ``seed`` and index), labelled 1, and named ``<path>#cutpaste-<seed>-<j>``
+    so the feature cache can hold them.
     """
 
     def __init__(self, samples: Sequence[Sample], per_image: int = 2, seed: int = 0, **kwargs) -> None:
@@ -153,13 +155,14 @@ class SyntheticAnomalyDataset(ImageDataset):
         def uniform(low: float, high: float) -> float:
             return low + (high - low) * float(torch.rand((), generator=g))
 
-        area = uniform(0.02, 0.15) * size * size
+        area = uniform(0.005, 0.05) * size * size
         aspect = float(np.exp(uniform(np.log(1 / 3), np.log(3))))
         h = int(min(size - 1, max(2, round((area * aspect) ** 0.5))))
         w = int(min(size - 1, max(2, round((area / aspect) ** 0.5))))
         sy, sx, dy, dx = (int(torch.randint(size - d + 1, (1,), generator=g)) for d in (h, w, h, w))
-        patch = patch_from[:, sy : sy + h, sx : sx + w] * uniform(0.8, 1.2) + uniform(-0.3, 0.3)
-        image[:, dy : dy + h, dx : dx + w] = patch
+        alpha = uniform(0.4, 0.9)
+        target = image[:, dy : dy + h, dx : dx + w]
+        image[:, dy : dy + h, dx : dx + w] = (1 - alpha) * target + alpha * patch_from[:, sy : sy + h, sx : sx + w]
         mask = torch.zeros(size, size)
         mask[dy : dy + h, dx : dx + w] = 1.0
         return {
