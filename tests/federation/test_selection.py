@@ -68,13 +68,13 @@ def test_thresholds_and_normalisation_come_from_held_out_normal_images(tmp_path,
         held = {s.path for s in client.data.holdout}
         train = {s.path for s in client.data.train}
         assert held and not held & train and {s.path for s in client.normal_set.samples} == held
-        raw, products = orch.image_scores(client, client.normal_set)
+        raw, products, map_means, map_stds = orch.image_scores(client, client.normal_set)
         saved = ckpt["clients"][client.id]
         assert saved["threshold"] == normal_threshold(raw, 99.0)
         for product in client.data.products:
             own = raw[np.asarray(products) == product]
             assert saved["product_thresholds"][product] == normal_threshold(own, 99.0)
-        normalizer = ScoreNormalizer.fit(raw, products)
+        normalizer = ScoreNormalizer.fit(map_means, map_stds, products)
         assert saved["normalizer"] == normalizer.to_dict()
         # The client-level AUROC ranks the normalised test scores; the raw one is reported beside it.
         final = summary["final"]["clients"][client.id]

@@ -391,9 +391,9 @@ class FederatedOrchestrator:
     def evaluate_held_out(self, client: Client) -> tuple[dict[str, Any], ScoreNormalizer]:
         """Every round, normal images only: thresholds, the per-product normaliser and the criterion."""
         t0 = time.perf_counter()
-        normal_scores, normal_products = self.image_scores(client, client.normal_set)
+        normal_scores, normal_products, map_means, map_stds = self.image_scores(client, client.normal_set)
         normalize = self.cfg.model.scoring.normalize.value == "product"
-        normalizer = ScoreNormalizer.fit(normal_scores, normal_products) if normalize else ScoreNormalizer()
+        normalizer = ScoreNormalizer.fit(map_means, map_stds, normal_products) if normalize else ScoreNormalizer()
         q, k_sigma = self.cfg.threshold_percentile, (self.cfg.threshold_k_sigma or None)
         by_product = {p: normal_scores[np.asarray(normal_products) == p] for p in dict.fromkeys(normal_products)}
         result = {
@@ -480,19 +480,28 @@ class FederatedOrchestrator:
         gathered = gather_to_server(self.fabric, local)
         return {k: v for part in gathered for k, v in part.items()} if gathered is not None else {}
 
-    def image_scores(self, client: Client, dataset: ImageDataset) -> tuple[np.ndarray, list[str]]:
-        """Raw image scores of ``dataset`` under the client's current model, and each image's product."""
+    def image_scores(
+        self, client: Client, dataset: ImageDataset
+    ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+        """Raw image scores of ``dataset`` under the client's current model, each image's product, and the
+        mean and standard deviation of each image's anomaly map."""
         cached = self._cached(dataset, f"client {client.id} held-out features")
+        scores, means, stds = [], [], []
         with torch.no_grad():
-            scores = [client.module.score_batch(b)[1].cpu() for b in self._loader(cached, shuffle=False)]
-        return torch.cat(scores).double().numpy(), [s.product for s in dataset.samples]
+            for batch in self._loader(cached, shuffle=False):
+                maps, batch_scores = client.module.score_batch(batch)
+                scores.append(batch_scores.cpu())
+                means.append(maps.flatten(1).mean(dim=1).cpu())
+                stds.append(maps.flatten(1).std(dim=1).cpu())
+        as_numpy = [torch.cat(x).double().numpy() for x in (scores, means, stds)]
+        return as_numpy[0], [s.product for s in dataset.samples], as_numpy[1], as_numpy[2]
 
     def criterion(self, client: Client, normalizer: ScoreNormalizer, normal: np.ndarray) -> float:
         """Normal-only model-selection criterion: image AUROC of the held-out normal images against cut-paste
         anomalies made from them (NaN without held-out images)."""
         if client.synthetic_set is None:
             return float("nan")
-        raw, products = self.image_scores(client, client.synthetic_set)
+        raw, products, _, _ = self.image_scores(client, client.synthetic_set)
         synthetic = normalizer(raw, products)
         labels = np.r_[np.zeros(len(normal)), np.ones(len(synthetic))]
         return auroc_score(np.r_[normal, synthetic], labels)
