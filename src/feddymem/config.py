@@ -117,7 +117,7 @@ class ScoringConfig:
     normalize: Normalize = Normalize.product  # comparable scores across a client's products
     # Memories larger than this are searched with a FAISS inverted-file index (√M lists, nprobe visited)
     # for scoring and for the loss's neighbours; 0 = always exact.
-    approximate_above: int = 0
+    approximate_above: int = 4096
     nprobe: int = 8
 
 
@@ -132,10 +132,10 @@ class ModelConfig:
 @dataclass
 class MemoryConfig:
     reduce: Reduce = Reduce.cluster_mean
-    size: int = 0  # items each client uploads; 0 = H·W patch positions
+    size: int = 3136  # items each client uploads (capped at patches / min_cluster_size); 0 = H·W positions
     local_kmeans_ratio: int = 1  # γ_c: second-stage local K-means to size/γ_c items (position_* only)
-    kmeans_iters: int = 20
-    max_points_per_centroid: int = 64  # K-means subsamples above this; the final means use every patch
+    kmeans_iters: int = 10
+    max_points_per_centroid: int = 16  # K-means subsamples above this; the final means use every patch
     min_cluster_size: int = 3  # privacy: drop cluster items that average fewer patches
     coreset_ratio: float = 0.01  # reduce=coreset: fraction of the client's patches uploaded
     rebuild: Rebuild = Rebuild.every_round
@@ -144,7 +144,7 @@ class MemoryConfig:
 @dataclass
 class ServerConfig:
     aggregation: Aggregation = Aggregation.kmeans
-    size: int = 0  # global memory items n_g; 0 = H·W
+    size: int = 12544  # global memory items n_g; 0 = H·W
     weight_by_client_size: bool = True
     max_upload_items: int = 65536  # uploads above this (or above memory.size / H·W if larger) are rejected
     max_upload_mb: float = 256.0
@@ -155,9 +155,9 @@ class ServerConfig:
 
 @dataclass
 class FederationConfig:
-    rounds: int = 10
-    local_epochs: int = 3  # 0 = frozen generator (ablation "no metric loss")
-    eval_every: int = 1  # score the test set every N rounds and after the last; 0 = only the kept states
+    rounds: int = 1
+    local_epochs: int = 1  # 0 = frozen generator (ablation "no metric loss")
+    eval_every: int = 0  # score the test set every N rounds and after the last; 0 = only the kept states
     prox_mu: float = 0.01  # method=fedprox: weight of the proximal term
     accelerator: str = "auto"
     devices: int = 1  # processes per node

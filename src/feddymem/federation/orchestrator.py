@@ -72,7 +72,7 @@ def client_module_from_config(cfg: DictConfig, client_id: int | None = None) -> 
         score_k=m.scoring.k,
         score_method="patchcore" if cfg.method.value == "patchcore" else str(m.scoring.method.value),
         sigma=m.scoring.sigma,
-        approximate_above=m.scoring.approximate_above,
+        approximate_above=0 if cfg.method.value == "patchcore" else m.scoring.approximate_above,  # exact reference
         nprobe=m.scoring.nprobe,
         # PatchCore: a greedy coreset of the raw patches, scored by the nearest one.
         memory_reduce="coreset" if cfg.method.value == "patchcore" else str(getattr(mem.reduce, "value", mem.reduce)),
@@ -140,6 +140,7 @@ class Client:
     # Held-out normal images (never in the memory or in training): thresholds, score normalisation and
     # the criterion; the client's own training images when data.holdout_fraction is 0.
     normal_set: ImageDataset
+    own_train_set: ImageDataset  # the client's own training images (train_set is pooled under centralized)
     synthetic_set: SyntheticAnomalyDataset | None = None  # cut-paste anomalies of the held-out images
     anchor: dict[str, torch.Tensor] | None = None  # FedProx: the last global generator parameters
     kept: KeptState | None = None
@@ -251,6 +252,7 @@ class FederatedOrchestrator:
                     dataset(pooled) if centralized else own,
                     dataset(part.test),
                     dataset(part.holdout) if part.holdout else own,
+                    own,
                     synthetic,
                 )
             )
@@ -391,13 +393,16 @@ class FederatedOrchestrator:
     def evaluate_held_out(self, client: Client) -> tuple[dict[str, Any], ScoreNormalizer]:
         """Every round, normal images only: thresholds, the per-product normaliser and the criterion."""
         t0 = time.perf_counter()
-        normal_scores, normal_products, map_means, map_stds = self.image_scores(client, client.normal_set)
-        normalize = self.cfg.model.scoring.normalize.value == "product"
-        normalizer = ScoreNormalizer.fit(map_means, map_stds, normal_products) if normalize else ScoreNormalizer()
+        normal_scores, normal_products = self.image_scores(client, client.normal_set)
+        normalizer = ScoreNormalizer()
+        if self.cfg.model.scoring.normalize.value == "product":
+            # Statistics of all the client's normal images: the held-out ones alone are too few to be stable.
+            train_scores, train_products = self.image_scores(client, client.own_train_set)
+            normalizer = ScoreNormalizer.fit(np.r_[normal_scores, train_scores], normal_products + train_products)
         q, k_sigma = self.cfg.threshold_percentile, (self.cfg.threshold_k_sigma or None)
         by_product = {p: normal_scores[np.asarray(normal_products) == p] for p in dict.fromkeys(normal_products)}
         result = {
-            "criterion": self.criterion(client, normalizer, normalizer(normal_scores, normal_products)),
+            "criterion": self.criterion(client, normalizer, normal_scores, normal_products),
             "normal_scores": normal_scores,
             "product_thresholds": {p: normal_threshold(v, q, k_sigma) for p, v in by_product.items()},
             "normalizer": normalizer.to_dict(),
@@ -480,29 +485,26 @@ class FederatedOrchestrator:
         gathered = gather_to_server(self.fabric, local)
         return {k: v for part in gathered for k, v in part.items()} if gathered is not None else {}
 
-    def image_scores(
-        self, client: Client, dataset: ImageDataset
-    ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
-        """Raw image scores of ``dataset`` under the client's current model, each image's product, and the
-        mean and standard deviation of each image's anomaly map."""
-        cached = self._cached(dataset, f"client {client.id} held-out features")
-        scores, means, stds = [], [], []
+    def image_scores(self, client: Client, dataset: ImageDataset) -> tuple[np.ndarray, list[str]]:
+        """Raw image scores of ``dataset`` under the client's current model, and each image's product."""
+        cached = self._cached(dataset, f"client {client.id} features")
         with torch.no_grad():
-            for batch in self._loader(cached, shuffle=False):
-                maps, batch_scores = client.module.score_batch(batch)
-                scores.append(batch_scores.cpu())
-                means.append(maps.flatten(1).mean(dim=1).cpu())
-                stds.append(maps.flatten(1).std(dim=1).cpu())
-        as_numpy = [torch.cat(x).double().numpy() for x in (scores, means, stds)]
-        return as_numpy[0], [s.product for s in dataset.samples], as_numpy[1], as_numpy[2]
+            scores = [client.module.score_batch(b)[1].cpu() for b in self._loader(cached, shuffle=False)]
+        return torch.cat(scores).double().numpy(), [s.product for s in dataset.samples]
 
-    def criterion(self, client: Client, normalizer: ScoreNormalizer, normal: np.ndarray) -> float:
+    def criterion(
+        self, client: Client, normalizer: ScoreNormalizer, normal_raw: np.ndarray, normal_products: list[str]
+    ) -> float:
         """Normal-only model-selection criterion: image AUROC of the held-out normal images against cut-paste
-        anomalies made from them (NaN without held-out images)."""
+        anomalies made from them (NaN without held-out images; 0.5 when every score is the same up to
+        float rounding, as from a collapsed generator, whose order would otherwise be noise)."""
         if client.synthetic_set is None:
             return float("nan")
-        raw, products, _, _ = self.image_scores(client, client.synthetic_set)
-        synthetic = normalizer(raw, products)
+        raw, products = self.image_scores(client, client.synthetic_set)
+        every = np.r_[normal_raw, raw]
+        if np.ptp(every) <= 1e-5 * max(float(np.abs(every).max()), 1e-12):
+            return 0.5
+        normal, synthetic = normalizer(normal_raw, normal_products), normalizer(raw, products)
         labels = np.r_[np.zeros(len(normal)), np.ones(len(synthetic))]
         return auroc_score(np.r_[normal, synthetic], labels)
 

@@ -1,11 +1,14 @@
 """Per-product score normalisation from held-out normal images only.
 
 Distances to the memory have a different scale for every product (a textured tile and a smooth wire
-harness), so a client that holds several products cannot rank their images on one scale. Each score
-is z-normalised by its product's held-out normal anomaly maps: location = the mean map value, scale =
-the root-mean-square of the maps' per-image standard deviations. Map statistics rest on every pixel of
-every held-out image, so they are stable with the handful of held-out images a small client has (image
-scores, one per image, were not: with 3–4 held-out images per product the pooled AUROC fell).
+harness), so a client that holds several products cannot rank their images on one scale. Each
+product's scores are z-normalised by the mean and standard deviation of its normal images' scores: a
+score then says how unusual an image is *for its product*.
+
+The orchestrator fits it on all of a client's normal images, training and held-out: with only the
+3–10 held-out images of a small client the estimates were too noisy (ELPV, one run, 2-product clients:
+0.918–0.933 pooled AUROC with held-out images only, 0.931–0.933 with all normal images, 0.923–0.925
+without normalisation; statistics of anomaly-map pixels instead of image scores: 0.916–0.928).
 """
 
 from __future__ import annotations
@@ -18,30 +21,30 @@ import numpy as np
 
 @dataclass
 class ScoreNormalizer:
-    """product → (location, scale); products it has not seen use the statistics of all held-out maps."""
+    """product → (location, scale); products it has not seen are scaled by the pooled statistics."""
 
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)
     pooled: tuple[float, float] = (0.0, 1.0)
 
     @classmethod
-    def fit(
-        cls, map_means: Sequence[float] | np.ndarray, map_stds: Sequence[float] | np.ndarray, products: Sequence[str]
-    ) -> ScoreNormalizer:
-        """Statistics of held-out normal anomaly maps: each image's map mean and standard deviation, and its product."""
-        means = np.asarray(map_means, dtype=np.float64).ravel()
-        stds = np.asarray(map_stds, dtype=np.float64).ravel()
+    def fit(cls, scores: Sequence[float] | np.ndarray, products: Sequence[str]) -> ScoreNormalizer:
+        """Statistics of normal images' ``scores`` with their ``products``.
+
+        A product with a single held-out image (or zero spread) takes the pooled standard deviation.
+        """
+        values = np.asarray(scores, dtype=np.float64).ravel()
         names = np.asarray(list(products))
-        if means.size == 0:
-            raise ValueError("score normalisation needs at least one held-out normal image")
-        if not means.size == stds.size == names.size:
-            raise ValueError(f"{means.size} map means, {stds.size} standard deviations, {names.size} products")
-
-        def location_scale(selected: np.ndarray) -> tuple[float, float]:
-            scale = float(np.sqrt(np.mean(stds[selected] ** 2)))
-            return float(means[selected].mean()), scale if scale > 0 else max(abs(float(means.mean())), 1e-12)
-
-        stats = {p: location_scale(names == p) for p in dict.fromkeys(names.tolist())}
-        return cls(stats, location_scale(np.ones(means.size, dtype=bool)))
+        if values.size == 0:
+            raise ValueError("score normalisation needs at least one normal image's score")
+        if values.size != names.size:
+            raise ValueError(f"{values.size} scores for {names.size} product names")
+        pooled_scale = float(values.std()) if values.size > 1 and values.std() > 0 else max(abs(values.mean()), 1e-12)
+        stats = {}
+        for product in dict.fromkeys(names.tolist()):
+            own = values[names == product]
+            scale = float(own.std()) if own.size > 1 and own.std() > 0 else pooled_scale
+            stats[product] = (float(own.mean()), scale)
+        return cls(stats, (float(values.mean()), pooled_scale))
 
     def params(self, product: str) -> tuple[float, float]:
         return self.stats.get(product, self.pooled)
