@@ -33,12 +33,21 @@ def _read_metrics(run_dir: Path) -> dict:
 def plot_auroc(metrics: dict, out: Path) -> Path:
     rounds = [r["round"] for r in metrics["rounds"]]
     fig, ax = plt.subplots(figsize=(7, 4))
+    # Test-set AUROC exists for the rounds that scored the test set (federation.eval_every); the held-out
+    # criterion (normal images and cut-paste anomalies only) exists for every round.
     for cid in metrics["rounds"][0]["clients"]:
-        ax.plot(
-            rounds, [r["clients"][cid]["image_auroc"] for r in metrics["rounds"]], marker="o", label=f"client {cid}"
-        )
-    ax.plot(rounds, [r["mean_image_auroc"] for r in metrics["rounds"]], "k--", lw=2, label="mean")
-    ax.set(xlabel="round", ylabel="image AUROC", title="Image AUROC per round")
+        values = [r["clients"][cid].get("image_auroc", np.nan) for r in metrics["rounds"]]
+        if not np.all(np.isnan(values)):
+            ax.plot(rounds, values, marker="o", label=f"client {cid}")
+    means = [r.get("mean_image_auroc", np.nan) for r in metrics["rounds"]]
+    if not np.all(np.isnan(means)):
+        ax.plot(rounds, means, "k--", lw=2, label="mean (test set)")
+    criteria = [r.get("mean_criterion", np.nan) for r in metrics["rounds"]]
+    ax.plot(rounds, criteria, "k:", marker="s", lw=2, label="mean held-out criterion")
+    final = metrics.get("final", {}).get("mean_image_auroc")
+    if final is not None and final == final:
+        ax.axhline(final, color="tab:red", lw=1, label=f"kept states, test set ({final:.3f})")
+    ax.set(xlabel="round", ylabel="AUROC", title="Image AUROC per round")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, out / "auroc_per_round.png")

@@ -478,12 +478,24 @@ class FederatedOrchestrator:
             current = client.module.trainable_state()
             client.module.load_trainable_state(client.kept.model)
             _, normalizer = self.evaluate_held_out(client)
-            result = self.evaluate(client, normalizer)
-            result.pop("scores")
-            local[client.id] = result
+            local[client.id] = self.evaluate(client, normalizer)
             client.module.load_trainable_state(current)
         gathered = gather_to_server(self.fabric, local)
-        return {k: v for part in gathered for k, v in part.items()} if gathered is not None else {}
+        if gathered is None:
+            return {}
+        results = {k: v for part in gathered for k, v in part.items()}
+        rows = [(cid, *row) for cid, r in results.items() for row in r.pop("scores")]
+        if rows:  # the kept states' per-image scores, for ROC curves (feddymem report)
+            self.write_scores(rows)
+        return results
+
+    def write_scores(self, rows: list[tuple[int, str, int, float]]) -> None:
+        """``scores.csv``: (client, label, score, path) of every scored test image."""
+        table = io.StringIO()
+        csv.writer(table).writerows(
+            [("client", "label", "score", "path")] + [(c, y, f"{v:.7g}", p) for c, p, y, v in sorted(rows)]
+        )
+        atomic_write_text(self.run_dir / "scores.csv", table.getvalue())
 
     def image_scores(self, client: Client, dataset: ImageDataset) -> tuple[np.ndarray, list[str]]:
         """Raw image scores of ``dataset`` under the client's current model, and each image's product."""
@@ -675,13 +687,8 @@ class FederatedOrchestrator:
             record["clients"][ev.pop("id")].update(ev)
         self.log_panels(round_idx, panels)
         record["threshold"] = normal_threshold(np.concatenate(normal), q, k_sigma)  # the global model's threshold
-        # Per-image scores of the latest round, for ROC curves (feddymem report) and thresholds.
-        table = io.StringIO()
-        csv.writer(table).writerows(
-            [("client", "label", "score", "path")] + [(c, y, f"{v:.7g}", p) for c, p, y, v in sorted(score_rows)]
-        )
-        if score_rows:
-            atomic_write_text(self.run_dir / "scores.csv", table.getvalue())
+        if score_rows:  # per-image scores of the latest scored round, for ROC curves (feddymem report)
+            self.write_scores(score_rows)
         record["clients"] = dict(sorted(record["clients"].items()))
         record["bytes_up"] = sum(c["bytes_up"] for c in record["clients"].values())
         record["bytes_down"] = down * len(record["clients"])
