@@ -23,7 +23,9 @@ def test_wrong_type_and_bad_choice():
         load_config(["memory.reduce=median"])
     with pytest.raises(ConfigError, match="'federation.local_epochs' must be >= 0"):
         load_config(["federation.local_epochs=-1"])
-    with pytest.raises(ConfigError, match=r"'method'.*expected one of \[feddymem, local, centralized, fedavg"):
+    with pytest.raises(
+        ConfigError, match=r"'method'.*expected one of \[feddymem, local, centralized, patchcore, fedavg"
+    ):
         load_config(["method=swarm"])
     with pytest.raises(ConfigError, match="6 processes .* for 5 clients"):
         load_config(["federation.devices=3", "federation.num_nodes=2"])
@@ -52,5 +54,7 @@ def test_baseline_and_ablation_settings_that_cannot_work_are_refused():
         load_config(["server.aggregation=mean"])
     with pytest.raises(ConfigError, match="'memory.coreset_ratio' must be in"):
         load_config(["memory.reduce=coreset", "memory.coreset_ratio=0"])
-    cfg = load_config(["server.aggregation=mean", "memory.reduce=position_mean", "federation.local_epochs=0"])
+    cfg = load_config(
+        ["server.aggregation=mean", "memory.reduce=position_mean", "memory.size=0", "federation.local_epochs=0"]
+    )
     assert cfg.server.aggregation.value == "mean" and cfg.federation.local_epochs == 0

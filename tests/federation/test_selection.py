@@ -41,11 +41,13 @@ def test_a_collapsed_generator_is_not_kept_and_patience_stops_the_run(tmp_path, 
     summary = orch.run()
     rounds = summary["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]  # stopped: no client improved in rounds 1 and 2
+    drops = []
     for cid, final in summary["final"]["clients"].items():
         criteria = [r["clients"][cid]["criterion"] for r in rounds]
-        assert final["kept_round"] == int(np.argmax(criteria)) == 0
-        assert criteria[0] > max(criteria[1:])
+        assert final["kept_round"] == int(np.argmax(criteria)) == 0  # ties keep the earlier round
+        drops.append(criteria[0] - max(criteria[1:]))
         assert final["image_auroc"] == rounds[0]["clients"][cid]["image_auroc"]  # the kept round's metrics
+    assert min(drops) >= 0 and max(drops) > 0.1  # the collapsed rounds score worse on held-out data
     # What a user loads is the kept state (round 0's generator), not the wrecked one; resume gets the latter.
     ckpt = load_checkpoint(tmp_path / "wrecked/checkpoints/last.ckpt")
     saved = ckpt["clients"][0]
