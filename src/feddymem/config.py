@@ -64,7 +64,7 @@ class GeneratorInit(str, enum.Enum):
 
 
 class Normalize(str, enum.Enum):
-    product = "product"  # scores z-normalised per product by held-out normal images' scores
+    product = "product"  # scores z-normalised per product by the client's normal images' scores
     none = "none"  # raw distances
 
 

@@ -414,9 +414,9 @@ class FederatedOrchestrator:
         """The test set: image AUROC over the client's whole test set, and per product image AUROC, pixel
         AUROC and AUPRO.
 
-        With ``model.scoring.normalize=product`` test scores are z-normalised per product by the held-out
-        normal scores (``normalizer``) before the client-level AUROC; per-product metrics do not change
-        under it. The client's pixel AUROC and AUPRO are the means over its products that have masks.
+        With ``model.scoring.normalize=product`` test scores are z-normalised per product by the client's
+        normal images' scores (``normalizer``) before the client-level AUROC; per-product metrics do not
+        change under it. The client's pixel AUROC and AUPRO are the means over its products that have masks.
         """
         t0 = time.perf_counter()
         test_set = self._cached(client.test_set, f"client {client.id} test features")
