@@ -52,9 +52,56 @@ def test_baseline_and_ablation_settings_that_cannot_work_are_refused():
         load_config(["method=centralized", "federation.devices=2"])
     with pytest.raises(ConfigError, match="server.aggregation=mean' .* aligned by patch position.*got cluster_mean"):
         load_config(["server.aggregation=mean"])
-    with pytest.raises(ConfigError, match="'memory.coreset_ratio' must be in"):
+    with pytest.raises(ConfigError, match=r"'memory.coreset_ratio' must be > 0, got 0.0 \(valid: \(0, 1\]\)"):
         load_config(["memory.reduce=coreset", "memory.coreset_ratio=0"])
     cfg = load_config(
         ["server.aggregation=mean", "memory.reduce=position_mean", "memory.size=0", "federation.local_epochs=0"]
     )
     assert cfg.server.aggregation.value == "mean" and cfg.federation.local_epochs == 0
+
+
+def test_every_numeric_key_of_the_schema_declares_its_range():
+    """A new int or float key without a Range would slip past validation: the schema must not allow it."""
+    from dataclasses import fields, is_dataclass
+    from typing import get_args, get_origin, get_type_hints
+
+    from feddymem.config import TrainConfig
+
+    def numeric(hint) -> bool:
+        return hint in (int, float) or (get_origin(hint) is list and numeric(get_args(hint)[0]))
+
+    unranged, seen = [], 0
+
+    def walk(schema, prefix=""):
+        nonlocal seen
+        hints = get_type_hints(schema)
+        for f in fields(schema):
+            hint = hints[f.name]
+            inner = get_args(hint)[0] if get_origin(hint) is list else None
+            if is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+            elif inner is not None and is_dataclass(inner):
+                walk(inner, f"{prefix}{f.name}[].")
+            elif numeric(hint):
+                seen += 1
+                if "range" not in f.metadata:
+                    unranged.append(prefix + f.name)
+
+    walk(TrainConfig)
+    assert seen > 40 and unranged == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.table=[[0.6,0.5],[0.6,0.5],[0,0]]", "data.partition=table", "data.num_clients=3"],
+         r"'data.table' gives out 1.2 of product"),
+        (["data.table=[[0.5,-0.1]]"], r"'data.table\[0\]\[1\]' must be >= 0, got -0.1"),
+        (["optim.weight_decay=-inf"], "'optim.weight_decay' must be a finite number"),
+        (["data.products.0.nope=1"], "'data.products' in command-line overrides must be a list, got a mapping"),
+        (["model.backbone.layers=2"], "'model.backbone.layers' in command-line overrides must be a list"),
+    ],
+)
+def test_values_and_shapes_are_checked_with_the_full_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(["dataset=shared_industrial", *overrides])

