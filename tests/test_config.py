@@ -94,8 +94,10 @@ def test_every_numeric_key_of_the_schema_declares_its_range():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["data.table=[[0.6,0.5],[0.6,0.5],[0,0]]", "data.partition=table", "data.num_clients=3"],
-         r"'data.table' gives out 1.2 of product"),
+        (
+            ["data.table=[[0.6,0.5],[0.6,0.5],[0,0]]", "data.partition=table", "data.num_clients=3"],
+            r"'data.table' gives out 1.2 of product",
+        ),
         (["data.table=[[0.5,-0.1]]"], r"'data.table\[0\]\[1\]' must be >= 0, got -0.1"),
         (["optim.weight_decay=-inf"], "'optim.weight_decay' must be a finite number"),
         (["data.products.0.nope=1"], "'data.products' in command-line overrides must be a list, got a mapping"),

@@ -183,7 +183,8 @@ class MemoryConfig:
     kmeans_iters: int = ranged(10, 1)
     max_points_per_centroid: int = ranged(16, 1)  # K-means subsamples above this; the final means use every patch
     min_cluster_size: int = ranged(3, 1)  # privacy: drop cluster items that average fewer patches
-    coreset_ratio: float = ranged(0.01, 0.0, 1.0, lo_open=True)  # reduce=coreset: fraction of the client's patches uploaded
+    # reduce=coreset: fraction of the client's patches uploaded
+    coreset_ratio: float = ranged(0.01, 0.0, 1.0, lo_open=True)
     rebuild: Rebuild = Rebuild.every_round
 
 
@@ -224,7 +225,8 @@ class SelectionConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = ranged(1e-4, 0.0, lo_open=True)  # SPEC default 1e-3 overfits on ELPV after round 2 (0.911 → 0.893 by round 5)
+    # SPEC default 1e-3 overfits on ELPV after round 2 (0.911 → 0.893 by round 5)
+    lr: float = ranged(1e-4, 0.0, lo_open=True)
     weight_decay: float = ranged(5e-4, 0.0)
     batch_size: int = ranged(4, 1)
     eval_batch_size: int = ranged(32, 1)
@@ -267,7 +269,8 @@ class DataConfig:
     # partition=table: one row per client, one column per product, fraction of that product's images.
     table: list[list[float]] = ranged_list(0.0, 1.0)
     min_train_per_client: int = ranged(4, 1)
-    test_fraction: float = ranged(0.2, 0.0, 1.0, lo_open=True, hi_open=True)  # held-out normals, for sources without a test/good folder
+    # normal test images split off, for sources without a test/good folder
+    test_fraction: float = ranged(0.2, 0.0, 1.0, lo_open=True, hi_open=True)
     # Normal training images per client and product kept out of the memory and training: thresholds,
     # score normalisation and the choice of the kept round come from them.
     holdout_fraction: float = ranged(0.1, 0.0, 1.0, hi_open=True)
@@ -289,7 +292,8 @@ class TrainConfig:
     logger: Logger = Logger.csv
     wandb_project: str = "feddymem"
     panel_images: int = ranged(16, 0)  # test images per client in each round's W&B image panel
-    threshold_percentile: float = ranged(99.0, 0.0, 100.0)  # decision threshold: this percentile of normal training scores
+    # decision threshold: this percentile of normal training scores
+    threshold_percentile: float = ranged(99.0, 0.0, 100.0)
     threshold_k_sigma: float = ranged(0.0, 0.0)  # > 0: use mean + k·std of the normal scores instead of the percentile
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -437,7 +441,7 @@ def _numbers(value: Any, key: str) -> list[tuple[str, Any]]:
     return [(key, value)]
 
 
-def check_ranges(node: DictConfig, schema: type = None, prefix: str = "") -> None:  # type: ignore[assignment]
+def check_ranges(node: DictConfig, schema: type | None = None, prefix: str = "") -> None:
     """Every value against its field's :class:`Range` (finite numbers only), naming the key; recursive."""
     schema = schema or TrainConfig
     hints = get_type_hints(schema)
