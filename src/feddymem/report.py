@@ -36,13 +36,14 @@ def plot_auroc(metrics: dict, out: Path) -> Path:
     # Test-set AUROC exists for the rounds that scored the test set (federation.eval_every); the held-out
     # criterion (normal images and cut-paste anomalies only) exists for every round.
     for cid in metrics["rounds"][0]["clients"]:
-        values = [r["clients"][cid].get("image_auroc", np.nan) for r in metrics["rounds"]]
+        # Missing metrics are null in metrics.json: float arrays turn them into NaN.
+        values = np.array([r["clients"][cid].get("image_auroc", np.nan) for r in metrics["rounds"]], dtype=float)
         if not np.all(np.isnan(values)):
             ax.plot(rounds, values, marker="o", label=f"client {cid}")
-    means = [r.get("mean_image_auroc", np.nan) for r in metrics["rounds"]]
+    means = np.array([r.get("mean_image_auroc", np.nan) for r in metrics["rounds"]], dtype=float)
     if not np.all(np.isnan(means)):
         ax.plot(rounds, means, "k--", lw=2, label="mean (test set)")
-    criteria = [r.get("mean_criterion", np.nan) for r in metrics["rounds"]]
+    criteria = np.array([r.get("mean_criterion", np.nan) for r in metrics["rounds"]], dtype=float)
     ax.plot(rounds, criteria, "k:", marker="s", lw=2, label="mean held-out criterion")
     final = metrics.get("final", {}).get("mean_image_auroc")
     if final is not None and final == final:

@@ -17,6 +17,21 @@ class DataPlan:
     products: list[ProductSplit]
     clients: list[ClientData]
 
+    def metric_gaps(self) -> list[str]:
+        """Test sets that cannot give an image AUROC (no normal or no anomalous image), per product and client."""
+        gaps = []
+        for owner, test in [(f"product '{p.name}'", p.test) for p in self.products] + [
+            (f"client {c.client_id}", c.test) for c in self.clients
+        ]:
+            labels = {s.label for s in test}
+            missing = [name for label, name in ((0, "normal"), (1, "anomalous")) if label not in labels]
+            if missing:
+                gaps.append(
+                    f"{owner}: its test set has no {' and no '.join(missing)} image, so its image AUROC "
+                    "cannot be computed (reported as null)"
+                )
+        return gaps
+
 
 def plan_data(cfg: DictConfig) -> DataPlan:
     """Products and their partition over clients, from a validated config; raises DataError on bad data."""
@@ -36,7 +51,8 @@ def plan_data(cfg: DictConfig) -> DataPlan:
 
 
 def verify_plan(plan: DataPlan, reporter: Reporter, client_ids: list[int] | None = None) -> int:
-    """Decode every image (and mask) the plan uses once, or only those of ``client_ids``; returns the count."""
+    """Decode every image (and mask) the plan uses once, or only those of ``client_ids``; returns the count.
+    Says which test sets give no metric and how wide (16-bit, float) images are read."""
     if client_ids is None:
         samples = {s.path: s for p in plan.products for s in (*p.train, *p.test, *p.valid)}
     else:
@@ -46,7 +62,15 @@ def verify_plan(plan: DataPlan, reporter: Reporter, client_ids: list[int] | None
             for s in (*plan.clients[k].train, *plan.clients[k].holdout, *plan.clients[k].test)
         }
     with reporter.bars():
-        verify_samples(list(samples.values()), reporter.task("decoding images", len(samples)))
+        wide = verify_samples(list(samples.values()), reporter.task("decoding images", len(samples)))
+    if wide:
+        reporter.warn(
+            f"{len(wide)} image(s) are 16-bit or floating point (e.g. {wide[0]}); each is mapped onto 8 bits by "
+            "its own minimum..maximum. Set the product's 'window: [low, high]' for a fixed window."
+        )
+    if client_ids is None or 0 in client_ids:  # once per run, by the server's process
+        for gap in plan.metric_gaps():
+            reporter.warn(gap)
     return len(samples)
 
 

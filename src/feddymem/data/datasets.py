@@ -13,26 +13,52 @@ from torch.utils.data import Dataset
 from feddymem.data.products import IMAGE_SUFFIXES, Sample
 from feddymem.errors import DataError
 
+# Pillow modes whose values do not fit 0..255: 16-bit and 32-bit integer, 32-bit float greyscale.
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
-def _decode(path: str, mode: str, what: str) -> Image.Image:
-    """Open and fully decode a file; a missing or corrupt one is a :class:`DataError` naming it."""
+
+def to_8bit(img: Image.Image, window: tuple[float, float] | None = None, path: str = "") -> Image.Image:
+    """A 16-bit or float greyscale image mapped onto 8 bits: ``window`` = (low, high) → 0..255 (clipped),
+    or the image's own minimum..maximum without one (a constant image becomes black). 8-bit modes pass.
+
+    Pillow's own ``convert`` clips such images at 255, which turns most 16-bit scans all white."""
+    if img.mode not in WIDE_MODES:
+        return img
+    values = np.asarray(img, dtype=np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        raise DataError(f"cannot decode image {path}: no finite pixel value (mode {img.mode})")
+    low, high = window if window else (float(values[finite].min()), float(values[finite].max()))
+    span = high - low
+    scaled = np.clip((np.where(finite, values, low) - low) / span, 0.0, 1.0) if span > 0 else np.zeros_like(values)
+    return Image.fromarray(np.round(scaled * 255).astype(np.uint8), "L")
+
+
+def _decode(path: str, mode: str, what: str, window: tuple[float, float] | None = None) -> Image.Image:
+    """Open and fully decode a file in any common mode (8/16-bit, float, palette, alpha, CMYK) to ``mode``;
+    a missing or corrupt one is a :class:`DataError` naming it."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert(mode)
+            return to_8bit(img, window, path).convert(mode)
     except FileNotFoundError:
         raise DataError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"{what} {path} is a folder, not an image file") from None
+    except PermissionError:
+        raise DataError(f"cannot read {what} {path}: permission denied") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"cannot decode {what} {path}: {err}") from None
 
 
-def read_image(path: str) -> Image.Image:
-    """An RGB image (grayscale files become 3-channel)."""
-    return _decode(path, "RGB", "image")
+def read_image(path: str, window: tuple[float, float] | None = None) -> Image.Image:
+    """An 8-bit RGB image: greyscale files become 3-channel, wide ones are mapped by ``window`` (:func:`to_8bit`)."""
+    return _decode(path, "RGB", "image", window)
 
 
 def read_mask(path: str) -> Image.Image:
-    """A binary-ish mask; a folder (AutoVI: one file per defect region) gives the union of its masks."""
+    """A binary-ish mask; a folder (AutoVI: one file per defect region) gives the union of its masks.
+    Wide (16-bit) masks are scaled by their own range, so 0/1 and 0/65535 masks both work."""
     folder = Path(path)
     if folder.is_dir():
         parts = [read_mask(str(p)) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -73,8 +99,8 @@ class ImageDataset(Dataset):
     def has_masks(self) -> bool:
         return any(s.mask for s in self.samples)
 
-    def load_image(self, path: str) -> torch.Tensor:
-        img = _resize_crop(read_image(path), self.image_size, self.crop_size, Image.BILINEAR)
+    def load_image(self, sample: Sample) -> torch.Tensor:
+        img = _resize_crop(read_image(sample.path, sample.window), self.image_size, self.crop_size, Image.BILINEAR)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (x - self.mean) / self.std
 
@@ -86,7 +112,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        image = self.load_image(sample.path)
+        image = self.load_image(sample)
         if self.augment:
             # Flips keep a normal texture normal; applied only to training images.
             if torch.rand(()) < 0.5:
@@ -103,14 +129,22 @@ class ImageDataset(Dataset):
         }
 
 
-def verify_samples(samples: Sequence[Sample], progress=None) -> None:
-    """Decode every image and mask once; masks must have their image's size. Raises :class:`DataError`."""
+def verify_samples(samples: Sequence[Sample], progress=None) -> list[str]:
+    """Decode every image and mask once; masks must have their image's size. Raises :class:`DataError`.
+
+    Returns the wide (16-bit or float) images read without a product ``window``: each is scaled by its
+    own range, which the caller should say."""
     seen: set[str] = set()
+    wide: list[str] = []
     for sample in samples:
         if sample.path in seen:
             continue
         seen.add(sample.path)
-        img = read_image(sample.path)
+        img = read_image(sample.path, sample.window)
+        if sample.window is None:
+            with Image.open(sample.path) as header:
+                if header.mode in WIDE_MODES:
+                    wide.append(sample.path)
         if sample.mask is not None:
             mask = read_mask(sample.mask)
             if mask.size != img.size:
@@ -120,6 +154,7 @@ def verify_samples(samples: Sequence[Sample], progress=None) -> None:
                 )
         if progress is not None:
             progress()
+    return wide
 
 
 class SyntheticAnomalyDataset(ImageDataset):
@@ -148,8 +183,8 @@ class SyntheticAnomalyDataset(ImageDataset):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         donors = [s for s in self.sources if s.product == source.product and s.path != source.path] or [source]
         donor = donors[int(torch.randint(len(donors), (1,), generator=g))]
-        image = self.load_image(source.path)
-        patch_from = self.load_image(donor.path)
+        image = self.load_image(source)
+        patch_from = self.load_image(donor)
         size = self.crop_size
 
         def uniform(low: float, high: float) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class Sample:
     product: str
     defect: str = "good"
     mask: str | None = None
+    window: tuple[float, float] | None = None  # the product's window for 16-bit / float images
 
 
 @dataclass
@@ -241,8 +242,18 @@ def load_product(
 ) -> ProductSplit:
     """Load a product from a config node or dict: ``name``, ``layout``, ``root``, ``category`` (+ custom keys).
 
-    A missing folder is a :class:`DataError` that carries the product's ``download`` hint.
+    A missing folder is a :class:`DataError` that carries the product's ``download`` hint. The product's
+    ``window`` (for 16-bit and float images) is set on every sample.
     """
+    split = _load_split(product, test_fraction, seed, data_root)
+    window = tuple(float(v) for v in product.get("window", None) or ())
+    if window:
+        for part in ("train", "test", "valid"):
+            setattr(split, part, [replace(s, window=window) for s in getattr(split, part)])
+    return split
+
+
+def _load_split(product: Mapping[str, Any], test_fraction: float, seed: int, data_root: str) -> ProductSplit:
     name, layout = product["name"], product.get("layout", "mvtec")
     if layout == "elpv":
         return load_elpv(name, product.get("category", "") or name, test_fraction, seed)

@@ -30,6 +30,10 @@ class Reporter:
         self.console.print(*args, **kwargs)
         self.console.file.flush()  # round lines reach a log file or pipe as they happen
 
+    def warn(self, message: str) -> None:
+        """One ``warning: ...`` line on stderr, shown even when quiet (quiet hides progress, not problems)."""
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
     @contextmanager
     def bars(self) -> Iterator[None]:
         """While open, :meth:`task` draws live bars (when enabled)."""

@@ -6,13 +6,65 @@ W&B runs offline by default and online when the user is logged in (``WANDB_API_K
 
 from __future__ import annotations
 
+import csv
+import io
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from lightning.fabric.loggers import CSVLogger
+from lightning.fabric.loggers import Logger
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from feddymem.io import atomic_write_text
+
+
+class RoundCSVLogger(Logger):
+    """``logs/metrics.csv``: one row per logged step, columns the union of every key logged so far.
+
+    Resume-safe, unlike Lightning's CSV logger (which deletes an existing file): rows already in the file
+    are kept, except those at or after the first step this logger writes, which a resumed run repeats.
+    The file is small (one row per round) and rewritten atomically at every step, so it is never torn.
+    """
+
+    def __init__(self, root_dir: str | Path, name: str = "logs") -> None:
+        super().__init__()
+        self.path = Path(root_dir) / name / "metrics.csv"
+        self._rows: list[dict[str, Any]] | None = None  # read from the file at the first step
+
+    @property
+    def name(self) -> str:
+        return "csv"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def root_dir(self) -> str:
+        return str(self.path.parent.parent)
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """The run folder's config.yaml holds them; nothing to add to the metrics file."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self._rows is None:
+            old = list(csv.DictReader(io.StringIO(self.path.read_text()))) if self.path.is_file() else []
+            first = step if step is not None else len(old)
+            self._rows = [row for row in old if row.get("step", "") != "" and int(row["step"]) < first]
+        step = len(self._rows) if step is None else step
+        values = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        self._rows.append({**values, "step": step})
+        columns = [*sorted({key for row in self._rows for key in row} - {"step"}), "step"]
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in self._rows:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+        atomic_write_text(self.path, table.getvalue())
 
 
 def wandb_mode() -> str:
@@ -27,7 +79,7 @@ def make_loggers(kind: str, run_dir: Path, run_name: str, config: dict[str, Any]
     """Loggers for ``logger=csv|wandb|none``; ``wandb`` also keeps the CSV log."""
     if kind == "none":
         return []
-    loggers: list = [CSVLogger(str(run_dir), name="logs", version="")]
+    loggers: list = [RoundCSVLogger(run_dir)]
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
