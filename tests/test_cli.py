@@ -106,10 +106,16 @@ def test_train_two_rounds_three_clients(tmp_path, synthetic_yaml, capsys):
     assert rows[0] == "path,score,label,heatmap" and len(rows) > 10
     assert not any("broken.png" in r for r in rows)
     assert len(list((out / "heatmaps").glob("*.png"))) == len(rows) - 1
-    assert main(["predict", str(run / "checkpoints" / "last.ckpt"), str(bad), "--global", "--out", str(out)]) == 0
+    capsys.readouterr()
+    # Nothing decodable: an error, and the earlier predictions in the folder stay.
+    global_args = ["predict", str(run / "checkpoints" / "last.ckpt"), "--global", "--out", str(out), "--overwrite"]
+    assert main([*global_args[:2], str(bad), *global_args[2:]]) == 2
+    assert "nothing was scored" in capsys.readouterr().err
+    assert main([*global_args, *inputs]) == 0
+    assert len(list((out / "heatmaps").glob("*.png"))) == len(rows) - 1  # replaced, not mixed with the old ones
     # Never overwrite a finished run.
     assert main(["train", f"dataset={synthetic_yaml}", "name=e2e", f"output_dir={tmp_path}", *FAST]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already holds checkpoints" in capsys.readouterr().err
 
 
 def _cli(*args, cwd):

@@ -1,9 +1,10 @@
 import argparse
+import errno
 
 import pytest
 import torch
 
-from feddymem.errors import CheckpointError
+from feddymem.errors import CheckpointError, OutputError
 from feddymem.io import atomic_write_text, load_checkpoint, save_checkpoint
 
 
@@ -20,13 +21,14 @@ def test_truncated_and_pickled_checkpoints_are_refused(tmp_path):
     save_checkpoint(path, {"memory": torch.randn(100, 10)})
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="cannot load checkpoint .*c.ckpt safely"):
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*c.ckpt: .*truncated or corrupted"):
         load_checkpoint(path)
 
     evil = tmp_path / "evil.ckpt"
     torch.save({"format": "feddymem-checkpoint", "version": 1, "obj": argparse.Namespace(cmd="rm -rf")}, evil)
-    with pytest.raises(CheckpointError, match="safely"):
+    with pytest.raises(CheckpointError, match=r"evil.ckpt: it holds pickled objects \(argparse.Namespace\)") as err:
         load_checkpoint(evil)
+    assert "weights_only" not in str(err.value)  # never repeat torch's advice to load it unsafely
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}}, other)
     with pytest.raises(CheckpointError, match="not a FedDyMem checkpoint"):
@@ -38,9 +40,40 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
     atomic_write_text(path, "old")
 
     def boom(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("os.replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=r"cannot write .*metrics.json: No space left on device"):
         atomic_write_text(path, "new")
     assert path.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_json_is_strict_missing_metrics_are_null(tmp_path):
+    import json
+
+    from feddymem.io import atomic_write_json
+
+    atomic_write_json(tmp_path / "m.json", {"auroc": float("nan"), "rounds": [{"x": float("inf"), "y": 0.5}]})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"auroc": None, "rounds": [{"x": None, "y": 0.5}]}
+
+
+def test_run_folder_rules(tmp_path):
+    from feddymem.io import run_dir_problem
+
+    fresh = tmp_path / "fresh"
+    assert run_dir_problem(fresh, resume=False) is None and not fresh.exists()  # nothing claimed yet
+    stopped = tmp_path / "stopped"  # a run that failed before its first checkpoint
+    (stopped / "logs").mkdir(parents=True)
+    (stopped / "config.yaml").write_text("x: 1\n")
+    assert run_dir_problem(stopped, resume=False) is None
+    assert "cannot resume: no checkpoint" in run_dir_problem(stopped, resume=True)
+    (stopped / "checkpoints").mkdir()
+    (stopped / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert "already holds checkpoints; continue it with resume=" in run_dir_problem(stopped, resume=False)
+    assert run_dir_problem(stopped, resume=True) is None
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"x")
+    assert "is not a FedDyMem run folder" in run_dir_problem(other, resume=False)

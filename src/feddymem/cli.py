@@ -7,9 +7,10 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from feddymem.errors import FedDyMemError
+from feddymem.errors import FedDyMemError, PeerFailure
 
 
 def _run_dir(cfg) -> Path:
@@ -33,8 +34,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from feddymem.config import load_config, to_yaml
+    from feddymem.config import load_config, schema_ranges, to_yaml
 
+    if args.ranges:
+        for key, allowed in schema_ranges():
+            print(f"{key:<40} {allowed.describe()}")
+        return 0
     print(to_yaml(load_config(list(args.overrides))), end="")
     return 0
 
@@ -61,18 +66,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from feddymem.errors import CheckpointError
+    from feddymem.errors import CheckpointError, OutputError
     from feddymem.export import InferenceModel, export_onnx, export_torchscript
     from feddymem.federation.orchestrator import load_client_module
-    from feddymem.io import load_checkpoint
+    from feddymem.io import claim_output_dir, load_checkpoint
 
     module, cfg = load_client_module(args.checkpoint, args.client)
     payload = load_checkpoint(args.checkpoint)
     threshold = payload["clients"][args.client].get("threshold")
     if threshold is None:
         raise CheckpointError(f"{args.checkpoint} holds no threshold (written by an older FedDyMem?)")
-    model = InferenceModel(module, cfg.data.crop_size, threshold).eval()
     out = Path(args.out or Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".pt"))
+    if out.is_dir():
+        raise OutputError(f"export --out {out} is a folder; give a file name")
+    claim_output_dir(out.parent, "export --out folder")  # before the (slow) export, not after
+    model = InferenceModel(module, cfg.data.crop_size, threshold).eval()
     path = export_onnx(model, out) if args.format == "onnx" else export_torchscript(model, out)
     print(f"{path}  (client {args.client}, input {cfg.data.crop_size} px, threshold {threshold:.4g})")
     return 0
@@ -83,8 +91,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from feddymem.predict import predict
 
     client = None if args.global_model else args.client
-    predict(args.checkpoint, args.inputs, args.out, client, args.batch_size, Reporter(quiet=args.quiet))
+    window = tuple(args.window) if args.window else None
+    reporter = Reporter(quiet=args.quiet)
+    predict(args.checkpoint, args.inputs, args.out, client, args.batch_size, reporter, args.overwrite, window)
     return 0
+
+
+def _int_at_least(minimum: int, too_small: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{too_small}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = _int_at_least(1, "must be at least 1")
+client_id = _int_at_least(0, "client numbers start at 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,29 +129,41 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
     config = sub.add_parser("config", help="print the resolved config")
     config.add_argument("overrides", nargs="*", help="config overrides key=value")
+    config.add_argument("--ranges", action="store_true", help="list every numeric key and the values it accepts")
     config.set_defaults(func=cmd_config)
     report = sub.add_parser("report", help="draw PNG plots of a run")
     report.add_argument("run_dir", help="runs/<name>")
-    report.add_argument("--client", type=int, default=0, help="client whose anomaly maps to draw")
+    report.add_argument("--client", type=client_id, default=0, help="client whose anomaly maps to draw")
     report.set_defaults(func=cmd_report)
     export = sub.add_parser("export", help="write a self-contained inference model (ONNX or TorchScript)")
     export.add_argument("checkpoint", help="runs/<name>/checkpoints/last.ckpt")
-    export.add_argument("--client", type=int, default=0)
+    export.add_argument("--client", type=client_id, default=0)
     export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     export.add_argument("--out", default="", help="output file (default: next to the checkpoint)")
     export.set_defaults(func=cmd_export)
     pred = sub.add_parser("predict", help="score images with a trained model: CSV + heatmap PNGs")
     pred.add_argument("checkpoint", help="runs/<name>/checkpoints/last.ckpt")
     pred.add_argument("inputs", nargs="+", help="image files and/or folders")
-    pred.add_argument("--client", type=int, default=0, help="client model to use (default 0)")
+    pred.add_argument("--client", type=client_id, default=0, help="client model to use (default 0)")
     pred.add_argument(
         "--global",
         dest="global_model",
         action="store_true",
         help="use the global memory with the untrained generator and the global threshold",
     )
-    pred.add_argument("--out", default="predictions", help="output folder")
-    pred.add_argument("--batch-size", type=int, default=16)
+    pred.add_argument("--out", default="predictions", help="output folder (must be new or empty)")
+    pred.add_argument(
+        "--overwrite", action="store_true", help="replace predictions.csv and heatmaps/ of an existing --out folder"
+    )
+    pred.add_argument("--batch-size", type=positive_int, default=16)
+    pred.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="16-bit / float images: values mapped onto 0..255 (default: the training products' window, or each "
+        "image's own range)",
+    )
     pred.add_argument("--quiet", action="store_true")
     pred.set_defaults(func=cmd_predict)
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
@@ -140,12 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # Lightning's INFO lines have their own handler already
+        handler.setLevel(logging.WARNING)
     if os.environ.get("CI"):
         os.environ.setdefault("WANDB_MODE", "offline")
     try:
         return args.func(args)
+    except PeerFailure:
+        return 2  # another process of the run failed and printed why: its line stays the last one
     except FedDyMemError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the filesystem or the network refused, outside the places that name the path
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

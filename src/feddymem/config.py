@@ -48,6 +48,8 @@ class Range:
 
     def describe(self) -> str:
         """``[0, 100]``, ``(0, inf)``…: for the error message and the README."""
+        if self.lo is None and self.hi is None:
+            return "any finite number" + (", odd" if self.odd else "")
         lo = "-inf" if self.lo is None else _fmt(self.lo)
         hi = "inf" if self.hi is None else _fmt(self.hi)
         closed_lo = "(" if self.lo_open or self.lo is None else "["
@@ -354,7 +356,7 @@ def check_shape(schema: type, value: Any, source: str, prefix: str = "") -> None
     if not isinstance(value, dict | DictConfig):
         raise ConfigError(f"'{where}' in {source} must be a mapping of keys, got {_kind(value)}")
     hints = get_type_hints(schema)
-    names = [f.name for f in fields(schema)]
+    names = sorted(f.name for f in fields(schema))
     for name, item in value.items():
         key = f"{prefix}{name}"
         if name not in hints:
@@ -460,6 +462,23 @@ def check_ranges(node: DictConfig, schema: type | None = None, prefix: str = "")
         for where, number in _numbers(value, key):
             if why := allowed.problem(number):
                 raise ConfigError(f"'{where}' {why}, got {number!r} (valid: {allowed.describe()})")
+
+
+def schema_ranges(schema: type | None = None, prefix: str = "") -> list[tuple[str, Range]]:
+    """Every ranged key of the schema and its range (``data.products[].window`` style for list items):
+    ``feddymem config --ranges`` prints them."""
+    schema = schema or TrainConfig
+    hints = get_type_hints(schema)
+    found: list[tuple[str, Range]] = []
+    for f in fields(schema):
+        hint, key = hints[f.name], f"{prefix}{f.name}"
+        if is_dataclass(hint):
+            found += schema_ranges(hint, f"{key}.")
+        elif get_origin(hint) is list and is_dataclass(get_args(hint)[0]):
+            found += schema_ranges(get_args(hint)[0], f"{key}[].")
+        elif "range" in f.metadata:
+            found.append((key, f.metadata["range"]))
+    return found
 
 
 def validate(cfg: DictConfig) -> None:

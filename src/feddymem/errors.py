@@ -15,3 +15,13 @@ class DataError(FedDyMemError):
 
 class CheckpointError(FedDyMemError):
     """A checkpoint is missing, truncated or unsafe."""
+
+
+class OutputError(FedDyMemError):
+    """An output folder or file cannot be created or written (read-only, missing, full disk)."""
+
+
+class PeerFailure(FedDyMemError):
+    """This process of a multi-process run stopped because another one failed, or because the server
+    reported an error that its own process prints: the command line prints nothing for it, so the
+    failing process's one-line error is the last thing the user sees."""

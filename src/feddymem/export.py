@@ -7,12 +7,14 @@ threshold. Nearest-memory distances are plain matrix products (no FAISS), so the
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from feddymem.io import atomic_write_bytes
 from feddymem.lightning_model import FedDyMemModule
 from feddymem.models.anomaly_map import apply_operators
 
@@ -46,10 +48,11 @@ def export_onnx(model: InferenceModel, path: str | Path, opset: int = 17) -> Pat
     """Write ``model`` as ONNX with a dynamic batch and image size."""
     path = Path(path)
     example = torch.rand(1, 3, model.image_size, model.image_size)
+    buffer = io.BytesIO()  # written atomically below: a failed export leaves no half file
     torch.onnx.export(
         model,
         (example,),
-        str(path),
+        buffer,
         dynamo=False,
         opset_version=opset,
         input_names=["images"],
@@ -61,11 +64,14 @@ def export_onnx(model: InferenceModel, path: str | Path, opset: int = 17) -> Pat
             "is_anomalous": {0: "batch"},
         },
     )
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
 def export_torchscript(model: InferenceModel, path: str | Path) -> Path:
     path = Path(path)
     traced = torch.jit.trace(model, torch.rand(1, 3, model.image_size, model.image_size), check_trace=False)
-    traced.save(str(path))
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -1,4 +1,6 @@
-"""Files that must never be half-written: atomic writes and safe checkpoint loading."""
+"""Every file FedDyMem writes goes through here: output folders are claimed (created and proven writable)
+before work starts, files are written atomically, and filesystem failures become one-line
+:class:`~feddymem.errors.OutputError` messages that name the path. Checkpoints are loaded safely."""
 
 from __future__ import annotations
 
@@ -12,26 +14,106 @@ from typing import Any
 
 import torch
 
-from feddymem.errors import CheckpointError
+from feddymem.errors import CheckpointError, OutputError
 
 CHECKPOINT_FORMAT = "feddymem-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+def _reason(err: OSError) -> str:
+    return err.strerror or type(err).__name__
+
+
+def _probe(folder: Path) -> None:
+    fd, probe = tempfile.mkstemp(prefix=".feddymem-probe-", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Prove that ``path`` could be created and written, creating nothing: the nearest existing folder
+    above it takes a probe file (removed at once). Otherwise an :class:`OutputError` naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a folder" if existing == path else f"{existing} is a file")
     try:
+        _probe(existing)
+    except OSError as err:
+        raise OutputError(f"cannot write {what} {path}: {_reason(err)}") from None
+
+
+def claim_output_dir(path: str | Path, what: str) -> Path:
+    """Create ``path`` (and its parents) if needed and prove that files can be written in it; otherwise an
+    :class:`OutputError` naming ``what`` and the path."""
+    path = Path(path)
+    check_writable(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _probe(path)
+    except OSError as err:
+        raise OutputError(f"cannot write {what} {path}: {_reason(err)}") from None
+    return path
+
+
+# What a run writes in its folder: a folder holding only these (and no checkpoint) is a run that stopped
+# before its first checkpoint, and a rerun with the same name may reuse it.
+RUN_FILES = {"config.yaml", "logs", "wandb", "metrics.json", "checkpoints", "scores.csv"}
+
+
+def run_dir_problem(run_dir: str | Path, resume: bool) -> str | None:
+    """Why a run cannot start in ``run_dir`` (None when it can): a resume needs a checkpoint; a new run
+    needs a new folder, or one left by a run that stopped before its first checkpoint (nothing in it can
+    be resumed), and a writable parent. Nothing is created."""
+    run_dir = Path(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume:
+        if not last.is_file():
+            return (
+                f"cannot resume: no checkpoint {last} (the run stopped before its first round ended); "
+                f"start it again with name={run_dir.name}"
+            )
+        return None
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"run folder {run_dir} is a file; choose another name=..."
+    if run_dir.is_dir():
+        entries = {p.name for p in run_dir.iterdir()}
+        checkpoints = run_dir / "checkpoints"
+        if last.exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+            return (
+                f"run folder {run_dir} already holds checkpoints; continue it with resume={run_dir}, or choose "
+                "another name=... (nothing was changed)"
+            )
+        if not entries <= RUN_FILES:
+            return f"{run_dir} exists and is not a FedDyMem run folder; choose another name=... (nothing was changed)"
+    try:
+        check_writable(run_dir.parent, "output folder")
+    except OutputError as err:
+        return str(err)
+    return None
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``: a reader sees the
+    old file or the new one, never half of one. A failure (full disk, read-only folder) leaves the old
+    file as it was and is an :class:`OutputError` naming ``path``."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {_reason(err)}") from None
+    finally:
+        if tmp is not None and Path(tmp).exists():
+            Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -54,6 +136,17 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """A matplotlib figure as a PNG, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Atomically save ``payload`` (tensors, numbers, strings, lists and dicts only) with a format tag."""
     buffer = io.BytesIO()
@@ -66,16 +159,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    # Inspect before loading: a checkpoint that needs any global beyond tensors and plain containers is
+    # refused by name. (Matching torch's error text would depend on the torch version.)
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a torch checkpoint, or truncated or corrupted"
+        ) from None
+    if unsafe:
+        raise CheckpointError(
+            f"refusing to load checkpoint {path}: it holds pickled objects ({', '.join(unsafe)}) that could run "
+            "code; FedDyMem checkpoints hold tensors, numbers and strings only"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        # Name the offending global when there is one; otherwise the first line says enough.
-        first = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else type(err).__name__)
-        first = first.split(" was not an allowed global")[0]
-        raise CheckpointError(
-            f"cannot load checkpoint {path} safely (truncated, or holds pickled objects): {first}"
-        ) from None
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise CheckpointError(f"cannot load checkpoint {path}: {first}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a FedDyMem checkpoint")
     if payload.get("version", 0) > CHECKPOINT_VERSION:

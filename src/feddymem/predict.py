@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ from torch.utils.data import DataLoader
 
 from feddymem.data.datasets import ImageDataset, read_image
 from feddymem.data.products import IMAGE_SUFFIXES, Sample
-from feddymem.errors import DataError, FedDyMemError
-from feddymem.io import atomic_write_text, load_checkpoint
+from feddymem.errors import DataError, FedDyMemError, OutputError
+from feddymem.io import atomic_write_bytes, atomic_write_text, claim_output_dir, load_checkpoint
 from feddymem.lightning_model import FedDyMemModule
 from feddymem.logging.console import Reporter
 from feddymem.logging.experiment import heatmap_panel
@@ -62,6 +63,34 @@ def load_predictor(checkpoint: str | Path, client_id: int | None) -> tuple[FedDy
     return module, cfg, float(threshold)
 
 
+def claim_predictions_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """The output folder, created and proven writable. A folder that already holds files is refused (old
+    heatmaps would mix with new ones) unless ``overwrite``, which removes the previous predictions.csv and
+    heatmaps/ only; other files stay."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise OutputError(
+                f"predict --out folder {out_dir} already holds files; choose a new folder, or pass --overwrite "
+                "to replace its predictions.csv and heatmaps/"
+            )
+        try:
+            (out_dir / "predictions.csv").unlink(missing_ok=True)
+            if (out_dir / "heatmaps").is_dir():
+                shutil.rmtree(out_dir / "heatmaps")
+        except OSError as err:
+            raise OutputError(f"cannot replace the predictions in {out_dir}: {err.strerror or err}") from None
+    claim_output_dir(out_dir, "predict --out folder")
+    claim_output_dir(out_dir / "heatmaps", "predict --out folder")
+    return out_dir
+
+
+def product_window(cfg: DictConfig) -> tuple[float, float] | None:
+    """The window of the checkpoint's products for 16-bit / float images, when they all share one."""
+    windows = {tuple(float(v) for v in p.window) for p in cfg.data.products}
+    return windows.pop() if len(windows) == 1 and () not in windows else None
+
+
 def predict(
     checkpoint: str | Path,
     inputs: list[str],
@@ -69,27 +98,40 @@ def predict(
     client_id: int | None = 0,
     batch_size: int = 16,
     reporter: Reporter | None = None,
+    overwrite: bool = False,
+    window: tuple[float, float] | None = None,
 ) -> dict[str, int]:
+    """Score ``inputs`` (files and folders); write predictions.csv and heatmaps/ under ``out_dir``.
+
+    Raises :class:`DataError` when no input image could be scored."""
     reporter = reporter or Reporter()
+    if batch_size < 1:
+        raise FedDyMemError(f"--batch-size must be at least 1, got {batch_size}")
+    images = collect_images(inputs)
+    if not images:
+        raise DataError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(inputs)}")
     module, cfg, threshold = load_predictor(checkpoint, client_id)
+    window = window or product_window(cfg)
     paths, skipped = [], []
-    for path in collect_images(inputs):
+    for path in images:
         try:
-            read_image(str(path))
+            read_image(str(path), window)
             paths.append(path)
         except DataError as err:
             skipped.append(str(path))
-            reporter.print(f"skipped: {err}")
+            reporter.warn(f"skipped: {err}")
+    if not paths:
+        raise DataError(f"none of the {len(images)} input image(s) could be decoded; nothing was scored")
+    # Only now, with a model and images that decode, are earlier predictions replaced (--overwrite).
+    out_dir = claim_predictions_dir(out_dir, overwrite)
     extractor = module.model.feature_extractor
     dataset = ImageDataset(
-        [Sample(str(p), 0, "predict") for p in paths],
+        [Sample(str(p), 0, "predict", window=window) for p in paths],
         cfg.data.image_size,
         cfg.data.crop_size,
         extractor.mean,
         extractor.std,
     )
-    out_dir = Path(out_dir)
-    (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
     rows = [("path", "score", "label", "heatmap")]
     with reporter.bars():
         advance = reporter.task("scoring images", len(dataset))
@@ -106,7 +148,9 @@ def predict(
                 rows.append((path, f"{float(score):.6g}", label, f"heatmaps/{name}"))
                 strip = heatmap_panel(image, amap, None, extractor.mean, extractor.std, vmax)
                 width = image.shape[-1]  # keep input | overlay, drop the empty mask panel
-                Image.fromarray(strip[:, : 2 * width + 4]).save(out_dir / "heatmaps" / name)
+                png = io.BytesIO()
+                Image.fromarray(strip[:, : 2 * width + 4]).save(png, format="PNG")
+                atomic_write_bytes(out_dir / "heatmaps" / name, png.getvalue())
             advance(len(scores))
     table = io.StringIO()
     csv.writer(table).writerows(rows)

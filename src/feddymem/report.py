@@ -20,6 +20,7 @@ import torch
 from sklearn.metrics import roc_curve
 
 from feddymem.errors import FedDyMemError
+from feddymem.io import claim_output_dir, save_figure
 from feddymem.metrics.auroc import auroc_score
 
 
@@ -119,17 +120,14 @@ def plot_anomaly_maps(run_dir: Path, out: Path, client_id: int = 0, count: int =
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout(rect=(0, 0, 1, 0.985))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(run_dir: str | Path, client_id: int = 0) -> list[Path]:
     """Draw every plot for ``run_dir``; returns the PNG paths."""
     run_dir = Path(run_dir)
     metrics = _read_metrics(run_dir)
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
+    out = claim_output_dir(run_dir / "report", "report folder")
     paths = [
         plot_auroc(metrics, out),
         plot_bytes(metrics, out),

@@ -70,6 +70,37 @@ def test_too_few_clients_stops_with_clear_error(tmp_path, synthetic_yaml, monkey
         orch.run()
 
 
+def test_failing_client_in_a_round_without_uploads_does_not_stop_the_run(tmp_path, synthetic_yaml, monkeypatch):
+    """memory.rebuild=once: nothing is uploaded after round 0, so a failing client cannot count against
+    federation.min_clients there; it is recorded and left out."""
+    orch = FederatedOrchestrator(
+        _cfg(synthetic_yaml, "federation.rounds=2", "federation.min_clients=3", "memory.rebuild=once"), tmp_path / "r"
+    )
+    real_training = orch.local_training
+
+    def flaky_training(client, round_idx, deadline):
+        if client.id == 1 and round_idx == 1:
+            raise RuntimeError("site 1 rebooted")
+        return real_training(client, round_idx, deadline)
+
+    monkeypatch.setattr(orch, "local_training", flaky_training)
+    rounds = orch.run()["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert "site 1 rebooted" in rounds[1]["clients"][1]["error"] and "error" not in rounds[2]["clients"][1]
+
+
+def test_cached_features_are_read_without_worker_processes(tmp_path, synthetic_yaml):
+    from feddymem.data.feature_cache import CachedFeatureDataset
+
+    orch = FederatedOrchestrator(_cfg(synthetic_yaml, "optim.num_workers=2"), tmp_path / "r")
+    orch.setup()
+    client = orch.clients[0]
+    cached = orch._cached(client.memory_set, "t")
+    assert isinstance(cached, CachedFeatureDataset)
+    assert orch._loader(cached, shuffle=False).num_workers == 0  # the cache's hits stay in this process
+    assert orch._loader(client.memory_set, shuffle=False).num_workers == 2  # decoding images: workers help
+
+
 def test_slow_client_times_out(tmp_path, synthetic_yaml):
     orch = FederatedOrchestrator(
         _cfg(synthetic_yaml, "federation.rounds=1", "federation.client_timeout_s=1e-6"), tmp_path / "run"
@@ -173,7 +204,7 @@ def test_two_nodes_on_loopback_complete_a_round(tmp_path, synthetic_yaml):
 def test_kill_mid_round_and_resume_matches_uninterrupted(tmp_path, synthetic_yaml):
     common = _cli_args(synthetic_yaml, tmp_path, 3, "federation.local_epochs=2")
     _finish(_train([*common, "name=straight"]))
-    victim = _train([*common, "name=killed"], start_new_session=True)
+    victim = _train([*common, "name=killed", "logger=csv"], start_new_session=True)
     ckpt1 = tmp_path / "killed" / "checkpoints" / "round_001.ckpt"
     deadline = time.monotonic() + 240
     while not ckpt1.exists() and victim.poll() is None and time.monotonic() < deadline:
@@ -188,3 +219,7 @@ def test_kill_mid_round_and_resume_matches_uninterrupted(tmp_path, synthetic_yam
     assert resumed["round"] == straight["round"] == 3
     assert torch.equal(resumed["global_memory"], straight["global_memory"])
     assert auroc_resumed == auroc_straight
+    # The CSV log keeps the rounds logged before the kill, and has each round once.
+    rows = (tmp_path / "killed" / "logs" / "metrics.csv").read_text().splitlines()
+    steps = [int(line.rsplit(",", 1)[1]) for line in rows[1:]]
+    assert rows[0].endswith(",step") and steps == [0, 1, 2, 3]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from feddymem.io import atomic_write_bytes
+from feddymem.io import save_figure
 from feddymem.logging.console import human_bytes
 
 
@@ -42,10 +41,7 @@ def plot_convergence(results: dict[str, Any], methods: list[str], out: Path) -> 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(out, buffer.getvalue())
+    save_figure(fig, out)
 
 
 def render_markdown(results: dict[str, Any], convergence: list[str]) -> str:

@@ -7,6 +7,8 @@ group and collectives (gloo on CPU, nccl on GPU) and leaves modules as they are.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -14,6 +16,8 @@ import lightning as L
 import torch.distributed as dist
 from lightning.fabric.strategies import DDPStrategy
 from torch.nn import Module
+
+from feddymem.errors import PeerFailure
 
 
 class ClientIsolatedDDPStrategy(DDPStrategy):
@@ -35,18 +39,41 @@ def make_fabric(accelerator: str, devices: int, num_nodes: int, timeout_s: float
     return L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, loggers=loggers)
 
 
+@contextmanager
+def _collective(fabric: L.Fabric) -> Iterator[None]:
+    """A collective that fails because a peer process died (its socket closed, or the timeout passed)
+    is a :class:`PeerFailure`: the peer has printed its own error, this process stops quietly."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as err:
+        raise PeerFailure(
+            f"process {fabric.global_rank} of {fabric.world_size}: another process of this run stopped ({err})"
+        ) from None
+
+
 def gather_to_server(fabric: L.Fabric, obj: Any) -> list[Any] | None:
     """Every rank's ``obj`` as a list on rank 0 (ordered by rank); ``None`` on the other ranks."""
     if fabric.world_size == 1:
         return [obj]
     out: list[Any] | None = [None] * fabric.world_size if fabric.global_rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
+    with _collective(fabric):
+        dist.gather_object(obj, out, dst=0)
     return out
 
 
 def broadcast_from_server(fabric: L.Fabric, obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
-    return fabric.broadcast(obj, src=0) if fabric.world_size > 1 else obj
+    if fabric.world_size == 1:
+        return obj
+    with _collective(fabric):
+        return fabric.broadcast(obj, src=0)
+
+
+def barrier(fabric: L.Fabric) -> None:
+    """Wait for every process (a no-op on one)."""
+    if fabric.world_size > 1:
+        with _collective(fabric):
+            fabric.barrier()
 
 
 def clients_of_rank(num_clients: int, rank: int, world_size: int) -> list[int]:

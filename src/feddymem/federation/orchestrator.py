@@ -36,13 +36,26 @@ from feddymem import __version__
 from feddymem.config import to_container, to_yaml
 from feddymem.data.check import plan_data, verify_plan
 from feddymem.data.datasets import ImageDataset, SyntheticAnomalyDataset
-from feddymem.data.feature_cache import FeatureCache
+from feddymem.data.feature_cache import CachedFeatureDataset, FeatureCache
 from feddymem.data.partition import ClientData
-from feddymem.errors import CheckpointError, FedDyMemError
+from feddymem.errors import CheckpointError, FedDyMemError, OutputError, PeerFailure
 from feddymem.federation.baselines import average_parameters, proximal_term
-from feddymem.federation.distributed import broadcast_from_server, clients_of_rank, gather_to_server, make_fabric
+from feddymem.federation.distributed import (
+    barrier,
+    broadcast_from_server,
+    clients_of_rank,
+    gather_to_server,
+    make_fabric,
+)
 from feddymem.federation.upload import UploadRejected, payload_bytes, validate_parameters, validate_upload
-from feddymem.io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from feddymem.io import (
+    atomic_write_json,
+    atomic_write_text,
+    claim_output_dir,
+    load_checkpoint,
+    run_dir_problem,
+    save_checkpoint,
+)
 from feddymem.lightning_model import FedDyMemModule
 from feddymem.logging.console import Reporter, human_bytes
 from feddymem.logging.experiment import find_wandb, heatmap_panel, make_loggers
@@ -185,6 +198,7 @@ class FederatedOrchestrator:
         self.final_tests: dict[int, dict[str, Any]] = {}  # test metrics of kept states scored at the end
         self._product_scores: dict[tuple, tuple] = {}  # (state, product, images) → scores, labels, paths, metrics
         self.start_round = 0
+        self.saved_round: int | None = None  # the round of the checkpoint on disk
         self.server_gpu = resolve_gpu(cfg.server.gpu)
 
     @property
@@ -198,10 +212,11 @@ class FederatedOrchestrator:
         if not self.is_server:
             self.reporter = Reporter(quiet=True)
         # Every rank writes into rank 0's run folder (names with a timestamp differ between processes).
-        claim = {"run_dir": str(self.run_dir), "error": self._run_dir_problem() if self.is_server else None}
+        problem = run_dir_problem(self.run_dir, self.resume) if self.is_server else None
+        claim = {"run_dir": str(self.run_dir), "error": problem}
         claim = broadcast_from_server(self.fabric, claim)
         if claim["error"]:
-            raise FedDyMemError(claim["error"])
+            raise FedDyMemError(claim["error"]) if self.is_server else PeerFailure(claim["error"])
         self.run_dir = Path(claim["run_dir"])
         self.fabric.seed_everything(self.cfg.seed)
         plan = plan_data(self.cfg)  # cheap listing on every rank; decoding only of this rank's clients
@@ -209,7 +224,7 @@ class FederatedOrchestrator:
         mine = clients_of_rank(len(plan.clients), self.fabric.global_rank, self.fabric.world_size)
         verify_plan(plan, self.reporter, client_ids=mine)
         if self.is_server:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            claim_output_dir(self.run_dir, "run folder")
             if not self.resume:
                 atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
         d = self.cfg.data
@@ -270,22 +285,15 @@ class FederatedOrchestrator:
         if self.resume:
             self.restore(load_checkpoint(self.run_dir / "checkpoints" / "last.ckpt"))
 
-    def _run_dir_problem(self) -> str | None:
-        exists = self.run_dir.exists() and any(self.run_dir.iterdir())
-        if self.resume and not (self.run_dir / "checkpoints" / "last.ckpt").is_file():
-            return f"cannot resume: no checkpoint {self.run_dir / 'checkpoints' / 'last.ckpt'}"
-        if not self.resume and exists:
-            return f"run folder {self.run_dir} already exists; choose another name=... (nothing was changed)"
-        return None
-
     def _cached(self, dataset: ImageDataset, description: str) -> Dataset:
         return self.cache.wrap(dataset, description) if self.cfg.cache.enabled else dataset
 
     def _loader(self, dataset: Dataset, *, shuffle: bool, seed: int = 0, train: bool = False) -> DataLoader:
         o = self.cfg.optim
         generator = torch.Generator().manual_seed(seed) if shuffle else None
-        # Cached features need no worker processes: workers would only copy tensors around.
-        workers = o.num_workers if isinstance(getattr(dataset, "dataset", dataset), ImageDataset) else 0
+        # Cached features need no worker processes: workers would only copy tensors around, and the cache's
+        # hit counts would stay in the workers.
+        workers = 0 if isinstance(dataset, CachedFeatureDataset) else o.num_workers
         return DataLoader(
             dataset,
             batch_size=o.batch_size if train else o.eval_batch_size,
@@ -337,7 +345,7 @@ class FederatedOrchestrator:
         if self.method in ("fedavg", "fedprox"):
             state = {k: v.detach().cpu().clone() for k, v in client.module.model.generator.state_dict().items()}
             return {"upload": state}
-        if self.method == "feddymem" and round_idx > 0 and self.cfg.memory.rebuild.value == "once":
+        if not self.uploads_in(round_idx):
             return {"upload": None}  # ablation: the round-0 memory is kept
         bank = self.build_memory(client)
         stats = {"memory_items": int(bank.items.shape[0]), "num_images": bank.num_images}
@@ -592,10 +600,15 @@ class FederatedOrchestrator:
             gpu=self.server_gpu,
         )
 
+    def uploads_in(self, round_idx: int) -> bool:
+        """Whether clients send anything to the server in this round."""
+        if self.method == "local" or self.pooled:
+            return False
+        return not (self.method == "feddymem" and round_idx > 0 and self.cfg.memory.rebuild.value == "once")
+
     def server_step(self, results: list[dict[str, Any]], round_idx: int) -> dict[str, Any]:
         """Rank 0: check the uploads and build what goes down (a global memory, or averaged parameters)."""
-        nothing_sent = all(r["upload"] is None and "error" not in r for r in results)
-        if self.method == "local" or self.pooled or nothing_sent:  # nothing_sent: memory.rebuild=once
+        if not self.uploads_in(round_idx):  # a client that failed here is recorded, not counted against min_clients
             return {"participants": [], "server": {}}
         accepted = self.accept_uploads(results, round_idx)
         participants = [r["id"] for r in accepted]
@@ -638,7 +651,7 @@ class FederatedOrchestrator:
                 message = {"error": str(err)}
         message = broadcast_from_server(self.fabric, message)
         if "error" in message:
-            raise TooFewClients(message["error"])
+            raise TooFewClients(message["error"]) if self.is_server else PeerFailure(message["error"])
         update_seconds = self.apply_server_message(message)
         evaluations = []
         for client in self.clients:
@@ -847,9 +860,20 @@ class FederatedOrchestrator:
             "provenance": provenance(self.cfg),
         }
         ckpt_dir = self.run_dir / "checkpoints"
-        save_checkpoint(ckpt_dir / f"round_{round_idx:03d}.ckpt", payload)
-        save_checkpoint(ckpt_dir / "last.ckpt", payload)
-        atomic_write_json(self.run_dir / "metrics.json", self.summary())
+        try:
+            save_checkpoint(ckpt_dir / f"round_{round_idx:03d}.ckpt", payload)
+            save_checkpoint(ckpt_dir / "last.ckpt", payload)
+            atomic_write_json(self.run_dir / "metrics.json", self.summary())
+        except OutputError as err:
+            # Atomic writes leave last.ckpt as it was: the run continues from its last complete round.
+            hint = (
+                f"round {self.saved_round} is the last complete one: make room, then "
+                f"feddymem train resume={self.run_dir}"
+                if self.saved_round is not None
+                else "no round was saved"
+            )
+            raise OutputError(f"{err}; {hint}") from None
+        self.saved_round = round_idx
 
     def restore(self, payload: dict[str, Any]) -> None:
         """Continue after the checkpoint's round: same partition, states, memory and history."""
@@ -871,6 +895,7 @@ class FederatedOrchestrator:
         self.global_generator = payload.get("global_generator")
         self.history = list(payload["history"]) if self.is_server else []
         self.start_round = int(payload["round"]) + 1
+        self.saved_round = int(payload["round"])
         torch.set_rng_state(payload["rng"]["torch"])
 
     def kept_record(self) -> dict[str, Any]:
@@ -954,7 +979,20 @@ class FederatedOrchestrator:
         return bool(broadcast_from_server(self.fabric, stop))
 
     def run(self) -> dict[str, Any] | None:
-        """Set up, run the remaining rounds, checkpoint after each; the summary on rank 0."""
+        """Set up, run the remaining rounds, checkpoint after each; the summary on rank 0.
+
+        On several processes a user error names the process it happened on; the other processes stop
+        with a :class:`PeerFailure`, which the command line does not print."""
+        try:
+            return self._run()
+        except PeerFailure:
+            raise
+        except FedDyMemError as err:
+            if self.fabric.world_size > 1:
+                err.args = (f"process {self.fabric.global_rank} of {self.fabric.world_size}: {err}",)
+            raise
+
+    def _run(self) -> dict[str, Any] | None:
         self.setup()
         self.reporter.print(
             f"FedDyMem ({self.method}): {len(self.all_clients)} clients on {self.fabric.world_size} process(es), "
@@ -971,7 +1009,7 @@ class FederatedOrchestrator:
                 if self.should_stop(round_idx):
                     break
             self.final_tests = self.final_evaluation()
-        self.fabric.barrier()
+        barrier(self.fabric)
         if not self.is_server:
             return None
         if self.final_tests:
