@@ -82,10 +82,11 @@ def test_train_two_rounds_three_clients(tmp_path, synthetic_yaml, capsys):
     import onnxruntime
 
     from feddymem.export import InferenceModel
-    from feddymem.federation.orchestrator import load_client_module
+    from feddymem.models.trained import load_trained
 
-    module, _ = load_client_module(run / "checkpoints" / "last.ckpt", 1)
-    eager = InferenceModel(module, 96, ckpt["clients"][1]["threshold"]).eval()
+    trained = load_trained(run / "checkpoints" / "last.ckpt", 1)
+    assert trained.threshold == ckpt["clients"][1]["threshold"]
+    eager = InferenceModel(trained.module.model, 96, trained.threshold).eval()
     images = torch.rand(3, 3, 120, 100)
     with torch.no_grad():
         ref_maps, ref_scores, ref_labels = eager(images)

@@ -1,6 +1,7 @@
 """The client LightningModule under a plain lightning.Trainer, with no orchestrator or config files."""
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -69,3 +70,16 @@ def test_pixel_metrics_skip_anomalous_images_without_masks():
     assert module.pixel_auroc.scores[0].numel() == 2 * 48 * 48  # the unmasked anomaly is left out
     metrics = module.compute_test_metrics()
     assert metrics["image_auroc"] == 1.0 and metrics["pixel_auroc"] > 0.9
+
+
+def test_default_module_is_the_trained_default_model():
+    """FedDyMemModule() (README) must be the model `feddymem train` trains with its defaults."""
+    from feddymem.config import load_config
+
+    default = FedDyMemModule(weights="none")
+    from_config = FedDyMemModule.from_config(load_config(["model.backbone.weights=none"]))
+    assert dict(default.hparams) == dict(from_config.hparams)
+    assert default.hparams.score_method == "nearest" and default.hparams.lr == pytest.approx(1e-4)
+    patchcore = FedDyMemModule.from_config(load_config(["method=patchcore", "model.backbone.weights=none"]), 2)
+    assert (patchcore.hparams.score_method, patchcore.hparams.approximate_above) == ("patchcore", 0)
+    assert patchcore.hparams.memory_reduce == "coreset" and patchcore.hparams.seed == 2

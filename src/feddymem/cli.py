@@ -66,23 +66,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from feddymem.errors import CheckpointError, OutputError
+    from feddymem.errors import OutputError
     from feddymem.export import InferenceModel, export_onnx, export_torchscript
-    from feddymem.federation.orchestrator import load_client_module
-    from feddymem.io import claim_output_dir, load_checkpoint
+    from feddymem.io import claim_output_dir
+    from feddymem.models.trained import load_trained
 
-    module, cfg = load_client_module(args.checkpoint, args.client)
-    payload = load_checkpoint(args.checkpoint)
-    threshold = payload["clients"][args.client].get("threshold")
-    if threshold is None:
-        raise CheckpointError(f"{args.checkpoint} holds no threshold (written by an older FedDyMem?)")
+    trained = load_trained(args.checkpoint, args.client)
     out = Path(args.out or Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".pt"))
     if out.is_dir():
         raise OutputError(f"export --out {out} is a folder; give a file name")
     claim_output_dir(out.parent, "export --out folder")  # before the (slow) export, not after
-    model = InferenceModel(module, cfg.data.crop_size, threshold).eval()
+    crop = trained.config.data.crop_size
+    model = InferenceModel(trained.module.model, crop, trained.threshold).eval()
     path = export_onnx(model, out) if args.format == "onnx" else export_torchscript(model, out)
-    print(f"{path}  (client {args.client}, input {cfg.data.crop_size} px, threshold {threshold:.4g})")
+    print(f"{path}  (client {args.client}, input {crop} px, threshold {trained.threshold:.4g})")
     return 0
 
 

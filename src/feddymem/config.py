@@ -371,7 +371,10 @@ def check_shape(schema: type, value: Any, source: str, prefix: str = "") -> None
             for i, entry in enumerate(item):
                 if is_dataclass(element):
                     check_shape(element, entry, source, f"{key}[{i}].")
-        elif isinstance(item, dict | DictConfig | list | ListConfig):
+        elif get_origin(hint) is dict:
+            if not isinstance(item, dict | DictConfig):
+                raise ConfigError(f"'{key}' in {source} must be a mapping, got {_kind(item)}")
+        elif hint is not Any and isinstance(item, dict | DictConfig | list | ListConfig):
             raise ConfigError(f"'{key}' in {source} must be a single value, got {_kind(item)}")
 
 

@@ -15,16 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from feddymem.io import atomic_write_bytes
-from feddymem.lightning_model import FedDyMemModule
 from feddymem.models.anomaly_map import apply_operators
+from feddymem.models.torch_model import FedDyMemModel
 
 
 class InferenceModel(nn.Module):
     """images (B, 3, H, W) in [0, 1] → (anomaly_map (B, S, S), score (B,), is_anomalous (B,))."""
 
-    def __init__(self, module: FedDyMemModule, image_size: int, threshold: float = float("inf")) -> None:
+    def __init__(self, model: FedDyMemModel, image_size: int, threshold: float = float("inf")) -> None:
         super().__init__()
-        self.model = module.model.eval()
+        self.model = model.eval()
         self.image_size = int(image_size)
         extractor = self.model.feature_extractor
         self.register_buffer("mean", torch.tensor(extractor.mean).view(1, 3, 1, 1))

@@ -15,43 +15,57 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from feddymem.config import TrainConfig
 from feddymem.memory.reduce import MemoryBank
 from feddymem.metrics.aupro import AUPRO
 from feddymem.metrics.auroc import AUROC
 from feddymem.models.torch_model import FedDyMemModel
 
 
+def _value(choice: Any) -> str:
+    """An enum member (dataclass config) or its string (OmegaConf config) as the string."""
+    return str(getattr(choice, "value", choice))
+
+
+# Every default is the config's (what ``feddymem train`` runs and the benchmarks measure), defined once in
+# feddymem.config: ``FedDyMemModule()`` is the trained default model.
+_D = TrainConfig()
+
+
 class FedDyMemModule(L.LightningModule):
-    """One FedDyMem client (or a centralised model): feature extractor + memory generator + memory."""
+    """One FedDyMem client (or a centralised model): feature extractor + memory generator + memory.
+
+    Build it with keyword arguments (defaults: ``feddymem train``'s), or from a run's config with
+    :meth:`from_config`."""
 
     def __init__(
         self,
-        backbone: str = "tf_efficientnet_lite0",
-        layers: tuple[int, ...] | list[int] = (2, 3),
-        weights: str = "imagenet-offline",
-        pool_size: int = 3,
-        generator_reduction: int = 1,
-        coord_channels: bool = True,
-        generator_init: str = "identity",
-        k_nearest: int = 3,
-        j_negatives: int = 3,
-        margin: float = 0.1,
-        radius_init: float = 1e-5,
-        score_k: int = 3,
-        score_method: str = "softmin",
-        sigma: float = 4.0,
-        approximate_above: int = 0,
-        nprobe: int = 8,
-        memory_reduce: str = "cluster_mean",
-        memory_size: int = 0,
-        local_kmeans_ratio: int = 1,
-        coreset_ratio: float = 0.01,
-        kmeans_iters: int = 20,
-        max_points_per_centroid: int = 64,
-        min_cluster_size: int = 3,
-        lr: float = 1e-3,
-        weight_decay: float = 5e-4,
-        seed: int = 0,
+        backbone: str = _D.model.backbone.name,
+        layers: tuple[int, ...] | list[int] = tuple(_D.model.backbone.layers),
+        weights: str = _D.model.backbone.weights,
+        pool_size: int = _D.model.backbone.pool_size,
+        generator_reduction: int = _D.model.generator.reduction,
+        coord_channels: bool = _D.model.generator.coord_channels,
+        generator_init: str = _D.model.generator.init.value,
+        k_nearest: int = _D.model.loss.k_nearest,
+        j_negatives: int = _D.model.loss.j_negatives,
+        margin: float = _D.model.loss.margin,
+        radius_init: float = _D.model.loss.radius_init,
+        score_k: int = _D.model.scoring.k,
+        score_method: str = _D.model.scoring.method.value,
+        sigma: float = _D.model.scoring.sigma,
+        approximate_above: int = _D.model.scoring.approximate_above,
+        nprobe: int = _D.model.scoring.nprobe,
+        memory_reduce: str = _D.memory.reduce.value,
+        memory_size: int = _D.memory.size,
+        local_kmeans_ratio: int = _D.memory.local_kmeans_ratio,
+        coreset_ratio: float = _D.memory.coreset_ratio,
+        kmeans_iters: int = _D.memory.kmeans_iters,
+        max_points_per_centroid: int = _D.memory.max_points_per_centroid,
+        min_cluster_size: int = _D.memory.min_cluster_size,
+        lr: float = _D.optim.lr,
+        weight_decay: float = _D.optim.weight_decay,
+        seed: int = _D.seed,
         log_prefix: str = "",
         sync_metrics: bool = True,
     ) -> None:
@@ -84,6 +98,48 @@ class FedDyMemModule(L.LightningModule):
         self.pixel_auroc = AUROC(**sync)
         self.aupro = AUPRO(**sync)
         self._has_masks = False
+
+    @classmethod
+    def from_config(cls, cfg: Any, client_id: int | None = None) -> FedDyMemModule:
+        """The module a run with config ``cfg`` (a :class:`~feddymem.config.TrainConfig` or its OmegaConf
+        form) trains for client ``client_id`` (``None``: one centralised model)."""
+        m, mem = cfg.model, cfg.memory
+        scoring = {
+            "score_method": _value(m.scoring.method),
+            "approximate_above": m.scoring.approximate_above,
+            "memory_reduce": _value(mem.reduce),
+        }
+        if _value(cfg.method) == "patchcore":
+            # PatchCore: a greedy coreset of the raw patches, searched exactly, with its reweighted image score.
+            scoring = {"score_method": "patchcore", "approximate_above": 0, "memory_reduce": "coreset"}
+        return cls(
+            backbone=m.backbone.name,
+            layers=tuple(m.backbone.layers),
+            weights=m.backbone.weights,
+            pool_size=m.backbone.pool_size,
+            generator_reduction=m.generator.reduction,
+            coord_channels=m.generator.coord_channels,
+            generator_init=_value(m.generator.init),
+            k_nearest=m.loss.k_nearest,
+            j_negatives=m.loss.j_negatives,
+            margin=m.loss.margin,
+            radius_init=m.loss.radius_init,
+            score_k=m.scoring.k,
+            sigma=m.scoring.sigma,
+            nprobe=m.scoring.nprobe,
+            memory_size=mem.size,
+            local_kmeans_ratio=mem.local_kmeans_ratio,
+            coreset_ratio=mem.coreset_ratio,
+            kmeans_iters=mem.kmeans_iters,
+            max_points_per_centroid=mem.max_points_per_centroid,
+            min_cluster_size=mem.min_cluster_size,
+            lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            seed=cfg.seed + (client_id or 0),
+            log_prefix="" if client_id is None else f"client/{client_id}/",
+            sync_metrics=client_id is None,
+            **scoring,
+        )
 
     # --- helpers --------------------------------------------------------------------------------
     def features(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -136,9 +192,9 @@ class FedDyMemModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # Centralised use under a plain Trainer: without a given memory, build one from the training data.
-        if not self.model.has_memory and self._trainer is not None:
-            loader = self.trainer.fit_loop._data_source.dataloader()
-            self.set_global_memory(self.build_memory(loader).items)
+        if not self.model.has_memory:
+            self.trainer.fit_loop.setup_data()  # public, and idempotent: fit would set the data up next
+            self.set_global_memory(self.build_memory(self.trainer.train_dataloader).items)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.model.compute_loss(self.model.embed(self.features(batch)))

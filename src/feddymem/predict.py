@@ -13,17 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from feddymem.data.datasets import ImageDataset, read_image
 from feddymem.data.products import IMAGE_SUFFIXES, Sample
 from feddymem.errors import DataError, FedDyMemError, OutputError
-from feddymem.io import atomic_write_bytes, atomic_write_text, claim_output_dir, load_checkpoint
-from feddymem.lightning_model import FedDyMemModule
+from feddymem.io import atomic_write_bytes, atomic_write_text, claim_output_dir
 from feddymem.logging.console import Reporter
 from feddymem.logging.experiment import heatmap_panel
+from feddymem.models.trained import load_trained
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -38,29 +38,6 @@ def collect_images(inputs: list[str]) -> list[Path]:
         else:
             raise FedDyMemError(f"no such image or folder: {path}")
     return found
-
-
-def load_predictor(checkpoint: str | Path, client_id: int | None) -> tuple[FedDyMemModule, DictConfig, float]:
-    """A client's model and threshold, or (``client_id=None``) the global model: the global memory with the
-    untrained (identity) generator and the global threshold."""
-    from feddymem.config import TrainConfig
-    from feddymem.federation.orchestrator import client_module_from_config, load_client_module
-
-    payload = load_checkpoint(checkpoint)
-    if client_id is not None:
-        module, cfg = load_client_module(checkpoint, client_id)
-        threshold = payload["clients"][client_id].get("threshold", float("inf"))
-    else:
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), payload["config"])
-        if payload.get("global_memory") is None:
-            raise FedDyMemError(
-                f"{checkpoint} has no global memory (method={cfg.method.value} shares none): "
-                "predict with --client K instead"
-            )
-        module = client_module_from_config(cfg).eval()
-        module.set_global_memory(payload["global_memory"])
-        threshold = payload.get("threshold", float("inf"))
-    return module, cfg, float(threshold)
 
 
 def claim_predictions_dir(out_dir: str | Path, overwrite: bool) -> Path:
@@ -110,7 +87,8 @@ def predict(
     images = collect_images(inputs)
     if not images:
         raise DataError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(inputs)}")
-    module, cfg, threshold = load_predictor(checkpoint, client_id)
+    trained = load_trained(checkpoint, client_id)
+    module, cfg, threshold = trained.module, trained.config, trained.threshold
     window = window or product_window(cfg)
     paths, skipped = [], []
     for path in images:

@@ -88,13 +88,14 @@ def plot_anomaly_maps(run_dir: Path, out: Path, client_id: int = 0, count: int =
     """Rebuild a client from the last checkpoint and draw its maps on test images (half normal, half not)."""
     from feddymem.data.check import plan_data
     from feddymem.data.datasets import ImageDataset
-    from feddymem.federation.orchestrator import load_client_module
     from feddymem.logging.experiment import heatmap_panel
+    from feddymem.models.trained import load_trained
 
     ckpt_path = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt_path.is_file():
         return None
-    module, cfg = load_client_module(ckpt_path, client_id)
+    trained = load_trained(ckpt_path, client_id)
+    module, cfg = trained.module, trained.config
     test = plan_data(cfg).clients[client_id].test
     normal = [s for s in test if s.label == 0][: count // 2]
     anomalous = [s for s in test if s.label == 1][: count - len(normal)]

@@ -12,7 +12,7 @@ from feddymem.federation.baselines import average_parameters, proximal_term
 from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.federation.upload import payload_bytes
 from feddymem.io import load_checkpoint
-from feddymem.predict import load_predictor
+from feddymem.models.trained import load_trained
 
 
 def _run(tmp_path, yaml, name, *extra):
@@ -69,8 +69,8 @@ def test_fedavg_averages_generators_and_keeps_local_memories(tmp_path, synthetic
     assert per_client["bytes_up"] == per_client["bytes_down"] == _generator_bytes(orch)
     assert orch.global_memory is None
     with pytest.raises(FedDyMemError, match="has no global memory .method=fedavg.*--client K"):
-        load_predictor(tmp_path / "fedavg/checkpoints/last.ckpt", None)
-    assert load_predictor(tmp_path / "fedavg/checkpoints/last.ckpt", 1)[0].model.has_memory
+        load_trained(tmp_path / "fedavg/checkpoints/last.ckpt", None)
+    assert load_trained(tmp_path / "fedavg/checkpoints/last.ckpt", 1).module.model.has_memory
 
 
 def test_fedprox_term_pulls_towards_the_global_generator_and_survives_resume(tmp_path, synthetic_yaml):

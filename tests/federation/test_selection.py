@@ -8,10 +8,11 @@ import torch
 
 from conftest import FAST
 from feddymem.config import load_config
-from feddymem.federation.orchestrator import FederatedOrchestrator, load_client_module
+from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.io import load_checkpoint
 from feddymem.metrics import ScoreNormalizer
 from feddymem.metrics.threshold import normal_threshold
+from feddymem.models.trained import load_trained
 
 
 def _run(tmp_path, yaml, name, *extra):
@@ -52,7 +53,7 @@ def test_a_collapsed_generator_is_not_kept_and_patience_stops_the_run(tmp_path, 
     ckpt = load_checkpoint(tmp_path / "wrecked/checkpoints/last.ckpt")
     saved = ckpt["clients"][0]
     assert saved["kept"]["round"] == 0
-    module, _ = load_client_module(tmp_path / "wrecked/checkpoints/last.ckpt", 0)
+    module = load_trained(tmp_path / "wrecked/checkpoints/last.ckpt", 0).module
     weight = module.model.generator.conv.weight
     assert torch.equal(weight, saved["kept"]["model"]["generator.conv.weight"])
     assert not torch.equal(weight, saved["model"]["generator.conv.weight"])

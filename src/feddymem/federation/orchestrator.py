@@ -66,60 +66,6 @@ from feddymem.metrics.auroc import auroc_score
 from feddymem.metrics.normalize import ScoreNormalizer
 from feddymem.metrics.threshold import normal_threshold
 
-
-def client_module_from_config(cfg: DictConfig, client_id: int | None = None) -> FedDyMemModule:
-    """A :class:`FedDyMemModule` with the model, memory and optimiser settings of ``cfg``."""
-    m, mem = cfg.model, cfg.memory
-    return FedDyMemModule(
-        backbone=m.backbone.name,
-        layers=list(m.backbone.layers),
-        weights=m.backbone.weights,
-        pool_size=m.backbone.pool_size,
-        generator_reduction=m.generator.reduction,
-        coord_channels=m.generator.coord_channels,
-        generator_init=m.generator.init.value,
-        k_nearest=m.loss.k_nearest,
-        j_negatives=m.loss.j_negatives,
-        margin=m.loss.margin,
-        radius_init=m.loss.radius_init,
-        score_k=m.scoring.k,
-        score_method="patchcore" if cfg.method.value == "patchcore" else str(m.scoring.method.value),
-        sigma=m.scoring.sigma,
-        approximate_above=0 if cfg.method.value == "patchcore" else m.scoring.approximate_above,  # exact reference
-        nprobe=m.scoring.nprobe,
-        # PatchCore: a greedy coreset of the raw patches, scored by the nearest one.
-        memory_reduce="coreset" if cfg.method.value == "patchcore" else str(getattr(mem.reduce, "value", mem.reduce)),
-        memory_size=mem.size,
-        local_kmeans_ratio=mem.local_kmeans_ratio,
-        coreset_ratio=mem.coreset_ratio,
-        kmeans_iters=mem.kmeans_iters,
-        max_points_per_centroid=mem.max_points_per_centroid,
-        min_cluster_size=mem.min_cluster_size,
-        lr=cfg.optim.lr,
-        weight_decay=cfg.optim.weight_decay,
-        seed=cfg.seed + (client_id or 0),
-        log_prefix="" if client_id is None else f"client/{client_id}/",
-        sync_metrics=client_id is None,
-    )
-
-
-def load_client_module(checkpoint: str | Path, client_id: int = 0) -> tuple[FedDyMemModule, DictConfig]:
-    """A trained client (generator, radius, global memory) and the run's config, from a round checkpoint."""
-    from omegaconf import OmegaConf
-
-    from feddymem.config import TrainConfig
-
-    payload = load_checkpoint(checkpoint)
-    if client_id not in payload["clients"]:
-        raise CheckpointError(f"{checkpoint} has no client {client_id}; it has {sorted(payload['clients'])}")
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), payload["config"])
-    module = client_module_from_config(cfg, client_id)
-    saved = payload["clients"][client_id]
-    # The kept state (selection.keep=best: the round best by the held-out criterion), else the last one.
-    module.load_trainable_state(saved.get("kept", {}).get("model", saved["model"]))
-    return module.eval(), cfg
-
-
 log = logging.getLogger(__name__)
 
 
@@ -234,7 +180,7 @@ class FederatedOrchestrator:
             part = plan.clients[client_id]
             if not (centralized and self.clients):  # centralized: one model shared by every client
                 torch.manual_seed(self.cfg.seed + client_id)
-                module = client_module_from_config(self.cfg, client_id)
+                module = FedDyMemModule.from_config(self.cfg, client_id)
                 optimizer = module.configure_optimizers()
                 module, optimizer = self.fabric.setup(module, optimizer)
             mean, std = module.model.feature_extractor.mean, module.model.feature_extractor.std
@@ -345,7 +291,7 @@ class FederatedOrchestrator:
         if self.method in ("fedavg", "fedprox"):
             state = {k: v.detach().cpu().clone() for k, v in client.module.model.generator.state_dict().items()}
             return {"upload": state}
-        if not self.uploads_in(round_idx):
+        if not self.memory_rebuilt_in(round_idx):
             return {"upload": None}  # ablation: the round-0 memory is kept
         bank = self.build_memory(client)
         stats = {"memory_items": int(bank.items.shape[0]), "num_images": bank.num_images}
@@ -600,11 +546,13 @@ class FederatedOrchestrator:
             gpu=self.server_gpu,
         )
 
+    def memory_rebuilt_in(self, round_idx: int) -> bool:
+        """Whether clients build a new memory in this round (not with memory.rebuild=once after round 0)."""
+        return not (self.method == "feddymem" and round_idx > 0 and self.cfg.memory.rebuild.value == "once")
+
     def uploads_in(self, round_idx: int) -> bool:
         """Whether clients send anything to the server in this round."""
-        if self.method == "local" or self.pooled:
-            return False
-        return not (self.method == "feddymem" and round_idx > 0 and self.cfg.memory.rebuild.value == "once")
+        return self.method != "local" and not self.pooled and self.memory_rebuilt_in(round_idx)
 
     def server_step(self, results: list[dict[str, Any]], round_idx: int) -> dict[str, Any]:
         """Rank 0: check the uploads and build what goes down (a global memory, or averaged parameters)."""

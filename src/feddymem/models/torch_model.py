@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from feddymem.config import TrainConfig
 from feddymem.memory.reduce import MemoryBank, reduce_memory
 from feddymem.memory.search import MemoryIndex, squared_distances
 from feddymem.models.anomaly_map import AnomalyMapGenerator
@@ -27,27 +28,31 @@ def softmin_scores(distances: torch.Tensor, method: str = "softmin") -> torch.Te
     return F.softmin(distances, dim=1)[:, 0] * distances[:, 0]
 
 
+# Defaults are the config's (``feddymem train``'s), defined once in feddymem.config.
+_D = TrainConfig()
+
+
 class FedDyMemModel(nn.Module):
     """Feature extractor → generator → (loss against memory | anomaly map and score)."""
 
     def __init__(
         self,
-        backbone: str = "tf_efficientnet_lite0",
-        layers: tuple[int, ...] | list[int] = (2, 3),
-        weights: str = "imagenet-offline",
-        pool_size: int = 3,
-        generator_reduction: int = 1,
-        coord_channels: bool = True,
-        generator_init: str = "identity",
-        k_nearest: int = 3,
-        j_negatives: int = 3,
-        margin: float = 0.1,
-        radius_init: float = 1e-5,
-        score_k: int = 3,
-        score_method: str = "softmin",
-        sigma: float = 4.0,
-        approximate_above: int = 0,
-        nprobe: int = 8,
+        backbone: str = _D.model.backbone.name,
+        layers: tuple[int, ...] | list[int] = tuple(_D.model.backbone.layers),
+        weights: str = _D.model.backbone.weights,
+        pool_size: int = _D.model.backbone.pool_size,
+        generator_reduction: int = _D.model.generator.reduction,
+        coord_channels: bool = _D.model.generator.coord_channels,
+        generator_init: str = _D.model.generator.init.value,
+        k_nearest: int = _D.model.loss.k_nearest,
+        j_negatives: int = _D.model.loss.j_negatives,
+        margin: float = _D.model.loss.margin,
+        radius_init: float = _D.model.loss.radius_init,
+        score_k: int = _D.model.scoring.k,
+        score_method: str = _D.model.scoring.method.value,
+        sigma: float = _D.model.scoring.sigma,
+        approximate_above: int = _D.model.scoring.approximate_above,
+        nprobe: int = _D.model.scoring.nprobe,
     ) -> None:
         super().__init__()
         self.approximate_above, self.nprobe = approximate_above, nprobe
