@@ -168,7 +168,10 @@ class FederatedOrchestrator:
         plan = plan_data(self.cfg)  # cheap listing on every rank; decoding only of this rank's clients
         self.all_clients = plan.clients
         mine = clients_of_rank(len(plan.clients), self.fabric.global_rank, self.fabric.world_size)
-        verify_plan(plan, self.reporter, client_ids=mine)
+        with self.reporter.bars():
+            verified = verify_plan(plan, mine, progress=self.reporter.task)
+        for warning in verified.warnings:
+            self.reporter.warn(warning)
         if self.is_server:
             claim_output_dir(self.run_dir, "run folder")
             if not self.resume:
@@ -180,7 +183,9 @@ class FederatedOrchestrator:
             part = plan.clients[client_id]
             if not (centralized and self.clients):  # centralized: one model shared by every client
                 torch.manual_seed(self.cfg.seed + client_id)
-                module = FedDyMemModule.from_config(self.cfg, client_id)
+                # One frozen backbone per process, shared by its clients (it never trains).
+                shared = self.clients[0].module.model.feature_extractor if self.clients else None
+                module = FedDyMemModule.from_config(self.cfg, client_id, feature_extractor=shared)
                 optimizer = module.configure_optimizers()
                 module, optimizer = self.fabric.setup(module, optimizer)
             mean, std = module.model.feature_extractor.mean, module.model.feature_extractor.std
