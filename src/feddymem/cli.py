@@ -46,14 +46,21 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from feddymem.config import load_config
-    from feddymem.data.check import check_data
+    from feddymem.data.check import plan_data, plan_tables, verify_plan
     from feddymem.logging.console import Reporter
 
     overrides = list(args.overrides)
     if overrides and "=" not in overrides[0]:
         overrides[0] = f"dataset={overrides[0]}"
-    cfg = load_config(overrides)
-    check_data(cfg, Reporter(quiet=args.quiet))
+    reporter = Reporter(quiet=args.quiet)
+    plan = plan_data(load_config(overrides))
+    for table in plan_tables(plan):
+        reporter.table(table.title, table.columns, table.rows)
+    with reporter.bars():
+        verified = verify_plan(plan, progress=reporter.task)
+    for warning in verified.warnings:
+        reporter.warn(warning)
+    reporter.print(f"data check passed: {verified.images} images decoded, {len(plan.clients)} clients")
     return 0
 
 

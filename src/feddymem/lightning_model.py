@@ -19,6 +19,7 @@ from feddymem.config import TrainConfig
 from feddymem.memory.reduce import MemoryBank
 from feddymem.metrics.aupro import AUPRO
 from feddymem.metrics.auroc import AUROC
+from feddymem.models.backbone import FeatureExtractor
 from feddymem.models.torch_model import FedDyMemModel
 
 
@@ -68,9 +69,10 @@ class FedDyMemModule(L.LightningModule):
         seed: int = _D.seed,
         log_prefix: str = "",
         sync_metrics: bool = True,
+        feature_extractor: FeatureExtractor | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["log_prefix", "sync_metrics"])
+        self.save_hyperparameters(ignore=["log_prefix", "sync_metrics", "feature_extractor"])
         self.log_prefix = log_prefix
         self.model = FedDyMemModel(
             backbone,
@@ -89,6 +91,7 @@ class FedDyMemModule(L.LightningModule):
             sigma,
             approximate_above,
             nprobe,
+            feature_extractor,
         )
         # A federated client must not merge its metrics with other processes' clients (sync_metrics=False);
         # under a multi-GPU Trainer the default syncs them like any torchmetrics metric.
@@ -100,9 +103,12 @@ class FedDyMemModule(L.LightningModule):
         self._has_masks = False
 
     @classmethod
-    def from_config(cls, cfg: Any, client_id: int | None = None) -> FedDyMemModule:
+    def from_config(
+        cls, cfg: Any, client_id: int | None = None, feature_extractor: FeatureExtractor | None = None
+    ) -> FedDyMemModule:
         """The module a run with config ``cfg`` (a :class:`~feddymem.config.TrainConfig` or its OmegaConf
-        form) trains for client ``client_id`` (``None``: one centralised model)."""
+        form) trains for client ``client_id`` (``None``: one centralised model); ``feature_extractor``
+        shares a frozen backbone already built for the same config."""
         m, mem = cfg.model, cfg.memory
         scoring = {
             "score_method": _value(m.scoring.method),
@@ -138,6 +144,7 @@ class FedDyMemModule(L.LightningModule):
             seed=cfg.seed + (client_id or 0),
             log_prefix="" if client_id is None else f"client/{client_id}/",
             sync_metrics=client_id is None,
+            feature_extractor=feature_extractor,
             **scoring,
         )
 

@@ -91,3 +91,31 @@ def test_synthetic_anomalies_paste_a_region_of_another_normal_image_deterministi
     cache = FeatureCache(lambda x: x.mean(dim=1, keepdim=True))
     cached = cache.wrap(ds)
     assert len(cache.store) == 6 and torch.allclose(cached[2]["features"], ds[2]["image"].mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize(("image_size", "crop_size"), [(256, 224), (96, 96), (257, 224)])
+def test_torchvision_preprocessing_gives_the_hand_written_tensors(tmp_path, image_size, crop_size):
+    """The torchvision pipeline (resize, centre crop, scale, normalise; masks nearest + > 127) must give the
+    tensors of the PIL code it replaced, so cached features and results stay the same."""
+    from PIL import Image
+
+    from feddymem.data.datasets import read_image, read_mask
+    from feddymem.data.products import load_product
+    from synthetic import make_product
+
+    product = load_product(
+        {"name": "p", "layout": "mvtec", "root": str(make_product(tmp_path, "p", n_train=2, size=300))}
+    )
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    dataset = ImageDataset(product.test, image_size, crop_size, mean, std)
+    off = (image_size - crop_size) // 2
+    box = (off, off, off + crop_size, off + crop_size)
+    for i, sample in enumerate(dataset.samples):
+        item = dataset[i]
+        img = read_image(sample.path).resize((image_size, image_size), resample=Image.BILINEAR).crop(box)
+        ref = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        ref = (ref - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+        assert torch.allclose(item["image"], ref, atol=1e-6)
+        if sample.mask:
+            mask = read_mask(sample.mask).resize((image_size, image_size), resample=Image.NEAREST).crop(box)
+            assert torch.equal(item["mask"], torch.from_numpy((np.asarray(mask) > 127).astype(np.float32)))

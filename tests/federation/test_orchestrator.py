@@ -89,7 +89,7 @@ def test_failing_client_in_a_round_without_uploads_does_not_stop_the_run(tmp_pat
     assert "site 1 rebooted" in rounds[1]["clients"][1]["error"] and "error" not in rounds[2]["clients"][1]
 
 
-def test_cached_features_are_read_without_worker_processes(tmp_path, synthetic_yaml):
+def test_cached_features_without_workers_and_one_backbone_per_process(tmp_path, synthetic_yaml):
     from feddymem.data.feature_cache import CachedFeatureDataset
 
     orch = FederatedOrchestrator(_cfg(synthetic_yaml, "optim.num_workers=2"), tmp_path / "r")
@@ -99,6 +99,10 @@ def test_cached_features_are_read_without_worker_processes(tmp_path, synthetic_y
     assert isinstance(cached, CachedFeatureDataset)
     assert orch._loader(cached, shuffle=False).num_workers == 0  # the cache's hits stay in this process
     assert orch._loader(client.memory_set, shuffle=False).num_workers == 2  # decoding images: workers help
+    # One frozen backbone per process, shared by its clients; their generators are their own.
+    extractors = {id(c.module.model.feature_extractor) for c in orch.clients}
+    generators = {id(c.module.model.generator) for c in orch.clients}
+    assert len(orch.clients) == 3 and len(extractors) == 1 and len(generators) == 3
 
 
 def test_slow_client_times_out(tmp_path, synthetic_yaml):

@@ -1,7 +1,10 @@
-"""``feddymem data check``: load every product, partition it, decode every image and mask, print counts."""
+"""Plan the data (products, partition, held-out split) and check it: decode every image and mask, count.
+
+Returns tables and warnings; printing them is the command line's job (``feddymem data check``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
@@ -9,7 +12,6 @@ from omegaconf import DictConfig
 from feddymem.data.datasets import verify_samples
 from feddymem.data.partition import ClientData, hold_out, partition_clients
 from feddymem.data.products import ProductSplit, load_product
-from feddymem.logging.console import Reporter
 
 
 @dataclass
@@ -50,9 +52,32 @@ def plan_data(cfg: DictConfig) -> DataPlan:
     return DataPlan(products, clients)
 
 
-def verify_plan(plan: DataPlan, reporter: Reporter, client_ids: list[int] | None = None) -> int:
-    """Decode every image (and mask) the plan uses once, or only those of ``client_ids``; returns the count.
-    Says which test sets give no metric and how wide (16-bit, float) images are read."""
+@dataclass
+class Table:
+    """A table for the command line to print: a title, column names, rows of strings."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Verified:
+    """What decoding a plan's images found: how many, and what the user should be told."""
+
+    images: int
+    warnings: list[str]
+
+
+def verify_plan(
+    plan: DataPlan,
+    client_ids: list[int] | None = None,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+) -> Verified:
+    """Decode every image (and mask) the plan uses once, or only those of ``client_ids``; raises DataError.
+
+    ``progress(description, total)`` may hand out a per-image callback (a progress bar). The warnings say
+    which test sets give no metric (once per run: with client 0) and how wide (16-bit, float) images are read."""
     if client_ids is None:
         samples = {s.path: s for p in plan.products for s in (*p.train, *p.test, *p.valid)}
     else:
@@ -61,39 +86,33 @@ def verify_plan(plan: DataPlan, reporter: Reporter, client_ids: list[int] | None
             for k in client_ids
             for s in (*plan.clients[k].train, *plan.clients[k].holdout, *plan.clients[k].test)
         }
-    with reporter.bars():
-        wide = verify_samples(list(samples.values()), reporter.task("decoding images", len(samples)))
+    advance = progress("decoding images", len(samples)) if progress else None
+    wide = verify_samples(list(samples.values()), advance)
+    warnings = []
     if wide:
-        reporter.warn(
+        warnings.append(
             f"{len(wide)} image(s) are 16-bit or floating point (e.g. {wide[0]}); each is mapped onto 8 bits by "
             "its own minimum..maximum. Set the product's 'window: [low, high]' for a fixed window."
         )
-    if client_ids is None or 0 in client_ids:  # once per run, by the server's process
-        for gap in plan.metric_gaps():
-            reporter.warn(gap)
-    return len(samples)
+    if client_ids is None or 0 in client_ids:
+        warnings += plan.metric_gaps()
+    return Verified(len(samples), warnings)
 
 
-def report_plan(plan: DataPlan, reporter: Reporter) -> None:
-    rows = []
+def plan_tables(plan: DataPlan) -> list[Table]:
+    """Counts per product and split, and training images per client and product."""
+    products = []
     for p in plan.products:
         normal = sum(s.label == 0 for s in p.test)
-        rows.append(
-            [
-                p.name,
-                str(len(p.train)),
-                str(normal),
-                str(len(p.test) - normal),
-                str(len(p.valid)),
-                "yes" if p.has_masks else "no",
-            ]
+        has_masks = "yes" if p.has_masks else "no"
+        products.append(
+            [p.name, str(len(p.train)), str(normal), str(len(p.test) - normal), str(len(p.valid)), has_masks]
         )
-    reporter.table("products", ["product", "train (normal)", "test normal", "test anomalous", "valid", "masks"], rows)
     names = [p.name for p in plan.products]
-    rows = []
+    clients = []
     for c in plan.clients:
         counts = c.counts()
-        rows.append(
+        clients.append(
             [
                 str(c.client_id),
                 *[str(counts.get(n, 0)) for n in names],
@@ -102,14 +121,7 @@ def report_plan(plan: DataPlan, reporter: Reporter) -> None:
                 str(len(c.test)),
             ]
         )
-    reporter.table(
-        "clients (training images per product)", ["client", *names, "train", "held-out normal", "test"], rows
-    )
-
-
-def check_data(cfg: DictConfig, reporter: Reporter) -> DataPlan:
-    plan = plan_data(cfg)
-    report_plan(plan, reporter)
-    checked = verify_plan(plan, reporter)
-    reporter.print(f"data check passed: {checked} images decoded, {len(plan.clients)} clients")
-    return plan
+    return [
+        Table("products", ["product", "train (normal)", "test normal", "test anomalous", "valid", "masks"], products),
+        Table("clients (training images per product)", ["client", *names, "train", "held-out normal", "test"], clients),
+    ]

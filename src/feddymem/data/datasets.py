@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
 from feddymem.data.products import IMAGE_SUFFIXES, Sample
 from feddymem.errors import DataError
@@ -69,12 +70,6 @@ def read_mask(path: str) -> Image.Image:
     return _decode(path, "L", "mask")
 
 
-def _resize_crop(img: Image.Image, image_size: int, crop_size: int, resample: int) -> Image.Image:
-    img = img.resize((image_size, image_size), resample=resample)
-    off = (image_size - crop_size) // 2
-    return img.crop((off, off, off + crop_size, off + crop_size))
-
-
 class ImageDataset(Dataset):
     """Items are dicts: ``image`` (3, S, S) normalised, ``label``, ``mask`` (S, S) in {0, 1}, ``path``, ``index``."""
 
@@ -89,8 +84,22 @@ class ImageDataset(Dataset):
     ) -> None:
         self.samples = list(samples)
         self.image_size, self.crop_size, self.augment = image_size, crop_size, augment
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
+        square = (image_size, image_size)
+        # torchvision's transforms (on PIL images: PIL's own resampling, antialiased).
+        self.image_transform = v2.Compose(
+            [
+                v2.Resize(square, interpolation=v2.InterpolationMode.BILINEAR),
+                v2.CenterCrop(crop_size),
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(list(mean), list(std)),
+            ]
+        )
+        # Flips keep a normal texture normal; applied only to training images (augment=True).
+        self.flips = v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()])
+        self.mask_transform = v2.Compose(
+            [v2.Resize(square, interpolation=v2.InterpolationMode.NEAREST), v2.CenterCrop(crop_size), v2.PILToTensor()]
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -100,25 +109,20 @@ class ImageDataset(Dataset):
         return any(s.mask for s in self.samples)
 
     def load_image(self, sample: Sample) -> torch.Tensor:
-        img = _resize_crop(read_image(sample.path, sample.window), self.image_size, self.crop_size, Image.BILINEAR)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - self.mean) / self.std
+        """The sample's image: resized, centre-cropped, scaled to [0, 1] and normalised (3, S, S)."""
+        return self.image_transform(read_image(sample.path, sample.window)).as_subclass(torch.Tensor)
 
     def load_mask(self, sample: Sample) -> torch.Tensor:
+        """The sample's mask, resized nearest-neighbour and binarised (> 127); zeros without one."""
         if sample.mask is None:
             return torch.zeros(self.crop_size, self.crop_size)
-        mask = _resize_crop(read_mask(sample.mask), self.image_size, self.crop_size, Image.NEAREST)
-        return torch.from_numpy((np.asarray(mask) > 127).astype(np.float32))
+        return (self.mask_transform(read_mask(sample.mask))[0] > 127).float()
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         image = self.load_image(sample)
         if self.augment:
-            # Flips keep a normal texture normal; applied only to training images.
-            if torch.rand(()) < 0.5:
-                image = image.flip(-1)
-            if torch.rand(()) < 0.5:
-                image = image.flip(-2)
+            image = self.flips(image)
         return {
             "image": image,
             "label": sample.label,

@@ -22,6 +22,7 @@ import io
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from feddymem.data.datasets import ImageDataset, SyntheticAnomalyDataset
 from feddymem.data.feature_cache import CachedFeatureDataset, FeatureCache
 from feddymem.data.partition import ClientData
 from feddymem.errors import CheckpointError, FedDyMemError, OutputError, PeerFailure
-from feddymem.federation.baselines import average_parameters, proximal_term
+from feddymem.federation.baselines import proximal_term
 from feddymem.federation.distributed import (
     barrier,
     broadcast_from_server,
@@ -47,7 +48,8 @@ from feddymem.federation.distributed import (
     gather_to_server,
     make_fabric,
 )
-from feddymem.federation.upload import UploadRejected, payload_bytes, validate_parameters, validate_upload
+from feddymem.federation.strategies import ServerLimits, ServerReply, make_strategy
+from feddymem.federation.upload import UploadRejected, payload_bytes
 from feddymem.io import (
     atomic_write_json,
     atomic_write_text,
@@ -59,7 +61,6 @@ from feddymem.io import (
 from feddymem.lightning_model import FedDyMemModule
 from feddymem.logging.console import Reporter, human_bytes
 from feddymem.logging.experiment import find_wandb, heatmap_panel, make_loggers
-from feddymem.memory.aggregate import GlobalMemory, aggregate, coreset_aggregate, mean_aggregate
 from feddymem.memory.kmeans import resolve_gpu
 from feddymem.memory.reduce import MemoryBank
 from feddymem.metrics.auroc import auroc_score
@@ -126,9 +127,9 @@ class FederatedOrchestrator:
         """``feature_cache``: reuse another run's backbone features (same backbone and pre-processing),
         as the benchmark suite does across methods; by default every run extracts its own."""
         self.cfg = cfg
-        self.method = cfg.method.value
-        # centralized and patchcore: one model over every client's pooled training images.
-        self.pooled = self.method in ("centralized", "patchcore")
+        self.method = cfg.method.value  # a label for records and tables: behaviour is the strategy's
+        self.strategy = make_strategy(cfg, server_gpu=resolve_gpu(cfg.server.gpu))
+        self.pooled = self.strategy.pooled  # one model over every client's pooled training images
         self.run_dir = Path(run_dir)
         self.resume = resume
         f = cfg.federation
@@ -145,7 +146,6 @@ class FederatedOrchestrator:
         self._product_scores: dict[tuple, tuple] = {}  # (state, product, images) → scores, labels, paths, metrics
         self.start_round = 0
         self.saved_round: int | None = None  # the round of the checkpoint on disk
-        self.server_gpu = resolve_gpu(cfg.server.gpu)
 
     @property
     def is_server(self) -> bool:
@@ -168,7 +168,10 @@ class FederatedOrchestrator:
         plan = plan_data(self.cfg)  # cheap listing on every rank; decoding only of this rank's clients
         self.all_clients = plan.clients
         mine = clients_of_rank(len(plan.clients), self.fabric.global_rank, self.fabric.world_size)
-        verify_plan(plan, self.reporter, client_ids=mine)
+        with self.reporter.bars():
+            verified = verify_plan(plan, mine, progress=self.reporter.task)
+        for warning in verified.warnings:
+            self.reporter.warn(warning)
         if self.is_server:
             claim_output_dir(self.run_dir, "run folder")
             if not self.resume:
@@ -180,7 +183,9 @@ class FederatedOrchestrator:
             part = plan.clients[client_id]
             if not (centralized and self.clients):  # centralized: one model shared by every client
                 torch.manual_seed(self.cfg.seed + client_id)
-                module = FedDyMemModule.from_config(self.cfg, client_id)
+                # One frozen backbone per process, shared by its clients (it never trains).
+                shared = self.clients[0].module.model.feature_extractor if self.clients else None
+                module = FedDyMemModule.from_config(self.cfg, client_id, feature_extractor=shared)
                 optimizer = module.configure_optimizers()
                 module, optimizer = self.fabric.setup(module, optimizer)
             mean, std = module.model.feature_extractor.mean, module.model.feature_extractor.std
@@ -256,7 +261,7 @@ class FederatedOrchestrator:
         """
         module, optimizer = client.module, client.optimizer
         train_set = self._cached(client.train_set, f"client {client.id} features")
-        mu = self.cfg.federation.prox_mu if self.method == "fedprox" else 0.0
+        mu = self.strategy.prox_mu
         module.train()
         losses = []
         for epoch in range(self.cfg.federation.local_epochs):
@@ -286,19 +291,15 @@ class FederatedOrchestrator:
         memory_set = self._cached(client.memory_set, f"client {client.id} features")
         return client.module.build_memory(self._loader(memory_set, shuffle=False))
 
+    def client_side(self, client: Client) -> _ClientSide:
+        """What a strategy may do with ``client`` (its generator, its memory)."""
+        return _ClientSide(client, lambda: self.build_memory(client))
+
     def client_update(self, client: Client, round_idx: int) -> dict[str, Any]:
         """After local training: what the client sends (``upload``, ``None`` for nothing) and its memory size."""
-        if self.method in ("fedavg", "fedprox"):
-            state = {k: v.detach().cpu().clone() for k, v in client.module.model.generator.state_dict().items()}
-            return {"upload": state}
-        if not self.memory_rebuilt_in(round_idx):
-            return {"upload": None}  # ablation: the round-0 memory is kept
-        bank = self.build_memory(client)
-        stats = {"memory_items": int(bank.items.shape[0]), "num_images": bank.num_images}
-        if self.method == "local" or self.pooled:
-            client.module.set_global_memory(bank.items)  # the client's own memory; it never leaves
-            return {"upload": None, **stats}
-        return {"upload": bank, **stats}
+        update = self.strategy.client_update(self.client_side(client), round_idx)
+        stats = {"memory_items": update.memory_items, "num_images": update.num_images} if update.memory_items else {}
+        return {"upload": update.payload, **stats}
 
     def training_clients(self) -> list[Client]:
         """The clients that train this round: all of this rank's, or under ``centralized`` the one pooled model."""
@@ -310,7 +311,7 @@ class FederatedOrchestrator:
         timeout = self.cfg.federation.client_timeout_s
         deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
         try:
-            train = round_idx > 0 and self.cfg.federation.local_epochs > 0 and self.method != "patchcore"
+            train = round_idx > 0 and self.cfg.federation.local_epochs > 0 and self.strategy.trains
             loss = self.local_training(client, round_idx, deadline) if train else float("nan")
             update = self.client_update(client, round_idx)
             if time.monotonic() > deadline:
@@ -327,21 +328,18 @@ class FederatedOrchestrator:
 
     def apply_server_message(self, message: dict[str, Any]) -> dict[int, float]:
         """Take the server's answer on every client of this rank; seconds each client spent on it."""
+        reply = ServerReply(message.get("participants", []), message.get("memory"), message.get("generator"))
         seconds = {}
         for client in self.clients:
             t0 = time.perf_counter()
-            if message.get("memory") is not None:
-                client.module.set_global_memory(message["memory"])
-            if message.get("generator") is not None:
-                client.module.model.generator.load_state_dict(message["generator"])
-                client.anchor = message["generator"] if self.method == "fedprox" else None
-                # Each client keeps a local memory, rebuilt with the averaged generator for training and scoring.
-                client.module.set_global_memory(self.build_memory(client).items)
+            self.strategy.apply(self.client_side(client), reply)
+            if reply.generator is not None:
+                client.anchor = reply.generator  # FedProx's proximal term pulls towards it (prox_mu > 0)
             seconds[client.id] = time.perf_counter() - t0
-        if message.get("memory") is not None:
-            self.global_memory = message["memory"]
-        if message.get("generator") is not None:
-            self.global_generator = message["generator"]
+        if reply.memory is not None:
+            self.global_memory = reply.memory
+        if reply.generator is not None:
+            self.global_generator = reply.generator
         return seconds
 
     def evaluate_held_out(self, client: Client) -> tuple[dict[str, Any], ScoreNormalizer]:
@@ -494,28 +492,26 @@ class FederatedOrchestrator:
         """D: the dimension of memory items."""
         return self.clients[0].module.model.generator.out_channels
 
+    def server_limits(self) -> ServerLimits:
+        """What the server accepts: memory items of dimension D, at most this many, this many bytes."""
+        s = self.cfg.server
+        generator = self.clients[0].module.model.generator.state_dict()
+        return ServerLimits(
+            memory_dim=self.memory_dim(),
+            max_items=max(s.max_upload_items, self.cfg.memory.size, self.patch_positions()),
+            max_bytes=int(s.max_upload_mb * 2**20),
+            generator={k: (tuple(v.shape), v.dtype) for k, v in generator.items()},
+        )
+
     def accept_uploads(self, results: list[dict[str, Any]], round_idx: int) -> list[dict[str, Any]]:
         """Validate every upload; returns the accepted ones (in client order), records the rest."""
-        s = self.cfg.server
-        max_bytes = int(s.max_upload_mb * 2**20)
-        if self.method in ("fedavg", "fedprox"):
-            reference = self.clients[0].module.model.generator.state_dict()
-
-            def check(res: dict[str, Any]) -> None:
-                validate_parameters(res["id"], res["upload"], reference=reference, max_bytes=max_bytes)
-        else:
-            max_items = max(s.max_upload_items, self.cfg.memory.size, self.patch_positions())
-            dim = self.memory_dim()
-
-            def check(res: dict[str, Any]) -> None:
-                validate_upload(res["id"], res["upload"], dim=dim, max_items=max_items, max_bytes=max_bytes)
-
+        limits = self.server_limits()
         accepted = []
         for res in sorted(results, key=lambda r: r["id"]):
             if res["upload"] is None:
                 continue
             try:
-                check(res)
+                self.strategy.validate(res["id"], res["upload"], limits)
                 accepted.append(res)
             except UploadRejected as err:
                 log.warning("round %d: %s", round_idx, err)
@@ -528,60 +524,25 @@ class FederatedOrchestrator:
             )
         return accepted
 
-    def server_aggregate(self, uploads: list[MemoryBank], round_idx: int) -> GlobalMemory:
-        s = self.cfg.server
-        if s.aggregation.value == "mean":
-            return mean_aggregate(uploads, weight_by_client_size=s.weight_by_client_size)
-        if s.aggregation.value == "coreset":
-            return coreset_aggregate(uploads, s.size or self.patch_positions(), seed=self.cfg.seed + round_idx)
-        warm = self.global_memory if (s.warm_start and self.global_memory is not None) else None
-        size = s.size or self.patch_positions()
-        return aggregate(
-            uploads,
-            size,
-            previous=warm,
-            weight_by_client_size=s.weight_by_client_size,
-            iters=s.kmeans_iters,
-            seed=self.cfg.seed + round_idx,
-            gpu=self.server_gpu,
-        )
-
-    def memory_rebuilt_in(self, round_idx: int) -> bool:
-        """Whether clients build a new memory in this round (not with memory.rebuild=once after round 0)."""
-        return not (self.method == "feddymem" and round_idx > 0 and self.cfg.memory.rebuild.value == "once")
-
-    def uploads_in(self, round_idx: int) -> bool:
-        """Whether clients send anything to the server in this round."""
-        return self.method != "local" and not self.pooled and self.memory_rebuilt_in(round_idx)
-
     def server_step(self, results: list[dict[str, Any]], round_idx: int) -> dict[str, Any]:
         """Rank 0: check the uploads and build what goes down (a global memory, or averaged parameters)."""
-        if not self.uploads_in(round_idx):  # a client that failed here is recorded, not counted against min_clients
+        if not self.strategy.uploads_in(round_idx):  # a failing client is recorded, not counted against min_clients
             return {"participants": [], "server": {}}
         accepted = self.accept_uploads(results, round_idx)
-        participants = [r["id"] for r in accepted]
-        t0 = time.perf_counter()
-        if self.method in ("fedavg", "fedprox"):
-            by_size = self.cfg.server.weight_by_client_size
-            weights = [len(self.all_clients[r["id"]].train) if by_size else 1.0 for r in accepted]
-            generator = average_parameters([r["upload"] for r in accepted], weights)
-            return {
-                "generator": generator,
-                "participants": participants,
-                "server": {"time_s": time.perf_counter() - t0},
-            }
-        result = self.server_aggregate([r["upload"] for r in accepted], round_idx)
-        return {
-            "memory": result.items,
-            "participants": participants,
-            "server": {
-                "kmeans_objective": result.objective,
-                "uploaded_items": result.num_points,
-                "global_items": int(result.items.shape[0]),
-                "gpu": result.gpu,
-                "time_s": time.perf_counter() - t0,
-            },
-        }
+        self.strategy.cfg_patch_positions = self.patch_positions()
+        previous = ServerReply(memory=self.global_memory) if self.global_memory is not None else None
+        reply = self.strategy.aggregate(
+            {r["id"]: r["upload"] for r in accepted},
+            {r["id"]: len(self.all_clients[r["id"]].train) for r in accepted},
+            round_idx,
+            previous,
+        )
+        message: dict[str, Any] = {"participants": reply.participants, "server": reply.stats}
+        if reply.memory is not None:
+            message["memory"] = reply.memory
+        if reply.generator is not None:
+            message["generator"] = reply.generator
+        return message
 
     # --- one round ------------------------------------------------------------------------------
     def run_round(self, round_idx: int) -> dict[str, Any] | None:
@@ -837,8 +798,7 @@ class FederatedOrchestrator:
             client.kept = KeptState(**saved["kept"]) if saved.get("kept") else None
             if payload["global_memory"] is not None:
                 client.module.set_global_memory(payload["global_memory"])
-            if self.method == "fedprox":
-                client.anchor = payload["global_generator"]
+            client.anchor = payload.get("global_generator")  # FedProx's anchor (unused when prox_mu = 0)
         self.global_memory = payload["global_memory"]
         self.global_generator = payload.get("global_generator")
         self.history = list(payload["history"]) if self.is_server else []
@@ -913,7 +873,7 @@ class FederatedOrchestrator:
 
     def should_stop(self, round_idx: int) -> bool:
         """Early stop (``selection.patience`` > 0): no client has improved its criterion for that many rounds."""
-        if self.method == "patchcore":
+        if self.strategy.single_round:
             return True  # nothing trains: the round-0 memory is the model
         patience = self.cfg.selection.patience
         if patience <= 0 or round_idx >= self.cfg.federation.rounds:
@@ -970,6 +930,22 @@ class FederatedOrchestrator:
         if self.history:
             self.print_table()
         return self.summary()
+
+
+class _ClientSide:
+    """A :class:`~feddymem.federation.strategies.ClientSide` over one orchestrator client."""
+
+    def __init__(self, client: Client, build_memory: Callable[[], MemoryBank]) -> None:
+        self.client, self.build_memory = client, build_memory
+
+    def generator_state(self) -> dict[str, torch.Tensor]:
+        return self.client.module.model.generator.state_dict()
+
+    def load_generator(self, state: dict[str, torch.Tensor]) -> None:
+        self.client.module.model.generator.load_state_dict(state)
+
+    def set_memory(self, items: torch.Tensor) -> None:
+        self.client.module.set_global_memory(items)
 
 
 def state_fingerprint(state: dict[str, torch.Tensor]) -> str:

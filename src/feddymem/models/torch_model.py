@@ -53,10 +53,13 @@ class FedDyMemModel(nn.Module):
         sigma: float = _D.model.scoring.sigma,
         approximate_above: int = _D.model.scoring.approximate_above,
         nprobe: int = _D.model.scoring.nprobe,
+        feature_extractor: FeatureExtractor | None = None,
     ) -> None:
+        """``feature_extractor``: share another model's frozen backbone (it must match ``backbone``,
+        ``layers``, ``weights`` and ``pool_size``), so the clients of one process hold one copy."""
         super().__init__()
         self.approximate_above, self.nprobe = approximate_above, nprobe
-        self.feature_extractor = FeatureExtractor(backbone, layers, weights, pool_size)
+        self.feature_extractor = feature_extractor or FeatureExtractor(backbone, layers, weights, pool_size)
         self.generator = MemoryGenerator(
             self.feature_extractor.out_channels, generator_reduction, coord_channels, generator_init
         )

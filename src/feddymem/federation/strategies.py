@@ -1,0 +1,230 @@
+"""Federation strategies, in the spirit of Flower's ``Strategy``: what a client sends after its local
+round, how the server checks and aggregates what arrives, and what each client does with the answer.
+
+One class per method; :func:`make_strategy` is the one place that picks a strategy by its name. The
+strategies know nothing of processes or engines: they act on one client's module (through a
+:class:`ClientSide`) and on plain tensors, so every engine (Fabric today) reuses them, and they can be
+tested on small synthetic tensors without a backbone or a data set.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from feddymem.federation.baselines import average_parameters
+from feddymem.federation.upload import validate_parameters, validate_upload
+from feddymem.memory.aggregate import GlobalMemory, aggregate, coreset_aggregate, mean_aggregate
+from feddymem.memory.reduce import MemoryBank
+
+
+class ClientSide(Protocol):
+    """What a strategy may do with one client: read and replace its generator, give it a memory, and
+    have it rebuild (and reduce) its memory from its own images with its current generator."""
+
+    def generator_state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_generator(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def set_memory(self, items: torch.Tensor) -> None: ...
+
+    def build_memory(self) -> MemoryBank: ...
+
+
+@dataclass
+class Upload:
+    """What a client's round produced: the payload it sends (or ``None``) and its memory's size."""
+
+    payload: MemoryBank | dict[str, torch.Tensor] | None = None
+    memory_items: int | None = None
+    num_images: int | None = None  # images the memory was built from
+
+
+@dataclass
+class ServerReply:
+    """What the server sends down after a round: a global memory, or averaged generator parameters."""
+
+    participants: list[int] = field(default_factory=list)
+    memory: torch.Tensor | None = None
+    generator: dict[str, torch.Tensor] | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """The server's own reference for checking uploads, from the config (never from a client object)."""
+
+    memory_dim: int
+    max_items: int
+    max_bytes: int
+    generator: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)  # name → shape, dtype
+
+
+class Strategy:
+    """FedDyMem's strategy and the base of the others: reduced memories up, a K-means global memory down."""
+
+    name: ClassVar[str] = "feddymem"
+    pooled: ClassVar[bool] = False  # one model over every client's pooled training images
+    trains: ClassVar[bool] = True  # the generator learns (after round 0)
+    single_round: ClassVar[bool] = False  # the round-0 state is the model: stop after it
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    # --- client side ---------------------------------------------------------------------------
+    @property
+    def prox_mu(self) -> float:
+        """Weight of the proximal term added to the local loss (FedProx); 0 for the others."""
+        return 0.0
+
+    def rebuilds_memory(self, round_idx: int) -> bool:
+        """Whether clients rebuild their memory this round (``memory.rebuild=once``: round 0 only)."""
+        return round_idx == 0 or self.cfg.memory.rebuild.value != "once"
+
+    def uploads_in(self, round_idx: int) -> bool:
+        """Whether clients send anything to the server this round."""
+        return self.rebuilds_memory(round_idx)
+
+    def client_update(self, client: ClientSide, round_idx: int) -> Upload:
+        """After local training: the client's reduced memory, sent to the server."""
+        if not self.rebuilds_memory(round_idx):
+            return Upload()  # ablation: the round-0 memory is kept
+        bank = client.build_memory()
+        return Upload(bank, int(bank.items.shape[0]), bank.num_images)
+
+    def apply(self, client: ClientSide, reply: ServerReply) -> None:
+        """The client takes the server's reply: the global memory becomes its memory."""
+        if reply.memory is not None:
+            client.set_memory(reply.memory)
+
+    # --- server side ---------------------------------------------------------------------------
+    def validate(self, client_id: int, payload: Any, limits: ServerLimits) -> None:
+        """Raise :class:`~feddymem.federation.upload.UploadRejected` for a malformed upload."""
+        validate_upload(
+            client_id, payload, dim=limits.memory_dim, max_items=limits.max_items, max_bytes=limits.max_bytes
+        )
+
+    def aggregate(
+        self, uploads: dict[int, Any], client_sizes: dict[int, int], round_idx: int, previous: ServerReply | None
+    ) -> ServerReply:
+        """The global memory from the accepted uploads (by client id): server K-means (or the ablations)."""
+        t0 = time.perf_counter()
+        s = self.cfg.server
+        banks = [uploads[k] for k in sorted(uploads)]
+        size = s.size or self.cfg_patch_positions
+        result: GlobalMemory
+        if s.aggregation.value == "mean":
+            result = mean_aggregate(banks, weight_by_client_size=s.weight_by_client_size)
+        elif s.aggregation.value == "coreset":
+            result = coreset_aggregate(banks, size, seed=self.cfg.seed + round_idx)
+        else:
+            warm = previous.memory if (s.warm_start and previous is not None) else None
+            result = aggregate(
+                banks,
+                size,
+                previous=warm,
+                weight_by_client_size=s.weight_by_client_size,
+                iters=s.kmeans_iters,
+                seed=self.cfg.seed + round_idx,
+                gpu=self.server_gpu,
+            )
+        return ServerReply(
+            sorted(uploads),
+            memory=result.items,
+            stats={
+                "kmeans_objective": result.objective,
+                "uploaded_items": result.num_points,
+                "global_items": int(result.items.shape[0]),
+                "gpu": result.gpu,
+                "time_s": time.perf_counter() - t0,
+            },
+        )
+
+    # Set by the engine: the patch grid's size (global memory of server.size=0) and the server's K-means device.
+    cfg_patch_positions: int = 0
+    server_gpu: bool = False
+
+
+class Local(Strategy):
+    """Every client alone with its own memory: nothing is sent."""
+
+    name = "local"
+
+    def uploads_in(self, round_idx: int) -> bool:
+        return False
+
+    def client_update(self, client: ClientSide, round_idx: int) -> Upload:
+        bank = client.build_memory()
+        client.set_memory(bank.items)  # the client's own memory; it never leaves
+        return Upload(None, int(bank.items.shape[0]), bank.num_images)
+
+
+class Centralized(Local):
+    """All clients' training images pooled in one model: the upper reference."""
+
+    name = "centralized"
+    pooled = True
+
+
+class PatchCore(Centralized):
+    """PatchCore in-project: pooled data, a greedy coreset of every patch, no training, one round."""
+
+    name = "patchcore"
+    trains = False
+    single_round = True
+
+
+class FedAvg(Strategy):
+    """Generator parameters averaged by client size; every client keeps a local memory built with them."""
+
+    name = "fedavg"
+
+    def uploads_in(self, round_idx: int) -> bool:
+        return True
+
+    def client_update(self, client: ClientSide, round_idx: int) -> Upload:
+        return Upload({k: v.detach().cpu().clone() for k, v in client.generator_state().items()})
+
+    def apply(self, client: ClientSide, reply: ServerReply) -> None:
+        if reply.generator is not None:
+            client.load_generator(reply.generator)
+            # The client's local memory, rebuilt with the averaged generator, for training and scoring.
+            client.set_memory(client.build_memory().items)
+
+    def validate(self, client_id: int, payload: Any, limits: ServerLimits) -> None:
+        reference = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in limits.generator.items()}
+        validate_parameters(client_id, payload, reference=reference, max_bytes=limits.max_bytes)
+
+    def aggregate(
+        self, uploads: dict[int, Any], client_sizes: dict[int, int], round_idx: int, previous: ServerReply | None
+    ) -> ServerReply:
+        t0 = time.perf_counter()
+        ids = sorted(uploads)
+        by_size = self.cfg.server.weight_by_client_size
+        weights = [float(client_sizes[k]) if by_size else 1.0 for k in ids]
+        generator = average_parameters([uploads[k] for k in ids], weights)
+        return ServerReply(ids, generator=generator, stats={"time_s": time.perf_counter() - t0})
+
+
+class FedProx(FedAvg):
+    """FedAvg with the proximal term ``prox_mu / 2 · ||w - w_global||²`` in local training."""
+
+    name = "fedprox"
+
+    @property
+    def prox_mu(self) -> float:
+        return float(self.cfg.federation.prox_mu)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Strategy, Local, Centralized, PatchCore, FedAvg, FedProx)}
+
+
+def make_strategy(cfg: Any, patch_positions: int = 0, server_gpu: bool = False) -> Strategy:
+    """The strategy of ``cfg.method``: the one place that branches on a method's name."""
+    method = str(getattr(cfg.method, "value", cfg.method))
+    strategy = STRATEGIES[method](cfg)
+    strategy.cfg_patch_positions, strategy.server_gpu = patch_positions, server_gpu
+    return strategy

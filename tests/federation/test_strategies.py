@@ -1,0 +1,141 @@
+"""Each federation strategy on small synthetic tensors: no backbone, no data set, no engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from feddymem.config import load_config
+from feddymem.federation.strategies import (
+    Centralized,
+    FedAvg,
+    FedProx,
+    Local,
+    PatchCore,
+    ServerLimits,
+    ServerReply,
+    Strategy,
+    make_strategy,
+)
+from feddymem.federation.upload import UploadRejected
+from feddymem.memory.reduce import MemoryBank
+
+DIM = 8
+
+
+class FakeClient:
+    """A ClientSide with a 1×1 conv generator and a memory of random items around ``centre``."""
+
+    def __init__(self, centre: float, items: int = 40, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.generator = nn.Conv2d(DIM, DIM, 1)
+        self.centre, self.items, self.memory, self.builds = centre, items, None, 0
+
+    def generator_state(self):
+        return self.generator.state_dict()
+
+    def load_generator(self, state):
+        self.generator.load_state_dict(state)
+
+    def set_memory(self, items):
+        self.memory = items
+
+    def build_memory(self):
+        self.builds += 1
+        items = self.centre + 0.1 * torch.randn(self.items, DIM)
+        return MemoryBank(items, torch.full((self.items,), 3.0), num_images=5)
+
+
+def _cfg(*overrides):
+    return load_config(["dataset=shared_industrial", "server.size=16", "server.kmeans_iters=5", *overrides])
+
+
+def _limits(client: FakeClient) -> ServerLimits:
+    generator = {k: (tuple(v.shape), v.dtype) for k, v in client.generator_state().items()}
+    return ServerLimits(memory_dim=DIM, max_items=1000, max_bytes=2**20, generator=generator)
+
+
+def test_make_strategy_picks_by_method_name():
+    for method, kind in [
+        ("feddymem", Strategy),
+        ("local", Local),
+        ("centralized", Centralized),
+        ("patchcore", PatchCore),
+        ("fedavg", FedAvg),
+        ("fedprox", FedProx),
+    ]:
+        strategy = make_strategy(_cfg(f"method={method}"))
+        assert type(strategy) is kind and strategy.name == method
+    assert PatchCore.pooled and not PatchCore.trains and PatchCore.single_round
+    assert Centralized.pooled and Centralized.trains and not Local.pooled
+
+
+def test_feddymem_sends_reduced_memories_and_hands_back_a_kmeans_memory():
+    strategy = make_strategy(_cfg())
+    clients = {k: FakeClient(centre=float(k), seed=k) for k in range(3)}
+    uploads = {k: strategy.client_update(c, 0) for k, c in clients.items()}
+    assert all(
+        u.memory_items == 40 and u.num_images == 5 and isinstance(u.payload, MemoryBank) for u in uploads.values()
+    )
+    for k, u in uploads.items():
+        strategy.validate(k, u.payload, _limits(clients[k]))
+    reply = strategy.aggregate({k: u.payload for k, u in uploads.items()}, {0: 5, 1: 5, 2: 5}, 0, None)
+    assert reply.participants == [0, 1, 2] and reply.memory.shape == (16, DIM) and reply.generator is None
+    # The K-means centroids cover the three clients' clusters.
+    nearest = torch.cdist(reply.memory, torch.tensor([[0.0] * DIM, [1.0] * DIM, [2.0] * DIM])).argmin(1)
+    assert set(nearest.tolist()) == {0, 1, 2}
+    strategy.apply(clients[0], reply)
+    assert torch.equal(clients[0].memory, reply.memory)
+
+
+def test_feddymem_rebuild_once_sends_nothing_after_round_0():
+    strategy = make_strategy(_cfg("memory.rebuild=once"))
+    client = FakeClient(0.0)
+    assert strategy.uploads_in(0) and not strategy.uploads_in(1)
+    assert strategy.client_update(client, 1).payload is None and client.builds == 0
+
+
+def test_server_rejects_malformed_memories():
+    strategy, client = make_strategy(_cfg()), FakeClient(0.0)
+    bad = MemoryBank(torch.full((4, DIM), float("nan")), torch.ones(4), 1)
+    with pytest.raises(UploadRejected, match="client 3 rejected: non-finite"):
+        strategy.validate(3, bad, _limits(client))
+    with pytest.raises(UploadRejected, match="expected a memory bank"):
+        strategy.validate(3, {"w": torch.ones(1)}, _limits(client))
+
+
+def test_local_and_centralized_keep_their_memory_and_send_nothing():
+    for method in ("local", "centralized", "patchcore"):
+        strategy, client = make_strategy(_cfg(f"method={method}")), FakeClient(1.0)
+        update = strategy.client_update(client, 0)
+        assert update.payload is None and update.memory_items == 40 and client.memory.shape == (40, DIM)
+        assert not strategy.uploads_in(0)
+
+
+def test_fedavg_averages_generators_by_client_size_and_rebuilds_local_memories():
+    strategy = make_strategy(_cfg("method=fedavg"))
+    clients = {k: FakeClient(0.0, seed=k) for k in range(2)}
+    uploads = {k: strategy.client_update(c, 1).payload for k, c in clients.items()}
+    uploads[0]["weight"].add_(100.0)  # the upload is a copy: the client's own weights must not change
+    assert not torch.equal(uploads[0]["weight"], clients[0].generator.weight)
+    for k in clients:
+        strategy.validate(k, uploads[k], _limits(clients[k]))
+    reply = strategy.aggregate(uploads, {0: 1, 1: 3}, 1, None)
+    expected = 0.25 * uploads[0]["weight"] + 0.75 * uploads[1]["weight"]
+    assert torch.allclose(reply.generator["weight"], expected) and reply.memory is None
+    strategy.apply(clients[1], reply)
+    assert torch.allclose(clients[1].generator.weight, expected) and clients[1].builds == 1
+    wrong = {"weight": torch.ones(2, 2), "bias": uploads[0]["bias"]}
+    with pytest.raises(UploadRejected, match="'weight' is \\(2, 2\\)"):
+        strategy.validate(0, wrong, _limits(clients[0]))
+    assert make_strategy(_cfg("method=fedavg")).prox_mu == 0.0
+
+
+def test_fedprox_is_fedavg_with_a_proximal_weight():
+    strategy = make_strategy(_cfg("method=fedprox", "federation.prox_mu=0.3"))
+    assert isinstance(strategy, FedAvg) and strategy.prox_mu == pytest.approx(0.3)
+    reply = ServerReply([0], generator=FakeClient(0.0).generator_state())
+    client = FakeClient(0.0, seed=5)
+    strategy.apply(client, reply)
+    assert torch.equal(client.generator.weight, reply.generator["weight"])
