@@ -16,9 +16,7 @@ averaged generator).
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import logging
 import platform
 import time
@@ -48,6 +46,7 @@ from feddymem.federation.distributed import (
     gather_to_server,
     make_fabric,
 )
+from feddymem.federation.reporting import RunReporter, kept_record
 from feddymem.federation.strategies import ServerLimits, ServerReply, make_strategy
 from feddymem.federation.upload import UploadRejected, payload_bytes
 from feddymem.io import (
@@ -59,7 +58,7 @@ from feddymem.io import (
     save_checkpoint,
 )
 from feddymem.lightning_model import FedDyMemModule
-from feddymem.logging.console import Reporter, human_bytes
+from feddymem.logging.console import Reporter
 from feddymem.logging.experiment import find_wandb, heatmap_panel, make_loggers
 from feddymem.memory.kmeans import resolve_gpu
 from feddymem.memory.reduce import MemoryBank
@@ -164,6 +163,7 @@ class FederatedOrchestrator:
         if claim["error"]:
             raise FedDyMemError(claim["error"]) if self.is_server else PeerFailure(claim["error"])
         self.run_dir = Path(claim["run_dir"])
+        self.run_report = RunReporter(self.cfg, self.run_dir, self.reporter, self.fabric.loggers, self.fabric.log_dict)
         self.fabric.seed_everything(self.cfg.seed)
         plan = plan_data(self.cfg)  # cheap listing on every rank; decoding only of this rank's clients
         self.all_clients = plan.clients
@@ -438,16 +438,8 @@ class FederatedOrchestrator:
         results = {k: v for part in gathered for k, v in part.items()}
         rows = [(cid, *row) for cid, r in results.items() for row in r.pop("scores")]
         if rows:  # the kept states' per-image scores, for ROC curves (feddymem report)
-            self.write_scores(rows)
+            self.run_report.write_scores(rows)
         return results
-
-    def write_scores(self, rows: list[tuple[int, str, int, float]]) -> None:
-        """``scores.csv``: (client, label, score, path) of every scored test image."""
-        table = io.StringIO()
-        csv.writer(table).writerows(
-            [("client", "label", "score", "path")] + [(c, y, f"{v:.7g}", p) for c, p, y, v in sorted(rows)]
-        )
-        atomic_write_text(self.run_dir / "scores.csv", table.getvalue())
 
     def image_scores(self, client: Client, dataset: ImageDataset) -> tuple[np.ndarray, list[str]]:
         """Raw image scores of ``dataset`` under the client's current model, and each image's product."""
@@ -607,10 +599,10 @@ class FederatedOrchestrator:
             ev["threshold"] = normal_threshold(normal[-1], q, k_sigma)
             score_rows += [(ev["id"], *row) for row in ev.pop("scores", [])]
             record["clients"][ev.pop("id")].update(ev)
-        self.log_panels(round_idx, panels)
+        self.run_report.log_panels(round_idx, panels)
         record["threshold"] = normal_threshold(np.concatenate(normal), q, k_sigma)  # the global model's threshold
         if score_rows:  # per-image scores of the latest scored round, for ROC curves (feddymem report)
-            self.write_scores(score_rows)
+            self.run_report.write_scores(score_rows)
         record["clients"] = dict(sorted(record["clients"].items()))
         record["bytes_up"] = sum(c["bytes_up"] for c in record["clients"].values())
         record["bytes_down"] = down * len(record["clients"])
@@ -643,87 +635,7 @@ class FederatedOrchestrator:
             for it, m in zip(items, maps, strict=True)
         ]
 
-    def log_panels(self, round_idx: int, panels: dict[int, list[tuple[str, np.ndarray]] | None]) -> None:
-        wandb_logger = find_wandb(self.fabric.loggers)
-        if wandb_logger is None:
-            return
-        for cid, strips in sorted(panels.items()):
-            if strips:
-                wandb_logger.log_image(
-                    key=f"client/{cid}/anomaly_maps",
-                    images=[s for _, s in strips],
-                    caption=[p for p, _ in strips],
-                    step=round_idx,
-                )
-
-    def log_final(self) -> None:
-        """The final per-client, per-product table, and the global memory and checkpoint as W&B artifacts."""
-        wandb_logger = find_wandb(self.fabric.loggers)
-        if wandb_logger is None or not self.history:
-            return
-        import wandb
-
-        rows = []
-        for cid, stats in self.history[-1]["clients"].items():
-            for product, m in stats.get("products", {}).items():
-                rows.append(
-                    [
-                        cid,
-                        product,
-                        m.get("image_auroc"),
-                        m.get("pixel_auroc"),
-                        m.get("aupro"),
-                        stats.get("bytes_up"),
-                        stats.get("bytes_down"),
-                    ]
-                )
-        wandb_logger.log_table(
-            key="final/clients",
-            columns=["client", "product", "image_auroc", "pixel_auroc", "aupro", "bytes_up", "bytes_down"],
-            data=rows,
-        )
-        artifact = wandb.Artifact(
-            f"{self.run_dir.name}-model", type="model", metadata={"round": self.history[-1]["round"]}
-        )
-        artifact.add_file(str(self.run_dir / "checkpoints" / "last.ckpt"))
-        if self.global_memory is not None:  # local, centralized and FedAvg runs have none
-            memory_path = self.run_dir / "global_memory.pt"
-            save_checkpoint(memory_path, {"global_memory": self.global_memory})
-            artifact.add_file(str(memory_path))
-        wandb_logger.experiment.log_artifact(artifact)
-
     # --- bookkeeping ----------------------------------------------------------------------------
-    def log_round(self, record: dict[str, Any]) -> None:
-        r = record["round"]
-        metrics: dict[str, float] = {
-            **{f"server/{k}": float(v) for k, v in record["server"].items() if isinstance(v, int | float) and v == v},
-            "server/participants": len(record["participants"]),
-            "round/bytes_up": record["bytes_up"],
-            "round/bytes_down": record["bytes_down"],
-            "round/time_s": record["time_s"],
-            **({"round/mean_image_auroc": record["mean_image_auroc"]} if self.tested(r) else {}),
-            "cache/extraction_s": record["cache"]["extraction_s"],
-            "cache/saved_s": record["cache"]["saved_s"],
-        }
-        for cid, stats in record["clients"].items():
-            for key, value in stats.items():
-                if isinstance(value, int | float) and value == value:  # skip NaN
-                    metrics[f"client/{cid}/{key}"] = float(value)
-            for product, values in stats.get("products", {}).items():
-                for key, value in values.items():
-                    if value == value:
-                        metrics[f"client/{cid}/{product}/{key}"] = float(value)
-        self.fabric.log_dict(metrics, step=r)
-        left_out = [f"{cid} ({c['error']})" for cid, c in record["clients"].items() if "error" in c]
-        self.reporter.print(
-            f"round {r:>2}: mean image AUROC "
-            + (f"{record['mean_image_auroc']:.4f}  " if self.tested(r) else "(test set not scored)  ")
-            + f"held-out criterion {record['mean_criterion']:.4f}  "
-            f"up {human_bytes(record['bytes_up'])}  down {human_bytes(record['bytes_down'])}  "
-            f"time {record['time_s']:.1f}s  (cache saved {record['cache']['saved_s']:.1f}s so far)"
-            + (f"  left out: {', '.join(left_out)}" if left_out else "")
-        )
-
     def client_states(self) -> dict[int, dict[str, Any]]:
         """Every client's model and optimiser state, gathered on rank 0 (small: no backbone)."""
         local = {
@@ -742,7 +654,7 @@ class FederatedOrchestrator:
         states = self.client_states()
         if not self.is_server:
             return
-        kept = self.kept_record()["clients"]
+        kept = kept_record(self.history, self.final_tests)["clients"]
         payload = {
             "round": round_idx,
             "method": self.method,
@@ -806,28 +718,8 @@ class FederatedOrchestrator:
         self.saved_round = int(payload["round"])
         torch.set_rng_state(payload["rng"]["torch"])
 
-    def kept_record(self) -> dict[str, Any]:
-        """The final result a user gets: every client's metrics at the round it keeps, and their mean.
-
-        Kept rounds whose test set was not scored take the test metrics of the final evaluation."""
-        last = self.history[-1]
-        by_round = {r["round"]: r for r in self.history}
-        clients = {}
-        for cid, stats in last["clients"].items():
-            kept_round = stats.get("kept_round", last["round"])
-            clients[cid] = {
-                **by_round.get(kept_round, last)["clients"][cid],
-                **self.final_tests.get(cid, {}),
-                "kept_round": kept_round,
-            }
-        return {
-            "round": last["round"],
-            "clients": clients,
-            "mean_image_auroc": float(np.mean([c.get("image_auroc", np.nan) for c in clients.values()])),
-        }
-
     def summary(self) -> dict[str, Any]:
-        final = self.kept_record() if self.history else {}
+        final = kept_record(self.history, self.final_tests) if self.history else {}
         return {
             "run_dir": str(self.run_dir),
             "method": self.method,
@@ -843,33 +735,6 @@ class FederatedOrchestrator:
                 "fp16": self.cache.fp16,
             },
         }
-
-    def print_table(self) -> None:
-        final = self.kept_record()
-        has_pixel = any("pixel_auroc" in s for s in final["clients"].values())
-        cols = ["client", "products", "train imgs", "kept round", "image AUROC"]
-        cols += ["pixel AUROC", "AUPRO"] if has_pixel else []
-        cols += ["up/round", "down/round", "time"]
-        rows = []
-        for cid, s in final["clients"].items():
-            t = sum(r["clients"][cid]["time_s"] + r["clients"][cid].get("eval_time_s", 0.0) for r in self.history)
-            row = [
-                str(cid),
-                ",".join(self.all_clients[cid].products),
-                str(s["train_images"]),
-                str(s["kept_round"]),
-                f"{s['image_auroc']:.4f}",
-            ]
-            if has_pixel:
-                row += [f"{s.get('pixel_auroc', float('nan')):.4f}", f"{s.get('aupro', float('nan')):.4f}"]
-            row += [human_bytes(s["bytes_up"]), human_bytes(s["bytes_down"]), f"{t:.1f}s"]
-            rows.append(row)
-        self.reporter.table(
-            f"{self.method} on {self.cfg.dataset}: after round {final['round']}, each client's kept round "
-            f"(selection.keep={self.cfg.selection.keep.value}), mean image AUROC {final['mean_image_auroc']:.4f}",
-            cols,
-            rows,
-        )
 
     def should_stop(self, round_idx: int) -> bool:
         """Early stop (``selection.patience`` > 0): no client has improved its criterion for that many rounds."""
@@ -912,7 +777,7 @@ class FederatedOrchestrator:
                 record = self.run_round(round_idx)
                 if record is not None:
                     self.history.append(record)
-                    self.log_round(record)
+                    self.run_report.log_round(record, tested=self.tested(record["round"]))
                 self.save(round_idx)
                 if self.should_stop(round_idx):
                     break
@@ -922,13 +787,13 @@ class FederatedOrchestrator:
             return None
         if self.final_tests:
             atomic_write_json(self.run_dir / "metrics.json", self.summary())
-        self.log_final()
+        self.run_report.log_final(self.history, self.global_memory)
         for logger in self.fabric.loggers:
             logger.finalize("success")
         if (wandb_logger := find_wandb(self.fabric.loggers)) is not None:
             wandb_logger.experiment.finish()
         if self.history:
-            self.print_table()
+            self.run_report.print_table(kept_record(self.history, self.final_tests), self.history, self.all_clients)
         return self.summary()
 
 

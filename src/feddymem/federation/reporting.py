@@ -1,0 +1,170 @@
+"""What a run tells its user, outside the round loop: the round lines and the final table on the console,
+per-round metrics to the experiment loggers (CSV, W&B), W&B image panels and final artifacts, and
+``scores.csv``. The orchestrator hands it finished round records; it computes nothing of the method."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from feddymem.data.partition import ClientData
+from feddymem.io import atomic_write_text, save_checkpoint
+from feddymem.logging.console import Reporter, human_bytes
+from feddymem.logging.experiment import find_wandb
+
+
+def kept_record(history: list[dict[str, Any]], final_tests: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The final result a user gets: every client's metrics at the round it keeps, and their mean.
+
+    Kept rounds whose test set was not scored take the test metrics of the final evaluation."""
+    last = history[-1]
+    by_round = {r["round"]: r for r in history}
+    clients = {}
+    for cid, stats in last["clients"].items():
+        kept_round = stats.get("kept_round", last["round"])
+        clients[cid] = {
+            **by_round.get(kept_round, last)["clients"][cid],
+            **final_tests.get(cid, {}),
+            "kept_round": kept_round,
+        }
+    return {
+        "round": last["round"],
+        "clients": clients,
+        "mean_image_auroc": float(np.mean([c.get("image_auroc", np.nan) for c in clients.values()])),
+    }
+
+
+class RunReporter:
+    """The console, the experiment loggers and the run folder's report files of one run (rank 0 writes)."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run_dir: Path,
+        console: Reporter,
+        loggers: list,
+        log_dict: Callable[..., None],
+    ) -> None:
+        self.cfg, self.run_dir, self.console, self.loggers, self.log_dict = cfg, run_dir, console, loggers, log_dict
+
+    def log_round(self, record: dict[str, Any], tested: bool) -> None:
+        """A round's metrics to the loggers (step = round) and its line on the console."""
+        r = record["round"]
+        metrics: dict[str, float] = {
+            **{f"server/{k}": float(v) for k, v in record["server"].items() if isinstance(v, int | float) and v == v},
+            "server/participants": len(record["participants"]),
+            "round/bytes_up": record["bytes_up"],
+            "round/bytes_down": record["bytes_down"],
+            "round/time_s": record["time_s"],
+            **({"round/mean_image_auroc": record["mean_image_auroc"]} if tested else {}),
+            "cache/extraction_s": record["cache"]["extraction_s"],
+            "cache/saved_s": record["cache"]["saved_s"],
+        }
+        for cid, stats in record["clients"].items():
+            for key, value in stats.items():
+                if isinstance(value, int | float) and value == value:  # skip NaN
+                    metrics[f"client/{cid}/{key}"] = float(value)
+            for product, values in stats.get("products", {}).items():
+                for key, value in values.items():
+                    if value == value:
+                        metrics[f"client/{cid}/{product}/{key}"] = float(value)
+        self.log_dict(metrics, step=r)
+        left_out = [f"{cid} ({c['error']})" for cid, c in record["clients"].items() if "error" in c]
+        self.console.print(
+            f"round {r:>2}: mean image AUROC "
+            + (f"{record['mean_image_auroc']:.4f}  " if tested else "(test set not scored)  ")
+            + f"held-out criterion {record['mean_criterion']:.4f}  "
+            f"up {human_bytes(record['bytes_up'])}  down {human_bytes(record['bytes_down'])}  "
+            f"time {record['time_s']:.1f}s  (cache saved {record['cache']['saved_s']:.1f}s so far)"
+            + (f"  left out: {', '.join(left_out)}" if left_out else "")
+        )
+
+    def log_panels(self, round_idx: int, panels: dict[int, list[tuple[str, np.ndarray]] | None]) -> None:
+        """Each client's anomaly-map strips as a W&B image panel (nothing without W&B)."""
+        wandb_logger = find_wandb(self.loggers)
+        if wandb_logger is None:
+            return
+        for cid, strips in sorted(panels.items()):
+            if strips:
+                wandb_logger.log_image(
+                    key=f"client/{cid}/anomaly_maps",
+                    images=[s for _, s in strips],
+                    caption=[p for p, _ in strips],
+                    step=round_idx,
+                )
+
+    def log_final(self, history: list[dict[str, Any]], global_memory: torch.Tensor | None) -> None:
+        """The final per-client, per-product table, and the global memory and checkpoint as W&B artifacts."""
+        wandb_logger = find_wandb(self.loggers)
+        if wandb_logger is None or not history:
+            return
+        import wandb
+
+        rows = []
+        for cid, stats in history[-1]["clients"].items():
+            for product, m in stats.get("products", {}).items():
+                rows.append(
+                    [
+                        cid,
+                        product,
+                        m.get("image_auroc"),
+                        m.get("pixel_auroc"),
+                        m.get("aupro"),
+                        stats.get("bytes_up"),
+                        stats.get("bytes_down"),
+                    ]
+                )
+        wandb_logger.log_table(
+            key="final/clients",
+            columns=["client", "product", "image_auroc", "pixel_auroc", "aupro", "bytes_up", "bytes_down"],
+            data=rows,
+        )
+        artifact = wandb.Artifact(f"{self.run_dir.name}-model", type="model", metadata={"round": history[-1]["round"]})
+        artifact.add_file(str(self.run_dir / "checkpoints" / "last.ckpt"))
+        if global_memory is not None:  # local, centralized and FedAvg runs have none
+            memory_path = self.run_dir / "global_memory.pt"
+            save_checkpoint(memory_path, {"global_memory": global_memory})
+            artifact.add_file(str(memory_path))
+        wandb_logger.experiment.log_artifact(artifact)
+
+    def print_table(self, final: dict[str, Any], history: list[dict[str, Any]], clients: list[ClientData]) -> None:
+        """The final table: each client's kept round and its metrics, bytes and time."""
+        has_pixel = any("pixel_auroc" in s for s in final["clients"].values())
+        cols = ["client", "products", "train imgs", "kept round", "image AUROC"]
+        cols += ["pixel AUROC", "AUPRO"] if has_pixel else []
+        cols += ["up/round", "down/round", "time"]
+        rows = []
+        for cid, s in final["clients"].items():
+            t = sum(r["clients"][cid]["time_s"] + r["clients"][cid].get("eval_time_s", 0.0) for r in history)
+            row = [
+                str(cid),
+                ",".join(clients[cid].products),
+                str(s["train_images"]),
+                str(s["kept_round"]),
+                f"{s['image_auroc']:.4f}",
+            ]
+            if has_pixel:
+                row += [f"{s.get('pixel_auroc', float('nan')):.4f}", f"{s.get('aupro', float('nan')):.4f}"]
+            row += [human_bytes(s["bytes_up"]), human_bytes(s["bytes_down"]), f"{t:.1f}s"]
+            rows.append(row)
+        self.console.table(
+            f"{self.cfg.method.value} on {self.cfg.dataset}: after round {final['round']}, each client's kept round "
+            f"(selection.keep={self.cfg.selection.keep.value}), mean image AUROC {final['mean_image_auroc']:.4f}",
+            cols,
+            rows,
+        )
+
+    def write_scores(self, rows: list[tuple[int, str, int, float]]) -> None:
+        """``scores.csv``: (client, label, score, path) of every scored test image."""
+        table = io.StringIO()
+        csv.writer(table).writerows(
+            [("client", "label", "score", "path")] + [(c, y, f"{v:.7g}", p) for c, p, y, v in sorted(rows)]
+        )
+        atomic_write_text(self.run_dir / "scores.csv", table.getvalue())
