@@ -27,7 +27,8 @@ from feddymem.benchmarks import perf
 from feddymem.benchmarks.results import plot_convergence, render_markdown
 from feddymem.config import config_dir, load_config, load_yaml, merge_checked
 from feddymem.errors import ConfigError
-from feddymem.federation.orchestrator import Client, FederatedOrchestrator, library_versions
+from feddymem.federation.checkpointing import library_versions
+from feddymem.federation.orchestrator import Client, FederatedOrchestrator
 from feddymem.io import atomic_write_json, atomic_write_text
 from feddymem.logging.console import Reporter
 

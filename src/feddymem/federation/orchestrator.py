@@ -18,27 +18,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from feddymem import __version__
 from feddymem.config import to_container, to_yaml
 from feddymem.data.check import plan_data, verify_plan
 from feddymem.data.datasets import ImageDataset, SyntheticAnomalyDataset
 from feddymem.data.feature_cache import CachedFeatureDataset, FeatureCache
 from feddymem.data.partition import ClientData
-from feddymem.errors import CheckpointError, FedDyMemError, OutputError, PeerFailure
+from feddymem.errors import CheckpointError, FedDyMemError, PeerFailure
 from feddymem.federation.baselines import proximal_term
+from feddymem.federation.checkpointing import RunCheckpoints, provenance
 from feddymem.federation.distributed import (
     barrier,
     broadcast_from_server,
@@ -53,9 +51,7 @@ from feddymem.io import (
     atomic_write_json,
     atomic_write_text,
     claim_output_dir,
-    load_checkpoint,
     run_dir_problem,
-    save_checkpoint,
 )
 from feddymem.lightning_model import FedDyMemModule
 from feddymem.logging.console import Reporter
@@ -144,7 +140,6 @@ class FederatedOrchestrator:
         self.final_tests: dict[int, dict[str, Any]] = {}  # test metrics of kept states scored at the end
         self._product_scores: dict[tuple, tuple] = {}  # (state, product, images) → scores, labels, paths, metrics
         self.start_round = 0
-        self.saved_round: int | None = None  # the round of the checkpoint on disk
 
     @property
     def is_server(self) -> bool:
@@ -163,6 +158,7 @@ class FederatedOrchestrator:
         if claim["error"]:
             raise FedDyMemError(claim["error"]) if self.is_server else PeerFailure(claim["error"])
         self.run_dir = Path(claim["run_dir"])
+        self.checkpoints = RunCheckpoints(self.run_dir)
         self.run_report = RunReporter(self.cfg, self.run_dir, self.reporter, self.fabric.loggers, self.fabric.log_dict)
         self.fabric.seed_everything(self.cfg.seed)
         plan = plan_data(self.cfg)  # cheap listing on every rank; decoding only of this rank's clients
@@ -234,7 +230,7 @@ class FederatedOrchestrator:
                 progress=self.reporter.task,
             )
         if self.resume:
-            self.restore(load_checkpoint(self.run_dir / "checkpoints" / "last.ckpt"))
+            self.restore(self.checkpoints.read())
 
     def _cached(self, dataset: ImageDataset, description: str) -> Dataset:
         return self.cache.wrap(dataset, description) if self.cfg.cache.enabled else dataset
@@ -680,21 +676,7 @@ class FederatedOrchestrator:
             "rng": {"torch": torch.get_rng_state()},
             "provenance": provenance(self.cfg),
         }
-        ckpt_dir = self.run_dir / "checkpoints"
-        try:
-            save_checkpoint(ckpt_dir / f"round_{round_idx:03d}.ckpt", payload)
-            save_checkpoint(ckpt_dir / "last.ckpt", payload)
-            atomic_write_json(self.run_dir / "metrics.json", self.summary())
-        except OutputError as err:
-            # Atomic writes leave last.ckpt as it was: the run continues from its last complete round.
-            hint = (
-                f"round {self.saved_round} is the last complete one: make room, then "
-                f"feddymem train resume={self.run_dir}"
-                if self.saved_round is not None
-                else "no round was saved"
-            )
-            raise OutputError(f"{err}; {hint}") from None
-        self.saved_round = round_idx
+        self.checkpoints.write(round_idx, payload, self.summary())
 
     def restore(self, payload: dict[str, Any]) -> None:
         """Continue after the checkpoint's round: same partition, states, memory and history."""
@@ -715,7 +697,6 @@ class FederatedOrchestrator:
         self.global_generator = payload.get("global_generator")
         self.history = list(payload["history"]) if self.is_server else []
         self.start_round = int(payload["round"]) + 1
-        self.saved_round = int(payload["round"])
         torch.set_rng_state(payload["rng"]["torch"])
 
     def summary(self) -> dict[str, Any]:
@@ -820,28 +801,3 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of feddymem, torch, timm, faiss, lightning and Python."""
-    import faiss
-    import timm
-
-    # Plain str(): torch.__version__ is a TorchVersion object, which weights_only loading refuses.
-    return {
-        "feddymem": str(__version__),
-        "torch": str(torch.__version__),
-        "timm": str(timm.__version__),
-        "faiss": str(getattr(faiss, "__version__", "unknown")),
-        "lightning": str(L.__version__),
-        "python": platform.python_version(),
-    }
-
-
-def provenance(cfg: DictConfig) -> dict[str, str]:
-    """What a checkpoint was made with: library versions, backbone and its weights."""
-    return {
-        **library_versions(),
-        "backbone": str(cfg.model.backbone.name),
-        "weights": str(cfg.model.backbone.weights),
-    }

@@ -1,0 +1,81 @@
+"""A run's round checkpoints: written atomically after every complete round, read safely for resume.
+
+``checkpoints/round_NNN.ckpt`` and ``checkpoints/last.ckpt`` hold the same payload (tensors, numbers,
+strings, lists and dicts only; loaded with ``weights_only=True``), then ``metrics.json`` is rewritten.
+A failed write (full disk, read-only folder) leaves ``last.ckpt`` as it was, and the error says which
+round a resume continues from.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from feddymem import __version__
+from feddymem.errors import OutputError
+from feddymem.io import atomic_write_json, load_checkpoint, save_checkpoint
+
+
+class RunCheckpoints:
+    """The checkpoints of one run folder, and the round of the last one on disk."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.folder = self.run_dir / "checkpoints"
+        self.saved_round: int | None = None  # the round of last.ckpt, once written or read
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last.ckpt"
+
+    def write(self, round_idx: int, payload: dict[str, Any], summary: dict[str, Any]) -> None:
+        """``round_NNN.ckpt``, ``last.ckpt`` and ``metrics.json``, each atomically."""
+        try:
+            save_checkpoint(self.folder / f"round_{round_idx:03d}.ckpt", payload)
+            save_checkpoint(self.last, payload)
+            atomic_write_json(self.run_dir / "metrics.json", summary)
+        except OutputError as err:
+            hint = (
+                f"round {self.saved_round} is the last complete one: make room, then "
+                f"feddymem train resume={self.run_dir}"
+                if self.saved_round is not None
+                else "no round was saved"
+            )
+            raise OutputError(f"{err}; {hint}") from None
+        self.saved_round = round_idx
+
+    def read(self) -> dict[str, Any]:
+        """The last checkpoint's payload, loaded safely."""
+        payload = load_checkpoint(self.last)
+        self.saved_round = int(payload["round"])
+        return payload
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of feddymem, torch, timm, faiss, lightning and Python."""
+    import faiss
+    import timm
+
+    # Plain str(): torch.__version__ is a TorchVersion object, which weights_only loading refuses.
+    return {
+        "feddymem": str(__version__),
+        "torch": str(torch.__version__),
+        "timm": str(timm.__version__),
+        "faiss": str(getattr(faiss, "__version__", "unknown")),
+        "lightning": str(L.__version__),
+        "python": platform.python_version(),
+    }
+
+
+def provenance(cfg: DictConfig) -> dict[str, str]:
+    """What a checkpoint was made with: library versions, backbone and its weights."""
+    return {
+        **library_versions(),
+        "backbone": str(cfg.model.backbone.name),
+        "weights": str(cfg.model.backbone.weights),
+    }
