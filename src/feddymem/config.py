@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -446,42 +447,36 @@ def _numbers(value: Any, key: str) -> list[tuple[str, Any]]:
     return [(key, value)]
 
 
-def check_ranges(node: DictConfig, schema: type | None = None, prefix: str = "") -> None:
-    """Every value against its field's :class:`Range` (finite numbers only), naming the key; recursive."""
-    schema = schema or TrainConfig
+def _ranged_fields(schema: type, node: Any = None, prefix: str = "") -> Iterator[tuple[str, Range, Any]]:
+    """(key, range, value) for every ranged field of ``schema``, recursing into nested configs and lists
+    of configs (``data.products[0].window``); without a ``node`` the value is None and list items are
+    keyed ``[]``."""
     hints = get_type_hints(schema)
     for f in fields(schema):
-        key, value, hint = f"{prefix}{f.name}", node[f.name], hints[f.name]
+        key, hint = f"{prefix}{f.name}", hints[f.name]
+        value = None if node is None else node[f.name]
         if is_dataclass(hint):
-            check_ranges(value, hint, f"{key}.")
-            continue
-        if get_origin(hint) is list and is_dataclass(get_args(hint)[0]):
-            for i, item in enumerate(value):
-                check_ranges(item, get_args(hint)[0], f"{key}[{i}].")
-            continue
-        allowed: Range | None = f.metadata.get("range")
-        if allowed is None:
-            continue
+            yield from _ranged_fields(hint, value, f"{key}.")
+        elif get_origin(hint) is list and is_dataclass(get_args(hint)[0]):
+            items = [(f"{key}[].", None)] if node is None else [(f"{key}[{i}].", v) for i, v in enumerate(value)]
+            for item_prefix, item in items:
+                yield from _ranged_fields(get_args(hint)[0], item, item_prefix)
+        elif "range" in f.metadata:
+            yield key, f.metadata["range"], value
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Every value against its field's :class:`Range` (finite numbers only), naming the key."""
+    for key, allowed, value in _ranged_fields(TrainConfig, cfg):
         for where, number in _numbers(value, key):
             if why := allowed.problem(number):
                 raise ConfigError(f"'{where}' {why}, got {number!r} (valid: {allowed.describe()})")
 
 
-def schema_ranges(schema: type | None = None, prefix: str = "") -> list[tuple[str, Range]]:
+def schema_ranges() -> list[tuple[str, Range]]:
     """Every ranged key of the schema and its range (``data.products[].window`` style for list items):
     ``feddymem config --ranges`` prints them."""
-    schema = schema or TrainConfig
-    hints = get_type_hints(schema)
-    found: list[tuple[str, Range]] = []
-    for f in fields(schema):
-        hint, key = hints[f.name], f"{prefix}{f.name}"
-        if is_dataclass(hint):
-            found += schema_ranges(hint, f"{key}.")
-        elif get_origin(hint) is list and is_dataclass(get_args(hint)[0]):
-            found += schema_ranges(get_args(hint)[0], f"{key}[].")
-        elif "range" in f.metadata:
-            found.append((key, f.metadata["range"]))
-    return found
+    return [(key, allowed) for key, allowed, _ in _ranged_fields(TrainConfig)]
 
 
 def validate(cfg: DictConfig) -> None:

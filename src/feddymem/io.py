@@ -49,7 +49,8 @@ def claim_output_dir(path: str | Path, what: str) -> Path:
     """Create ``path`` (and its parents) if needed and prove that files can be written in it; otherwise an
     :class:`OutputError` naming ``what`` and the path."""
     path = Path(path)
-    check_writable(path, what)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         _probe(path)
@@ -81,7 +82,7 @@ def run_dir_problem(run_dir: str | Path, resume: bool) -> str | None:
     if run_dir.is_dir():
         entries = {p.name for p in run_dir.iterdir()}
         checkpoints = run_dir / "checkpoints"
-        if last.exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
             return (
                 f"run folder {run_dir} already holds checkpoints; continue it with resume={run_dir}, or choose "
                 "another name=... (nothing was changed)"
@@ -112,7 +113,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except OSError as err:
         raise OutputError(f"cannot write {path}: {_reason(err)}") from None
     finally:
-        if tmp is not None and Path(tmp).exists():
+        if tmp is not None:  # gone after a successful rename
             Path(tmp).unlink(missing_ok=True)
 
 

@@ -52,8 +52,9 @@ def _cfg(*overrides):
 
 
 def _limits(client: FakeClient) -> ServerLimits:
-    generator = {k: (tuple(v.shape), v.dtype) for k, v in client.generator_state().items()}
-    return ServerLimits(memory_dim=DIM, max_items=1000, max_bytes=2**20, generator=generator)
+    return ServerLimits(
+        memory_dim=DIM, max_items=1000, max_bytes=2**20, global_items=16, generator=client.generator_state()
+    )
 
 
 def test_make_strategy_picks_by_method_name():
@@ -80,7 +81,8 @@ def test_feddymem_sends_reduced_memories_and_hands_back_a_kmeans_memory():
     )
     for k, u in uploads.items():
         strategy.validate(k, u.payload, _limits(clients[k]))
-    reply = strategy.aggregate({k: u.payload for k, u in uploads.items()}, {0: 5, 1: 5, 2: 5}, 0, None)
+    payloads = {k: u.payload for k, u in uploads.items()}
+    reply = strategy.aggregate(payloads, {0: 5, 1: 5, 2: 5}, 0, None, _limits(clients[0]))
     assert reply.participants == [0, 1, 2] and reply.memory.shape == (16, DIM) and reply.generator is None
     # The K-means centroids cover the three clients' clusters.
     nearest = torch.cdist(reply.memory, torch.tensor([[0.0] * DIM, [1.0] * DIM, [2.0] * DIM])).argmin(1)
@@ -121,7 +123,7 @@ def test_fedavg_averages_generators_by_client_size_and_rebuilds_local_memories()
     assert not torch.equal(uploads[0]["weight"], clients[0].generator.weight)
     for k in clients:
         strategy.validate(k, uploads[k], _limits(clients[k]))
-    reply = strategy.aggregate(uploads, {0: 1, 1: 3}, 1, None)
+    reply = strategy.aggregate(uploads, {0: 1, 1: 3}, 1, None, _limits(clients[0]))
     expected = 0.25 * uploads[0]["weight"] + 0.75 * uploads[1]["weight"]
     assert torch.allclose(reply.generator["weight"], expected) and reply.memory is None
     strategy.apply(clients[1], reply)

@@ -35,13 +35,13 @@ def to_8bit(img: Image.Image, window: tuple[float, float] | None = None, path: s
     return Image.fromarray(np.round(scaled * 255).astype(np.uint8), "L")
 
 
-def _decode(path: str, mode: str, what: str, window: tuple[float, float] | None = None) -> Image.Image:
+def _decode(path: str, mode: str, what: str, window: tuple[float, float] | None = None) -> tuple[Image.Image, str]:
     """Open and fully decode a file in any common mode (8/16-bit, float, palette, alpha, CMYK) to ``mode``;
-    a missing or corrupt one is a :class:`DataError` naming it."""
+    returns it and the file's own mode. A missing or corrupt file is a :class:`DataError` naming it."""
     try:
         with Image.open(path) as img:
             img.load()
-            return to_8bit(img, window, path).convert(mode)
+            return to_8bit(img, window, path).convert(mode), img.mode
     except FileNotFoundError:
         raise DataError(f"{what} not found: {path}") from None
     except IsADirectoryError:
@@ -54,7 +54,7 @@ def _decode(path: str, mode: str, what: str, window: tuple[float, float] | None 
 
 def read_image(path: str, window: tuple[float, float] | None = None) -> Image.Image:
     """An 8-bit RGB image: greyscale files become 3-channel, wide ones are mapped by ``window`` (:func:`to_8bit`)."""
-    return _decode(path, "RGB", "image", window)
+    return _decode(path, "RGB", "image", window)[0]
 
 
 def read_mask(path: str) -> Image.Image:
@@ -67,7 +67,7 @@ def read_mask(path: str) -> Image.Image:
             raise DataError(f"mask folder {path} holds no mask images")
         union = np.maximum.reduce([np.asarray(m) for m in parts])
         return Image.fromarray(union)
-    return _decode(path, "L", "mask")
+    return _decode(path, "L", "mask")[0]
 
 
 class ImageDataset(Dataset):
@@ -144,11 +144,9 @@ def verify_samples(samples: Sequence[Sample], progress=None) -> list[str]:
         if sample.path in seen:
             continue
         seen.add(sample.path)
-        img = read_image(sample.path, sample.window)
-        if sample.window is None:
-            with Image.open(sample.path) as header:
-                if header.mode in WIDE_MODES:
-                    wide.append(sample.path)
+        img, file_mode = _decode(sample.path, "RGB", "image", sample.window)
+        if sample.window is None and file_mode in WIDE_MODES:
+            wide.append(sample.path)
         if sample.mask is not None:
             mask = read_mask(sample.mask)
             if mask.size != img.size:

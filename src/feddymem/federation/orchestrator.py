@@ -294,7 +294,8 @@ class FederatedOrchestrator:
     def client_update(self, client: Client, round_idx: int) -> dict[str, Any]:
         """After local training: what the client sends (``upload``, ``None`` for nothing) and its memory size."""
         update = self.strategy.client_update(self.client_side(client), round_idx)
-        stats = {"memory_items": update.memory_items, "num_images": update.num_images} if update.memory_items else {}
+        built = update.memory_items is not None
+        stats = {"memory_items": update.memory_items, "num_images": update.num_images} if built else {}
         return {"upload": update.payload, **stats}
 
     def training_clients(self) -> list[Client]:
@@ -322,9 +323,8 @@ class FederatedOrchestrator:
             }
         return {"id": client.id, **update, "train_loss": loss, "time_s": time.perf_counter() - t0}
 
-    def apply_server_message(self, message: dict[str, Any]) -> dict[int, float]:
+    def apply_server_message(self, reply: ServerReply) -> dict[int, float]:
         """Take the server's answer on every client of this rank; seconds each client spent on it."""
-        reply = ServerReply(message.get("participants", []), message.get("memory"), message.get("generator"))
         seconds = {}
         for client in self.clients:
             t0 = time.perf_counter()
@@ -483,17 +483,18 @@ class FederatedOrchestrator:
     def server_limits(self) -> ServerLimits:
         """What the server accepts: memory items of dimension D, at most this many, this many bytes."""
         s = self.cfg.server
-        generator = self.clients[0].module.model.generator.state_dict()
         return ServerLimits(
             memory_dim=self.memory_dim(),
             max_items=max(s.max_upload_items, self.cfg.memory.size, self.patch_positions()),
             max_bytes=int(s.max_upload_mb * 2**20),
-            generator={k: (tuple(v.shape), v.dtype) for k, v in generator.items()},
+            global_items=s.size or self.patch_positions(),
+            generator=self.clients[0].module.model.generator.state_dict(),
         )
 
-    def accept_uploads(self, results: list[dict[str, Any]], round_idx: int) -> list[dict[str, Any]]:
+    def accept_uploads(
+        self, results: list[dict[str, Any]], round_idx: int, limits: ServerLimits
+    ) -> list[dict[str, Any]]:
         """Validate every upload; returns the accepted ones (in client order), records the rest."""
-        limits = self.server_limits()
         accepted = []
         for res in sorted(results, key=lambda r: r["id"]):
             if res["upload"] is None:
@@ -512,25 +513,19 @@ class FederatedOrchestrator:
             )
         return accepted
 
-    def server_step(self, results: list[dict[str, Any]], round_idx: int) -> dict[str, Any]:
+    def server_step(self, results: list[dict[str, Any]], round_idx: int) -> ServerReply:
         """Rank 0: check the uploads and build what goes down (a global memory, or averaged parameters)."""
         if not self.strategy.uploads_in(round_idx):  # a failing client is recorded, not counted against min_clients
-            return {"participants": [], "server": {}}
-        accepted = self.accept_uploads(results, round_idx)
-        self.strategy.cfg_patch_positions = self.patch_positions()
-        previous = ServerReply(memory=self.global_memory) if self.global_memory is not None else None
-        reply = self.strategy.aggregate(
+            return ServerReply()
+        limits = self.server_limits()
+        accepted = self.accept_uploads(results, round_idx, limits)
+        return self.strategy.aggregate(
             {r["id"]: r["upload"] for r in accepted},
             {r["id"]: len(self.all_clients[r["id"]].train) for r in accepted},
             round_idx,
-            previous,
+            self.global_memory,
+            limits,
         )
-        message: dict[str, Any] = {"participants": reply.participants, "server": reply.stats}
-        if reply.memory is not None:
-            message["memory"] = reply.memory
-        if reply.generator is not None:
-            message["generator"] = reply.generator
-        return message
 
     # --- one round ------------------------------------------------------------------------------
     def run_round(self, round_idx: int) -> dict[str, Any] | None:
@@ -538,18 +533,18 @@ class FederatedOrchestrator:
         start = time.perf_counter()
         local = [self.client_round(c, round_idx) for c in self.training_clients()]
         gathered = gather_to_server(self.fabric, local)
-        message: dict[str, Any] = {}
+        reply = ServerReply()
         results: list[dict[str, Any]] = []
         if self.is_server:
             results = [r for rank_results in gathered for r in rank_results]
             try:
-                message = self.server_step(results, round_idx)
+                reply = self.server_step(results, round_idx)
             except TooFewClients as err:
-                message = {"error": str(err)}
-        message = broadcast_from_server(self.fabric, message)
-        if "error" in message:
-            raise TooFewClients(message["error"]) if self.is_server else PeerFailure(message["error"])
-        update_seconds = self.apply_server_message(message)
+                reply = ServerReply(error=str(err))
+        reply = broadcast_from_server(self.fabric, reply)
+        if reply.error:
+            raise TooFewClients(reply.error) if self.is_server else PeerFailure(reply.error)
+        update_seconds = self.apply_server_message(reply)
         evaluations = []
         for client in self.clients:
             evaluation, normalizer = self.evaluate_held_out(client)
@@ -560,12 +555,12 @@ class FederatedOrchestrator:
         gathered_eval = gather_to_server(self.fabric, evaluations)
         if not self.is_server:
             return None
-        down = payload_bytes(message.get("memory")) + payload_bytes(message.get("generator"))
+        down = payload_bytes(reply.memory) + payload_bytes(reply.generator)
         record: dict[str, Any] = {
             "round": round_idx,
             "method": self.method,
-            "participants": message["participants"],
-            "server": message["server"],
+            "participants": reply.participants,
+            "server": reply.stats,
             "clients": {},
         }
         by_id = {r["id"]: r for r in results}

@@ -51,16 +51,18 @@ class ServerReply:
     memory: torch.Tensor | None = None
     generator: dict[str, torch.Tensor] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # the round failed on the server (too few valid uploads): every process stops
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """The server's own reference for checking uploads, from the config (never from a client object)."""
+    """The server's reference: what uploads must look like, and the global memory's size."""
 
     memory_dim: int
     max_items: int
     max_bytes: int
-    generator: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)  # name → shape, dtype
+    global_items: int  # server.size, or the patch grid's H·W when it is 0
+    generator: dict[str, torch.Tensor] = field(default_factory=dict)  # names, shapes and dtypes uploads must have
 
 
 class Strategy:
@@ -71,8 +73,8 @@ class Strategy:
     trains: ClassVar[bool] = True  # the generator learns (after round 0)
     single_round: ClassVar[bool] = False  # the round-0 state is the model: stop after it
 
-    def __init__(self, cfg: Any) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Any, server_gpu: bool = False) -> None:
+        self.cfg, self.server_gpu = cfg, server_gpu  # server_gpu: the server's K-means runs on the GPU
 
     # --- client side ---------------------------------------------------------------------------
     @property
@@ -108,24 +110,29 @@ class Strategy:
         )
 
     def aggregate(
-        self, uploads: dict[int, Any], client_sizes: dict[int, int], round_idx: int, previous: ServerReply | None
+        self,
+        uploads: dict[int, Any],
+        client_sizes: dict[int, int],
+        round_idx: int,
+        previous: torch.Tensor | None,
+        limits: ServerLimits,
     ) -> ServerReply:
-        """The global memory from the accepted uploads (by client id): server K-means (or the ablations)."""
+        """The global memory from the accepted uploads (by client id): server K-means (or the ablations),
+        warm-started from the ``previous`` global memory."""
         t0 = time.perf_counter()
         s = self.cfg.server
         banks = [uploads[k] for k in sorted(uploads)]
-        size = s.size or self.cfg_patch_positions
+        size = limits.global_items
         result: GlobalMemory
         if s.aggregation.value == "mean":
             result = mean_aggregate(banks, weight_by_client_size=s.weight_by_client_size)
         elif s.aggregation.value == "coreset":
             result = coreset_aggregate(banks, size, seed=self.cfg.seed + round_idx)
         else:
-            warm = previous.memory if (s.warm_start and previous is not None) else None
             result = aggregate(
                 banks,
                 size,
-                previous=warm,
+                previous=previous if s.warm_start else None,
                 weight_by_client_size=s.weight_by_client_size,
                 iters=s.kmeans_iters,
                 seed=self.cfg.seed + round_idx,
@@ -142,10 +149,6 @@ class Strategy:
                 "time_s": time.perf_counter() - t0,
             },
         )
-
-    # Set by the engine: the patch grid's size (global memory of server.size=0) and the server's K-means device.
-    cfg_patch_positions: int = 0
-    server_gpu: bool = False
 
 
 class Local(Strategy):
@@ -195,11 +198,15 @@ class FedAvg(Strategy):
             client.set_memory(client.build_memory().items)
 
     def validate(self, client_id: int, payload: Any, limits: ServerLimits) -> None:
-        reference = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in limits.generator.items()}
-        validate_parameters(client_id, payload, reference=reference, max_bytes=limits.max_bytes)
+        validate_parameters(client_id, payload, reference=limits.generator, max_bytes=limits.max_bytes)
 
     def aggregate(
-        self, uploads: dict[int, Any], client_sizes: dict[int, int], round_idx: int, previous: ServerReply | None
+        self,
+        uploads: dict[int, Any],
+        client_sizes: dict[int, int],
+        round_idx: int,
+        previous: torch.Tensor | None,
+        limits: ServerLimits,
     ) -> ServerReply:
         t0 = time.perf_counter()
         ids = sorted(uploads)
@@ -222,9 +229,6 @@ class FedProx(FedAvg):
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Strategy, Local, Centralized, PatchCore, FedAvg, FedProx)}
 
 
-def make_strategy(cfg: Any, patch_positions: int = 0, server_gpu: bool = False) -> Strategy:
+def make_strategy(cfg: Any, server_gpu: bool = False) -> Strategy:
     """The strategy of ``cfg.method``: the one place that branches on a method's name."""
-    method = str(getattr(cfg.method, "value", cfg.method))
-    strategy = STRATEGIES[method](cfg)
-    strategy.cfg_patch_positions, strategy.server_gpu = patch_positions, server_gpu
-    return strategy
+    return STRATEGIES[str(getattr(cfg.method, "value", cfg.method))](cfg, server_gpu)
