@@ -121,14 +121,14 @@ def test_ablations_change_what_is_uploaded(tmp_path, synthetic_yaml):
     )
     server = mean_run["rounds"][0]["server"]
     assert (
-        server["global_items"] == mean_orch.patch_positions()
+        server["global_items"] == mean_orch.server.limits.patch_positions
         and server["kmeans_objective"] != server["kmeans_objective"]
     )
 
     frozen, frozen_run = _run(tmp_path, synthetic_yaml, "frozen", "federation.local_epochs=0", "federation.rounds=1")
-    identity = torch.eye(frozen.memory_dim())
+    identity = torch.eye(frozen.server.limits.memory_dim)
     weight = frozen.clients[0].module.model.generator.state_dict()
-    conv = next(v for k, v in weight.items() if v.dim() == 4)[:, : frozen.memory_dim(), 0, 0]
+    conv = next(v for k, v in weight.items() if v.dim() == 4)[:, : frozen.server.limits.memory_dim, 0, 0]
     assert torch.equal(conv.cpu(), identity)
     assert frozen_run["rounds"][1]["clients"][0]["train_loss"] != frozen_run["rounds"][1]["clients"][0]["train_loss"]
 

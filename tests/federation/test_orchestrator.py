@@ -16,7 +16,9 @@ import torch
 
 from conftest import FAST
 from feddymem.config import load_config
-from feddymem.federation.orchestrator import FederatedOrchestrator, TooFewClients
+from feddymem.federation.client_runner import ClientRunner
+from feddymem.federation.orchestrator import FederatedOrchestrator
+from feddymem.federation.server import TooFewClients
 from feddymem.io import load_checkpoint
 from feddymem.memory.reduce import MemoryBank
 
@@ -31,21 +33,21 @@ def test_failing_client_is_left_out_and_bad_upload_rejected(tmp_path, synthetic_
     orch = FederatedOrchestrator(
         _cfg(synthetic_yaml, "federation.rounds=2", "federation.min_clients=2"), tmp_path / "run"
     )
-    real_training, real_upload = orch.local_training, orch.build_memory
+    real_training, real_upload = ClientRunner.local_training, ClientRunner.build_memory
 
-    def flaky_training(client, round_idx, deadline):
+    def flaky_training(runner, client, round_idx, deadline):
         if client.id == 1 and round_idx == 1:
             raise RuntimeError("site 1 lost its disk")
-        return real_training(client, round_idx, deadline)
+        return real_training(runner, client, round_idx, deadline)
 
-    def poisoned_upload(client):
-        bank = real_upload(client)
+    def poisoned_upload(runner, client):
+        bank = real_upload(runner, client)
         if client.id == 2 and orch.history and len(orch.history) == 2:  # round 2
             return MemoryBank(torch.full_like(bank.items, float("nan")), bank.weights, bank.num_images)
         return bank
 
-    monkeypatch.setattr(orch, "local_training", flaky_training)
-    monkeypatch.setattr(orch, "build_memory", poisoned_upload)
+    monkeypatch.setattr(ClientRunner, "local_training", flaky_training)
+    monkeypatch.setattr(ClientRunner, "build_memory", poisoned_upload)
     summary = orch.run()
     rounds = summary["rounds"]
     assert rounds[0]["participants"] == [0, 1, 2]
@@ -62,10 +64,10 @@ def test_too_few_clients_stops_with_clear_error(tmp_path, synthetic_yaml, monkey
         _cfg(synthetic_yaml, "federation.rounds=1", "federation.min_clients=3"), tmp_path / "run"
     )
 
-    def broken(client):
+    def broken(runner, client):
         raise OSError("network down")
 
-    monkeypatch.setattr(orch, "build_memory", broken)
+    monkeypatch.setattr(ClientRunner, "build_memory", broken)
     with pytest.raises(TooFewClients, match=r"round 0: 0 valid uploads, federation.min_clients is 3 .*network down"):
         orch.run()
 
@@ -76,14 +78,14 @@ def test_failing_client_in_a_round_without_uploads_does_not_stop_the_run(tmp_pat
     orch = FederatedOrchestrator(
         _cfg(synthetic_yaml, "federation.rounds=2", "federation.min_clients=3", "memory.rebuild=once"), tmp_path / "r"
     )
-    real_training = orch.local_training
+    real_training = ClientRunner.local_training
 
-    def flaky_training(client, round_idx, deadline):
+    def flaky_training(runner, client, round_idx, deadline):
         if client.id == 1 and round_idx == 1:
             raise RuntimeError("site 1 rebooted")
-        return real_training(client, round_idx, deadline)
+        return real_training(runner, client, round_idx, deadline)
 
-    monkeypatch.setattr(orch, "local_training", flaky_training)
+    monkeypatch.setattr(ClientRunner, "local_training", flaky_training)
     rounds = orch.run()["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert "site 1 rebooted" in rounds[1]["clients"][1]["error"] and "error" not in rounds[2]["clients"][1]
@@ -95,10 +97,11 @@ def test_cached_features_without_workers_and_one_backbone_per_process(tmp_path, 
     orch = FederatedOrchestrator(_cfg(synthetic_yaml, "optim.num_workers=2"), tmp_path / "r")
     orch.setup()
     client = orch.clients[0]
-    cached = orch._cached(client.memory_set, "t")
+    loaders = orch.runner.loaders
+    cached = loaders.cached(client.memory_set, "t")
     assert isinstance(cached, CachedFeatureDataset)
-    assert orch._loader(cached, shuffle=False).num_workers == 0  # the cache's hits stay in this process
-    assert orch._loader(client.memory_set, shuffle=False).num_workers == 2  # decoding images: workers help
+    assert loaders.loader(cached, shuffle=False).num_workers == 0  # the cache's hits stay in this process
+    assert loaders.loader(client.memory_set, shuffle=False).num_workers == 2  # decoding images: workers help
     # One frozen backbone per process, shared by its clients; their generators are their own.
     extractors = {id(c.module.model.feature_extractor) for c in orch.clients}
     generators = {id(c.module.model.generator) for c in orch.clients}

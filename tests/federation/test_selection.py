@@ -8,6 +8,7 @@ import torch
 
 from conftest import FAST
 from feddymem.config import load_config
+from feddymem.federation.client_runner import ClientRunner
 from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.io import load_checkpoint
 from feddymem.metrics import ScoreNormalizer
@@ -27,10 +28,10 @@ def test_a_collapsed_generator_is_not_kept_and_patience_stops_the_run(tmp_path, 
     extra = ["federation.rounds=4", "selection.patience=2"]
     cfg = load_config([f"dataset={synthetic_yaml}", "data.num_clients=2", "data.holdout_fraction=0.25", *FAST, *extra])
     orch = FederatedOrchestrator(cfg, tmp_path / "wrecked")
-    real_training = orch.local_training
+    real_training = ClientRunner.local_training
 
-    def collapsing_training(client, round_idx, deadline):
-        loss = real_training(client, round_idx, deadline)
+    def collapsing_training(runner, client, round_idx, deadline):
+        loss = real_training(runner, client, round_idx, deadline)
         with torch.no_grad():
             weight = client.module.model.generator.conv.weight
             g = torch.Generator().manual_seed(round_idx)
@@ -38,7 +39,7 @@ def test_a_collapsed_generator_is_not_kept_and_patience_stops_the_run(tmp_path, 
             weight.copy_((u @ v).view_as(weight) / weight.shape[1] ** 0.5)
         return loss
 
-    monkeypatch.setattr(orch, "local_training", collapsing_training)
+    monkeypatch.setattr(ClientRunner, "local_training", collapsing_training)
     summary = orch.run()
     rounds = summary["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]  # stopped: no client improved in rounds 1 and 2
@@ -74,13 +75,13 @@ def test_thresholds_and_normalisation_come_from_held_out_normal_images(tmp_path,
         held = {s.path for s in client.data.holdout}
         train = {s.path for s in client.data.train}
         assert held and not held & train and {s.path for s in client.normal_set.samples} == held
-        raw, products = orch.image_scores(client, client.normal_set)
+        raw, products = orch.runner.evaluator.image_scores(client, client.normal_set)
         saved = ckpt["clients"][client.id]
         assert saved["threshold"] == normal_threshold(raw, 99.0)
         for product in client.data.products:
             own = raw[np.asarray(products) == product]
             assert saved["product_thresholds"][product] == normal_threshold(own, 99.0)
-        train, train_products = orch.image_scores(client, client.own_train_set)
+        train, train_products = orch.runner.evaluator.image_scores(client, client.own_train_set)
         normalizer = ScoreNormalizer.fit(np.r_[raw, train], products + train_products)
         assert saved["normalizer"] == normalizer.to_dict()
         # The client-level AUROC ranks the normalised test scores; the raw one is reported beside it.
@@ -102,7 +103,7 @@ def test_without_per_round_test_scoring_the_kept_states_are_scored_once_at_the_e
 
 
 def test_clients_in_the_same_state_score_a_products_test_images_once(tmp_path, synthetic_yaml, monkeypatch):
-    from feddymem.federation.orchestrator import state_fingerprint
+    from feddymem.federation.evaluation import state_fingerprint
     from feddymem.lightning_model import FedDyMemModule
 
     scored: list[int] = []

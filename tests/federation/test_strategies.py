@@ -7,14 +7,13 @@ import torch
 from torch import nn
 
 from feddymem.config import load_config
+from feddymem.federation.messages import ServerLimits, ServerReply
 from feddymem.federation.strategies import (
     Centralized,
     FedAvg,
     FedProx,
     Local,
     PatchCore,
-    ServerLimits,
-    ServerReply,
     Strategy,
     make_strategy,
 )

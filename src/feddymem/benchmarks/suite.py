@@ -28,7 +28,9 @@ from feddymem.benchmarks.results import plot_convergence, render_markdown
 from feddymem.config import config_dir, load_config, load_yaml, merge_checked
 from feddymem.errors import ConfigError
 from feddymem.federation.checkpointing import library_versions
-from feddymem.federation.orchestrator import Client, FederatedOrchestrator
+from feddymem.federation.client import Client
+from feddymem.federation.orchestrator import FederatedOrchestrator
+from feddymem.federation.server import server_limits
 from feddymem.io import atomic_write_json, atomic_write_text
 from feddymem.logging.console import Reporter
 
@@ -221,6 +223,7 @@ def condense(
         return float(np.mean(values)) if values else None
 
     training = [r for r in rounds if r["round"] > 0] or rounds
+    memory_dim = server_limits(orch.cfg).memory_dim
     patches = [c.get("memory_patches") for r in rounds for c in r["clients"].values() if c.get("memory_patches")]
     return {
         "dataset": dataset,
@@ -238,7 +241,7 @@ def condense(
         "bytes_up_per_client_round": float(np.mean([r["bytes_up"] for r in rounds])) / n_clients,
         "bytes_down_per_client_round": float(np.mean([r["bytes_down"] for r in rounds])) / n_clients,
         # The un-reduced bank: every patch of a client's training images, float32, per client.
-        "unreduced_bytes_per_client": float(np.mean(patches)) * orch.memory_dim() * 4 if patches else None,
+        "unreduced_bytes_per_client": float(np.mean(patches)) * memory_dim * 4 if patches else None,
         # Items a client scores against (the global memory, or its own / the pooled coreset) and uploads.
         "scoring_memory_items": int(orch.clients[0].module.model.memory.shape[0]) if orch.clients else None,
         "upload_items_per_client": float(np.mean(uploads)) if (uploads := _upload_items(rounds)) else None,
@@ -263,9 +266,9 @@ def measure_perf(plan: BenchPlan, orch: FederatedOrchestrator) -> dict[str, Any]
     """K-means, scoring and throughput on the real features of ``orch``'s data set (round-0 generators)."""
     p = plan.perf
     out: dict[str, Any] = {"dataset": orch.cfg.dataset}
-    banks = [orch.build_memory(c) for c in orch.clients]
+    banks = [orch.runner.build_memory(c) for c in orch.clients]
     uploads = torch.cat([b.items for b in banks]).numpy()
-    k = orch.patch_positions()
+    k = server_limits(orch.cfg).patch_positions
     out["kmeans"] = [
         {"scale": s, **perf.compare_kmeans(perf.replicate(uploads, s, plan.seed), k, orch.cfg.server.kmeans_iters)}
         for s in p.kmeans_scales

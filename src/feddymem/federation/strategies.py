@@ -10,12 +10,12 @@ tested on small synthetic tensors without a backbone or a data set.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
 
 from feddymem.federation.baselines import average_parameters
+from feddymem.federation.messages import ServerLimits, ServerReply, Upload
 from feddymem.federation.upload import validate_parameters, validate_upload
 from feddymem.memory.aggregate import GlobalMemory, aggregate, coreset_aggregate, mean_aggregate
 from feddymem.memory.reduce import MemoryBank
@@ -32,37 +32,6 @@ class ClientSide(Protocol):
     def set_memory(self, items: torch.Tensor) -> None: ...
 
     def build_memory(self) -> MemoryBank: ...
-
-
-@dataclass
-class Upload:
-    """What a client's round produced: the payload it sends (or ``None``) and its memory's size."""
-
-    payload: MemoryBank | dict[str, torch.Tensor] | None = None
-    memory_items: int | None = None
-    num_images: int | None = None  # images the memory was built from
-
-
-@dataclass
-class ServerReply:
-    """What the server sends down after a round: a global memory, or averaged generator parameters."""
-
-    participants: list[int] = field(default_factory=list)
-    memory: torch.Tensor | None = None
-    generator: dict[str, torch.Tensor] | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None  # the round failed on the server (too few valid uploads): every process stops
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """The server's reference: what uploads must look like, and the global memory's size."""
-
-    memory_dim: int
-    max_items: int
-    max_bytes: int
-    global_items: int  # server.size, or the patch grid's H·W when it is 0
-    generator: dict[str, torch.Tensor] = field(default_factory=dict)  # names, shapes and dtypes uploads must have
 
 
 class Strategy:

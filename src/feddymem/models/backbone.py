@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -134,6 +135,28 @@ def load_imagenet_classifier(name: str, weights: str) -> nn.Module:
     return model
 
 
+def _features_only(name: str, layers: tuple[int, ...]) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=False, features_only=True, out_indices=layers)
+    except Exception as err:
+        raise ConfigError(f"backbone '{name}' cannot give feature levels {list(layers)}: {err}") from None
+
+
+@dataclass(frozen=True)
+class FeatureGeometry:
+    """The shape of a backbone's patch descriptors: C channels, one patch per ``stride``×``stride`` pixels."""
+
+    channels: int
+    stride: int  # of the largest selected map, which the others are resized to
+
+
+def feature_geometry(name: str, layers: tuple[int, ...] | list[int]) -> FeatureGeometry:
+    """The geometry of ``FeatureExtractor(name, layers)``, without weights or memory (built on the meta device)."""
+    with torch.device("meta"):
+        info = _features_only(name, tuple(int(i) for i in layers)).feature_info
+    return FeatureGeometry(int(sum(info.channels())), int(min(info.reduction())))
+
+
 class FeatureExtractor(nn.Module):
     """Frozen CNN → one C-dimensional descriptor per patch position.
 
@@ -152,10 +175,7 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.name, self.layers, self.weights_source = name, tuple(int(i) for i in layers), weights
         classifier = load_imagenet_classifier(name, weights)
-        try:
-            self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=self.layers)
-        except Exception as err:
-            raise ConfigError(f"backbone '{name}' cannot give feature levels {list(self.layers)}: {err}") from None
+        self.body = _features_only(name, self.layers)
         # The features-only model is a truncated copy of the classifier: take the weights it has.
         body_state = self.body.state_dict()
         self.body.load_state_dict({k: v for k, v in classifier.state_dict().items() if k in body_state}, strict=True)

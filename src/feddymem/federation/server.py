@@ -1,0 +1,164 @@
+"""The server of a federation, engine-neutral: it checks what clients upload, aggregates it with the
+strategy, keeps the global state and writes each round's record.
+
+Its reference (memory dimension, item and byte limits, the generator's parameter shapes) comes from the
+config alone (:func:`server_limits`), never from a client's objects: a server that holds no client,
+as in a cross-site deployment, checks uploads exactly as one that does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from feddymem.errors import FedDyMemError
+from feddymem.federation.messages import (
+    ClientEvaluation,
+    ClientRecord,
+    ClientResult,
+    RoundRecord,
+    ServerLimits,
+    ServerReply,
+)
+from feddymem.federation.strategies import Strategy
+from feddymem.federation.upload import UploadRejected, payload_bytes
+from feddymem.metrics.threshold import normal_threshold
+from feddymem.models.backbone import feature_geometry
+from feddymem.models.generator import MemoryGenerator
+
+log = logging.getLogger(__name__)
+
+
+class TooFewClients(FedDyMemError):
+    """Fewer than ``federation.min_clients`` valid uploads arrived in a round."""
+
+
+def server_limits(cfg: Any) -> ServerLimits:
+    """What the server of ``cfg`` accepts, from the config alone (the backbone's geometry is read on the
+    meta device: no weights, no memory)."""
+    m, s = cfg.model, cfg.server
+    geometry = feature_geometry(m.backbone.name, m.backbone.layers)
+    positions = (cfg.data.crop_size // geometry.stride) ** 2
+    with torch.device("meta"):  # only names, shapes and dtypes matter
+        generator = MemoryGenerator(geometry.channels, m.generator.reduction, m.generator.coord_channels, "random")
+    return ServerLimits(
+        memory_dim=generator.out_channels,
+        max_items=max(s.max_upload_items, cfg.memory.size, positions),
+        max_bytes=int(s.max_upload_mb * 2**20),
+        global_items=s.size or positions,
+        generator=generator.state_dict(),
+        patch_positions=positions,
+    )
+
+
+class Server:
+    """Validates uploads, aggregates them with the strategy, and keeps the last global memory or generator."""
+
+    def __init__(self, cfg: Any, strategy: Strategy, train_images: list[int], limits: ServerLimits | None = None):
+        """``train_images``: each client's number of training images, by client id (the weights of
+        size-weighted aggregation)."""
+        self.cfg, self.strategy, self.train_images = cfg, strategy, train_images
+        self.limits = limits or server_limits(cfg)
+        self.global_memory: torch.Tensor | None = None
+        self.global_generator: dict[str, torch.Tensor] | None = None  # FedAvg, FedProx
+
+    def accept(self, results: list[ClientResult], round_idx: int) -> list[ClientResult]:
+        """The results whose uploads are valid (in client order); the others get the reason as their error.
+
+        Raises :class:`TooFewClients` below ``federation.min_clients``."""
+        accepted = []
+        for result in sorted(results, key=lambda r: r.client_id):
+            if result.upload.payload is None:
+                continue
+            try:
+                self.strategy.validate(result.client_id, result.upload.payload, self.limits)
+                accepted.append(result)
+            except UploadRejected as err:
+                log.warning("round %d: %s", round_idx, err)
+                result.reject(str(err))
+        if len(accepted) < self.cfg.federation.min_clients:
+            errors = "; ".join(r.error for r in results if r.error)
+            raise TooFewClients(
+                f"round {round_idx}: {len(accepted)} valid uploads, federation.min_clients is "
+                f"{self.cfg.federation.min_clients} ({errors or 'no errors reported'})"
+            )
+        return accepted
+
+    def step(self, results: list[ClientResult], round_idx: int) -> ServerReply:
+        """Check the uploads and build what goes down; a failed round is a reply with its ``error``."""
+        if not self.strategy.uploads_in(round_idx):  # a failing client is recorded, not counted against min_clients
+            return ServerReply()
+        try:
+            accepted = self.accept(results, round_idx)
+        except TooFewClients as err:
+            return ServerReply(error=str(err))
+        reply = self.strategy.aggregate(
+            {r.client_id: r.upload.payload for r in accepted},
+            {r.client_id: self.train_images[r.client_id] for r in accepted},
+            round_idx,
+            self.global_memory,
+            self.limits,
+        )
+        if reply.memory is not None:
+            self.global_memory = reply.memory
+        if reply.generator is not None:
+            self.global_generator = reply.generator
+        return reply
+
+    def record(
+        self,
+        round_idx: int,
+        reply: ServerReply,
+        results: list[ClientResult],
+        evaluations: list[ClientEvaluation],
+        quantile: float,
+        k_sigma: float | None,
+    ) -> RoundRecord:
+        """The round's record: every client's result and evaluation, thresholds from the held-out normal
+        scores (``quantile``, or mean + ``k_sigma``·std), bytes each way."""
+        down = payload_bytes(reply.memory) + payload_bytes(reply.generator)
+        by_id = {r.client_id: r for r in results}
+        clients = {}
+        for cid, images in enumerate(self.train_images):
+            result = by_id.get(cid)  # centralized: only the pooled model trains
+            upload = result.upload if result else None
+            clients[cid] = ClientRecord(
+                time_s=result.time_s if result else 0.0,
+                uploaded=upload is not None and upload.payload is not None,
+                bytes_up=payload_bytes(upload.payload) if upload else 0,
+                bytes_down=down,
+                train_images=images,
+                train_loss=result.train_loss if result and not result.error else None,
+                error=result.error if result else None,
+                memory_items=upload.memory_items if upload else None,
+                memory_patches=None
+                if upload is None or upload.num_images is None
+                else upload.num_images * self.limits.patch_positions,
+            )
+        for ev in evaluations:
+            clients[ev.client_id].evaluation = ev
+            clients[ev.client_id].threshold = normal_threshold(ev.normal_scores, quantile, k_sigma)
+        every_normal = np.concatenate([ev.normal_scores for ev in evaluations])
+        return RoundRecord(
+            round_idx,
+            self.strategy.name,
+            reply.participants,
+            reply.stats,
+            clients,
+            threshold=normal_threshold(every_normal, quantile, k_sigma),
+        )
+
+    def state(self) -> dict[str, Any]:
+        """The server's part of a checkpoint."""
+        return {
+            "global_memory": None if self.global_memory is None else self.global_memory.clone(),
+            "global_generator": self.global_generator,
+        }
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        """Continue from a checkpoint's global memory and generator."""
+        self.global_memory = payload["global_memory"]
+        self.global_generator = payload.get("global_generator")
