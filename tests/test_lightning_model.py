@@ -75,11 +75,15 @@ def test_pixel_metrics_skip_anomalous_images_without_masks():
 def test_default_module_is_the_trained_default_model():
     """FedDyMemModule() (README) must be the model `feddymem train` trains with its defaults."""
     from feddymem.config import load_config
+    from feddymem.federation.strategies import make_strategy
 
     default = FedDyMemModule(weights="none")
     from_config = FedDyMemModule.from_config(load_config(["model.backbone.weights=none"]))
     assert dict(default.hparams) == dict(from_config.hparams)
     assert default.hparams.score_method == "nearest" and default.hparams.lr == pytest.approx(1e-4)
-    patchcore = FedDyMemModule.from_config(load_config(["method=patchcore", "model.backbone.weights=none"]), 2)
+    cfg = load_config(["method=patchcore", "model.backbone.weights=none"])
+    patchcore = FedDyMemModule.from_config(cfg, 2, **make_strategy(cfg).module_overrides)
     assert (patchcore.hparams.score_method, patchcore.hparams.approximate_above) == ("patchcore", 0)
     assert patchcore.hparams.memory_reduce == "coreset" and patchcore.hparams.seed == 2
+    with pytest.raises(TypeError, match=r"unknown settings \['backbon'\]; the model's are \['approximate_above'"):
+        FedDyMemModule(backbon="resnet18")

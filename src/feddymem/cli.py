@@ -19,6 +19,7 @@ def _run_dir(cfg) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``feddymem train``: run (or resume) a federated experiment."""
     from feddymem.config import load_config
 
     overrides = list(args.overrides) + (["quiet=true"] if args.quiet else [])
@@ -34,6 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    """``feddymem config``: print the merged config, or every numeric key's range."""
     from feddymem.config import load_config, schema_ranges, to_yaml
 
     if args.ranges:
@@ -45,6 +47,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
+    """``feddymem data check``: list and decode a data set's images before training."""
     from feddymem.config import load_config
     from feddymem.data.check import plan_data, plan_tables, verify_plan
     from feddymem.logging.console import Reporter
@@ -65,6 +68,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``feddymem report``: plots and anomaly maps of a finished run."""
     from feddymem.report import write_report
 
     for path in write_report(args.run_dir, args.client):
@@ -73,6 +77,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """``feddymem export``: a trained client as ONNX or TorchScript."""
     from feddymem.errors import OutputError
     from feddymem.export import InferenceModel, export_onnx, export_torchscript
     from feddymem.io import claim_output_dir
@@ -91,6 +96,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """``feddymem predict``: score new images with a trained client."""
     from feddymem.logging.console import Reporter
     from feddymem.predict import predict
 
@@ -121,6 +127,7 @@ client_id = _int_at_least(0, "client numbers start at 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``feddymem`` command line and its sub-commands."""
     parser = argparse.ArgumentParser(prog="feddymem", description="Federated unsupervised image anomaly detection.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
@@ -183,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``feddymem`` entry point: user errors are one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     for handler in logging.getLogger().handlers:  # Lightning's INFO lines have their own handler already

@@ -37,6 +37,7 @@ class InferenceModel(nn.Module):
         self.register_buffer("a_w", operator.clone())
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images → (anomaly maps, image scores, anomaly decisions against the threshold)."""
         x = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         features = self.model.extract((x - self.mean) / self.std)
         patch_scores = self.model.patch_scores(self.model.embed(features), use_index=False)
@@ -69,6 +70,7 @@ def export_onnx(model: InferenceModel, path: str | Path, opset: int = 17) -> Pat
 
 
 def export_torchscript(model: InferenceModel, path: str | Path) -> Path:
+    """``model`` traced to TorchScript at ``path`` (written atomically)."""
     path = Path(path)
     traced = torch.jit.trace(model, torch.rand(1, 3, model.image_size, model.image_size), check_trace=False)
     buffer = io.BytesIO()

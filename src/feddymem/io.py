@@ -118,6 +118,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically; an OutputError names the path."""
     atomic_write_bytes(path, text.encode())
 
 

@@ -8,6 +8,8 @@ hooks. Batches hold either ``image`` (normalised images) or ``features`` (cached
 
 from __future__ import annotations
 
+import enum
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,32 +33,25 @@ def _value(choice: Any) -> str:
 # Every default is the config's (what ``feddymem train`` runs and the benchmarks measure), defined once in
 # feddymem.config: ``FedDyMemModule()`` is the trained default model.
 _D = TrainConfig()
+# The model's settings and their defaults: FedDyMemModel's keyword arguments, listed once there.
+MODEL_SETTINGS = {
+    name: p.default
+    for name, p in inspect.signature(FedDyMemModel.__init__).parameters.items()
+    if name not in ("self", "feature_extractor")
+}
 
 
 class FedDyMemModule(L.LightningModule):
     """One FedDyMem client (or a centralised model): feature extractor + memory generator + memory.
 
     Build it with keyword arguments (defaults: ``feddymem train``'s), or from a run's config with
-    :meth:`from_config`."""
+    :meth:`from_config`. The model's settings (``backbone``, ``layers``, ``weights``, ``score_method``, ...)
+    are :class:`FedDyMemModel`'s keyword arguments, passed through; the others are the memory-reduce and
+    optimiser settings below."""
 
     def __init__(
         self,
-        backbone: str = _D.model.backbone.name,
-        layers: tuple[int, ...] | list[int] = tuple(_D.model.backbone.layers),
-        weights: str = _D.model.backbone.weights,
-        pool_size: int = _D.model.backbone.pool_size,
-        generator_reduction: int = _D.model.generator.reduction,
-        coord_channels: bool = _D.model.generator.coord_channels,
-        generator_init: str = _D.model.generator.init.value,
-        k_nearest: int = _D.model.loss.k_nearest,
-        j_negatives: int = _D.model.loss.j_negatives,
-        margin: float = _D.model.loss.margin,
-        radius_init: float = _D.model.loss.radius_init,
-        score_k: int = _D.model.scoring.k,
-        score_method: str = _D.model.scoring.method.value,
-        sigma: float = _D.model.scoring.sigma,
-        approximate_above: int = _D.model.scoring.approximate_above,
-        nprobe: int = _D.model.scoring.nprobe,
+        *,
         memory_reduce: str = _D.memory.reduce.value,
         memory_size: int = _D.memory.size,
         local_kmeans_ratio: int = _D.memory.local_kmeans_ratio,
@@ -70,29 +65,32 @@ class FedDyMemModule(L.LightningModule):
         log_prefix: str = "",
         sync_metrics: bool = True,
         feature_extractor: FeatureExtractor | None = None,
+        **model_settings: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["log_prefix", "sync_metrics", "feature_extractor"])
-        self.log_prefix = log_prefix
-        self.model = FedDyMemModel(
-            backbone,
-            layers,
-            weights,
-            pool_size,
-            generator_reduction,
-            coord_channels,
-            generator_init,
-            k_nearest,
-            j_negatives,
-            margin,
-            radius_init,
-            score_k,
-            score_method,
-            sigma,
-            approximate_above,
-            nprobe,
-            feature_extractor,
+        if unknown := sorted(set(model_settings) - set(MODEL_SETTINGS)):
+            raise TypeError(f"FedDyMemModule got unknown settings {unknown}; the model's are {sorted(MODEL_SETTINGS)}")
+        settings = {**MODEL_SETTINGS, **model_settings}
+        settings["layers"] = tuple(int(i) for i in settings["layers"])
+        settings = {k: _value(v) if isinstance(v, enum.Enum) else v for k, v in settings.items()}
+        # Every setting, defaults included, in hparams: a checkpoint rebuilds exactly this module.
+        self.save_hyperparameters(
+            {
+                **settings,
+                "memory_reduce": _value(memory_reduce),
+                "memory_size": memory_size,
+                "local_kmeans_ratio": local_kmeans_ratio,
+                "coreset_ratio": coreset_ratio,
+                "kmeans_iters": kmeans_iters,
+                "max_points_per_centroid": max_points_per_centroid,
+                "min_cluster_size": min_cluster_size,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "seed": seed,
+            }
         )
+        self.log_prefix = log_prefix
+        self.model = FedDyMemModel(**settings, feature_extractor=feature_extractor)
         # A federated client must not merge its metrics with other processes' clients (sync_metrics=False);
         # under a multi-GPU Trainer the default syncs them like any torchmetrics metric.
         sync = {"sync_on_compute": sync_metrics}
@@ -104,48 +102,35 @@ class FedDyMemModule(L.LightningModule):
 
     @classmethod
     def from_config(
-        cls, cfg: Any, client_id: int | None = None, feature_extractor: FeatureExtractor | None = None
+        cls,
+        cfg: Any,
+        client_id: int | None = None,
+        feature_extractor: FeatureExtractor | None = None,
+        **overrides: Any,
     ) -> FedDyMemModule:
         """The module a run with config ``cfg`` (a :class:`~feddymem.config.TrainConfig` or its OmegaConf
         form) trains for client ``client_id`` (``None``: one centralised model); ``feature_extractor``
-        shares a frozen backbone already built for the same config."""
-        m, mem = cfg.model, cfg.memory
-        scoring = {
-            "score_method": _value(m.scoring.method),
-            "approximate_above": m.scoring.approximate_above,
+        shares a frozen backbone already built for the same config; ``overrides`` replace settings (a
+        strategy's, such as PatchCore's scoring)."""
+        mem = cfg.memory
+        settings = {
+            **FedDyMemModel.settings(cfg.model),
             "memory_reduce": _value(mem.reduce),
+            "memory_size": mem.size,
+            "local_kmeans_ratio": mem.local_kmeans_ratio,
+            "coreset_ratio": mem.coreset_ratio,
+            "kmeans_iters": mem.kmeans_iters,
+            "max_points_per_centroid": mem.max_points_per_centroid,
+            "min_cluster_size": mem.min_cluster_size,
+            "lr": cfg.optim.lr,
+            "weight_decay": cfg.optim.weight_decay,
+            "seed": cfg.seed + (client_id or 0),
         }
-        if _value(cfg.method) == "patchcore":
-            # PatchCore: a greedy coreset of the raw patches, searched exactly, with its reweighted image score.
-            scoring = {"score_method": "patchcore", "approximate_above": 0, "memory_reduce": "coreset"}
         return cls(
-            backbone=m.backbone.name,
-            layers=tuple(m.backbone.layers),
-            weights=m.backbone.weights,
-            pool_size=m.backbone.pool_size,
-            generator_reduction=m.generator.reduction,
-            coord_channels=m.generator.coord_channels,
-            generator_init=_value(m.generator.init),
-            k_nearest=m.loss.k_nearest,
-            j_negatives=m.loss.j_negatives,
-            margin=m.loss.margin,
-            radius_init=m.loss.radius_init,
-            score_k=m.scoring.k,
-            sigma=m.scoring.sigma,
-            nprobe=m.scoring.nprobe,
-            memory_size=mem.size,
-            local_kmeans_ratio=mem.local_kmeans_ratio,
-            coreset_ratio=mem.coreset_ratio,
-            kmeans_iters=mem.kmeans_iters,
-            max_points_per_centroid=mem.max_points_per_centroid,
-            min_cluster_size=mem.min_cluster_size,
-            lr=cfg.optim.lr,
-            weight_decay=cfg.optim.weight_decay,
-            seed=cfg.seed + (client_id or 0),
             log_prefix="" if client_id is None else f"client/{client_id}/",
             sync_metrics=client_id is None,
             feature_extractor=feature_extractor,
-            **scoring,
+            **{**settings, **overrides},
         )
 
     # --- helpers --------------------------------------------------------------------------------
@@ -157,6 +142,7 @@ class FedDyMemModule(L.LightningModule):
 
     @staticmethod
     def image_size(batch: dict[str, Any]) -> tuple[int, int]:
+        """(H, W) of the batch's images (of its masks when it holds cached features)."""
         return tuple(batch["mask"].shape[-2:]) if "mask" in batch else tuple(batch["image"].shape[-2:])
 
     def _name(self, metric: str) -> str:
@@ -194,21 +180,25 @@ class FedDyMemModule(L.LightningModule):
 
     # --- training -------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the generator and the loss's radius; the backbone is frozen."""
         params = [*self.model.generator.parameters(), *self.model.loss.parameters()]
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     def on_fit_start(self) -> None:
+        """Under a plain Trainer without a memory: build one from the training data first."""
         # Centralised use under a plain Trainer: without a given memory, build one from the training data.
         if not self.model.has_memory:
             self.trainer.fit_loop.setup_data()  # public, and idempotent: fit would set the data up next
             self.set_global_memory(self.build_memory(self.trainer.train_dataloader).items)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """The metric loss of a batch against the memory."""
         loss = self.model.compute_loss(self.model.embed(self.features(batch)))
         self.train_loss.update(loss.detach())
         return loss
 
     def on_train_epoch_end(self) -> None:
+        """Log the epoch's mean loss (plain Trainer use)."""
         if self.train_loss.update_count:
             self.log(self._name("train_loss"), self.train_loss.compute())
         self.train_loss.reset()
@@ -219,6 +209,7 @@ class FedDyMemModule(L.LightningModule):
         return self.model.score_features(self.features(batch), self.image_size(batch))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Score a batch and update image AUROC, and pixel AUROC and AUPRO where masks exist."""
         maps, scores = self.score_batch(batch)
         labels = torch.as_tensor(batch["label"], device=scores.device).long()
         self.image_auroc.update(scores, labels)
@@ -244,10 +235,12 @@ class FedDyMemModule(L.LightningModule):
         return results
 
     def on_test_epoch_end(self) -> None:
+        """Log the test metrics (plain Trainer use)."""
         for key, value in self.compute_test_metrics().items():
             self.log(self._name(key), value)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Anomaly maps and image scores of a batch, with its paths."""
         maps, scores = self.score_batch(batch)
         return {"anomaly_map": maps.cpu(), "pred_score": scores.cpu(), "path": batch.get("path")}
 
@@ -261,6 +254,7 @@ class FedDyMemModule(L.LightningModule):
         }
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a state from :meth:`trainable_state`; a mismatch names the keys."""
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("feature_extractor.")]
         if missing or unexpected:

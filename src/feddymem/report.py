@@ -32,6 +32,7 @@ def _read_metrics(run_dir: Path) -> dict:
 
 
 def plot_auroc(metrics: dict, out: Path) -> Path:
+    """Image AUROC per round and client, as a PNG in ``out``."""
     rounds = [r["round"] for r in metrics["rounds"]]
     fig, ax = plt.subplots(figsize=(7, 4))
     # Test-set AUROC exists for the rounds that scored the test set (federation.eval_every); the held-out
@@ -56,6 +57,7 @@ def plot_auroc(metrics: dict, out: Path) -> Path:
 
 
 def plot_bytes(metrics: dict, out: Path) -> Path:
+    """Bytes up and down per round, as a PNG in ``out``."""
     rounds = np.array([r["round"] for r in metrics["rounds"]])
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(rounds - 0.2, [r["bytes_up"] / 2**20 for r in metrics["rounds"]], 0.4, label="up (all clients)")
@@ -66,6 +68,7 @@ def plot_bytes(metrics: dict, out: Path) -> Path:
 
 
 def plot_roc(run_dir: Path, out: Path) -> Path | None:
+    """ROC curves per client from ``scores.csv`` (``None`` without it)."""
     path = run_dir / "scores.csv"
     if not path.is_file():
         return None

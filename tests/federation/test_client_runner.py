@@ -21,7 +21,7 @@ def _runner(yaml, *extra):
     cfg = load_config([f"dataset={yaml}", "data.num_clients=2", "data.holdout_fraction=0.25", *FAST, *extra])
     plan = plan_data(cfg)
     strategy = make_strategy(cfg)
-    clients = build_clients(cfg, plan.clients, [0, 1], strategy.pooled)
+    clients = build_clients(cfg, plan.clients, [0, 1], strategy)
     loaders = Loaders(cfg, FeatureCache(clients[0].module.model.extract, batch_size=8))
     runner = ClientRunner(cfg, strategy, clients, loaders, Evaluator(cfg, loaders))
     return cfg, runner, Server(cfg, strategy, [len(c.train) for c in plan.clients])

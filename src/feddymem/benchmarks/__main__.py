@@ -15,6 +15,7 @@ from feddymem.errors import FedDyMemError
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m feddymem.benchmarks``; the exit code."""
     parser = argparse.ArgumentParser(prog="python -m feddymem.benchmarks")
     sub = parser.add_subparsers(dest="what", required=True)
     suite = sub.add_parser("suite", help="every method on every data set of the plan; writes results.md/.json")

@@ -45,6 +45,7 @@ def plot_convergence(results: dict[str, Any], methods: list[str], out: Path) -> 
 
 
 def render_markdown(results: dict[str, Any], convergence: list[str]) -> str:
+    """``results.md``: every table of the results, with the convergence lines."""
     m = results["machine"]
     v = m["versions"]
     lines = [

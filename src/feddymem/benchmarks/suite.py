@@ -37,6 +37,8 @@ from feddymem.logging.console import Reporter
 
 @dataclass
 class PerfPlan:
+    """The side-by-side timings of ``make bench``: K-means scales, scoring sizes, throughput images."""
+
     dataset: str = "elpv"  # the data set whose real uploads and features the timings use
     kmeans_scales: list[int] = field(default_factory=lambda: [1, 10])
     scoring_images: int = 64  # test images whose patches are the scoring queries
@@ -46,6 +48,8 @@ class PerfPlan:
 
 @dataclass
 class BenchPlan:
+    """A committed bench plan (``configs/bench*.yaml``): data sets, methods, rounds and overrides."""
+
     seed: int = 0
     overrides: list[str] = field(default_factory=list)  # applied to every run
     datasets: dict[str, list[str]] = field(default_factory=dict)  # dataset name → its own overrides
@@ -205,6 +209,7 @@ def condense(
     peak: PeakMemory,
     orch: FederatedOrchestrator,
 ) -> dict[str, Any]:
+    """One method's row of the results: accuracy, bytes, time and memory of a finished run."""
     rounds = summary["rounds"]
     final = summary["final"]  # each client at the round it keeps (selection.keep)
     n_clients = len(final["clients"])

@@ -16,6 +16,8 @@ from feddymem.data.products import ProductSplit, load_product
 
 @dataclass
 class DataPlan:
+    """Every product's images and their partition over clients, before any image is decoded."""
+
     products: list[ProductSplit]
     clients: list[ClientData]
 

@@ -106,6 +106,7 @@ class ImageDataset(Dataset):
 
     @property
     def has_masks(self) -> bool:
+        """Whether any image of the set has a ground-truth mask."""
         return any(s.mask for s in self.samples)
 
     def load_image(self, sample: Sample) -> torch.Tensor:

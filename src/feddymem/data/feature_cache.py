@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CacheStats:
+    """What the cache did: images extracted, hits, seconds spent and saved."""
+
     extracted: int = 0  # images decoded and embedded
     extraction_seconds: float = 0.0
     hits: int = 0  # items served from the cache
@@ -29,6 +31,7 @@ class CacheStats:
 
     @property
     def seconds_per_image(self) -> float:
+        """Mean extraction time per image (0 before any extraction)."""
         return self.extraction_seconds / self.extracted if self.extracted else 0.0
 
     @property
@@ -87,6 +90,7 @@ class FeatureCache:
 
     @staticmethod
     def key(dataset: ImageDataset, path: str) -> tuple:
+        """The cache key of ``path`` under ``dataset``'s pre-processing."""
         return (path, dataset.image_size, dataset.crop_size)
 
     def _extract_batch(self, images: torch.Tensor) -> torch.Tensor:

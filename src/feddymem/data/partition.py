@@ -22,6 +22,7 @@ class ClientData:
     holdout: list[Sample] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
+        """Training images per product of this client."""
         return {p: sum(s.product == p for s in self.train) for p in self.products}
 
 

@@ -39,6 +39,8 @@ class Sample:
 
 @dataclass
 class ProductSplit:
+    """One product's normal training images and labelled test images."""
+
     name: str
     train: list[Sample] = field(default_factory=list)  # normal images only
     test: list[Sample] = field(default_factory=list)
@@ -47,6 +49,7 @@ class ProductSplit:
 
 
 def list_images(folder: Path) -> list[Path]:
+    """The image files of ``folder``, sorted (no hidden files)."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 

@@ -17,6 +17,8 @@ import torch
 from omegaconf import DictConfig
 
 from feddymem import __version__
+from feddymem.config import to_container
+from feddymem.data.partition import ClientData
 from feddymem.errors import OutputError
 from feddymem.io import atomic_write_json, load_checkpoint, save_checkpoint
 
@@ -31,6 +33,7 @@ class RunCheckpoints:
 
     @property
     def last(self) -> Path:
+        """``checkpoints/last.ckpt``."""
         return self.folder / "last.ckpt"
 
     def write(self, round_idx: int, payload: dict[str, Any], summary: dict[str, Any]) -> None:
@@ -54,6 +57,43 @@ class RunCheckpoints:
         payload = load_checkpoint(self.last)
         self.saved_round = int(payload["round"])
         return payload
+
+
+def round_payload(
+    round_idx: int,
+    cfg: DictConfig,
+    server_state: dict[str, Any],
+    client_states: dict[int, dict[str, Any]],
+    partition: list[ClientData],
+    kept: dict[int, dict[str, Any]],
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A complete round's checkpoint: the server's global state, every client's state with its data
+    partition and the thresholds of the round it keeps, the history, the config, the RNG and provenance."""
+    return {
+        "round": round_idx,
+        "method": cfg.method.value,
+        **server_state,
+        # Per client: "model" is the state after this round (for resume), "kept" the state a user gets.
+        "clients": {
+            k: {
+                **client_states[k],
+                "train": [s.path for s in partition[k].train],
+                "products": list(partition[k].products),
+                "threshold": kept[k]["threshold"],
+                "product_thresholds": kept[k].get("product_thresholds", {}),
+                "normalizer": kept[k].get("normalizer", {}),
+            }
+            for k in sorted(client_states)
+        },
+        "threshold": history[-1]["threshold"],
+        "config": to_container(cfg),
+        "history": history,
+        # Batches, K-means and initialisations are seeded by (seed, round, epoch, client); the global torch
+        # RNG is kept too, for anything user code draws from it.
+        "rng": {"torch": torch.get_rng_state()},
+        "provenance": provenance(cfg),
+    }
 
 
 def library_versions() -> dict[str, str]:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from feddymem.data.datasets import ImageDataset, SyntheticAnomalyDataset
 from feddymem.data.feature_cache import CachedFeatureDataset, FeatureCache
 from feddymem.data.partition import ClientData
+from feddymem.federation.strategies import Strategy
 from feddymem.lightning_model import FedDyMemModule
 from feddymem.memory.reduce import MemoryBank
 
@@ -49,6 +50,7 @@ class Client:
 
     @property
     def id(self) -> int:
+        """The client's id (its index in the partition)."""
         return self.data.client_id
 
 
@@ -59,21 +61,25 @@ class ClientSideAdapter:
         self.client, self.build_memory = client, build_memory
 
     def generator_state(self) -> dict[str, torch.Tensor]:
+        """The client's generator parameters."""
         return self.client.module.model.generator.state_dict()
 
     def load_generator(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the client's generator parameters."""
         self.client.module.model.generator.load_state_dict(state)
 
     def set_memory(self, items: torch.Tensor) -> None:
+        """Make ``items`` the client's memory (loss target and scoring reference)."""
         self.client.module.set_global_memory(items)
 
 
 def build_clients(
-    cfg: Any, partition: list[ClientData], client_ids: list[int], pooled: bool, setup: SetupFn | None = None
+    cfg: Any, partition: list[ClientData], client_ids: list[int], strategy: Strategy, setup: SetupFn | None = None
 ) -> list[Client]:
-    """The clients ``client_ids`` of ``partition``: one module each (one shared by all when ``pooled``, over
-    every client's training images), all sharing one frozen backbone, seeded by (seed, client id)."""
-    d = cfg.data
+    """The clients ``client_ids`` of ``partition``: one module each (one shared by all when the strategy
+    pools data, over every client's training images), all sharing one frozen backbone, seeded by
+    (seed, client id), with the strategy's module settings."""
+    d, pooled = cfg.data, strategy.pooled
     every_train = [s for part in partition for s in part.train]
     clients: list[Client] = []
     for client_id in client_ids:
@@ -82,7 +88,7 @@ def build_clients(
             torch.manual_seed(cfg.seed + client_id)
             # One frozen backbone per process, shared by its clients (it never trains).
             shared = clients[0].module.model.feature_extractor if clients else None
-            module = FedDyMemModule.from_config(cfg, client_id, feature_extractor=shared)
+            module = FedDyMemModule.from_config(cfg, client_id, shared, **strategy.module_overrides)
             optimizer = module.configure_optimizers()
             if setup is not None:
                 module, optimizer = setup(module, optimizer)

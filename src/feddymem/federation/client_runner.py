@@ -159,9 +159,10 @@ class ClientRunner:
 
     # --- checkpoints ----------------------------------------------------------------------------
     def states(self) -> dict[int, dict[str, Any]]:
-        """Each client's model, optimiser and kept state, by client id (small: no backbone)."""
+        """Each client's module settings, model, optimiser and kept state, by client id (small: no backbone)."""
         return {
             c.id: {
+                "module": dict(c.module.hparams),  # rebuilds exactly this module (load_trained)
                 "model": c.module.trainable_state(),
                 "optimizer": c.optimizer.state_dict(),
                 "kept": None if c.kept is None else vars(c.kept),

@@ -26,6 +26,7 @@ class ClientIsolatedDDPStrategy(DDPStrategy):
     strategy_name = "client_isolated_ddp"
 
     def setup_module(self, module: Module) -> Module:
+        """The module as it is: no DistributedDataParallel wrapper, no gradient sync."""
         return module
 
 

@@ -120,6 +120,7 @@ class ClientRecord:
     threshold: float | None = None  # from the held-out normal scores
 
     def to_dict(self) -> dict[str, Any]:
+        """The stored form: optional fields only when set, the evaluation and test metrics inline."""
         out: dict[str, Any] = {
             "time_s": self.time_s,
             "uploaded": self.uploaded,
@@ -161,10 +162,12 @@ class RoundRecord:
 
     @property
     def bytes_up(self) -> int:
+        """Bytes every client sent this round."""
         return sum(c.bytes_up for c in self.clients.values())
 
     @property
     def bytes_down(self) -> int:
+        """Bytes the server sent to all clients this round."""
         return sum(c.bytes_down for c in self.clients.values())
 
     @property

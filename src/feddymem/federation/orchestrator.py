@@ -27,7 +27,7 @@ from feddymem.data.check import plan_data, verify_plan
 from feddymem.data.feature_cache import FeatureCache
 from feddymem.data.partition import ClientData
 from feddymem.errors import FedDyMemError, PeerFailure
-from feddymem.federation.checkpointing import RunCheckpoints, provenance
+from feddymem.federation.checkpointing import RunCheckpoints, round_payload
 from feddymem.federation.client import Client, Loaders, build_clients
 from feddymem.federation.client_runner import ClientRunner
 from feddymem.federation.distributed import (
@@ -79,6 +79,7 @@ class FederatedOrchestrator:
 
     @property
     def is_server(self) -> bool:
+        """Whether this process is rank 0, the server."""
         return self.fabric.global_rank == 0
 
     @property
@@ -88,10 +89,12 @@ class FederatedOrchestrator:
 
     @property
     def global_memory(self) -> torch.Tensor | None:
+        """The last global memory (rank 0; ``None`` elsewhere and for methods that share none)."""
         return self.server.global_memory if self.server else None
 
     @property
     def global_generator(self) -> dict[str, torch.Tensor] | None:
+        """The last averaged generator (FedAvg, FedProx; rank 0)."""
         return self.server.global_generator if self.server else None
 
     def setup(self) -> None:
@@ -120,7 +123,7 @@ class FederatedOrchestrator:
             claim_output_dir(self.run_dir, "run folder")
             if not self.resume:
                 atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
-        clients = build_clients(self.cfg, plan.clients, mine, self.strategy.pooled, self.fabric.setup)
+        clients = build_clients(self.cfg, plan.clients, mine, self.strategy, self.fabric.setup)
         if self.cache is None:
             self.cache = FeatureCache(
                 clients[0].module.model.extract if clients else None,
@@ -199,30 +202,7 @@ class FederatedOrchestrator:
             return
         states = {k: v for part in gathered for k, v in part.items()}
         kept = kept_record(self.history, self.final_tests)["clients"]
-        payload = {
-            "round": round_idx,
-            "method": self.method,
-            **self.server.state(),
-            # Per client: "model" is the state after this round (for resume), "kept" the state a user gets.
-            "clients": {
-                k: {
-                    **states[k],
-                    "train": [s.path for s in self.all_clients[k].train],
-                    "products": list(self.all_clients[k].products),
-                    "threshold": kept[k]["threshold"],
-                    "product_thresholds": kept[k].get("product_thresholds", {}),
-                    "normalizer": kept[k].get("normalizer", {}),
-                }
-                for k in sorted(states)
-            },
-            "threshold": self.history[-1]["threshold"],
-            "config": to_container(self.cfg),
-            "history": self.history,
-            # Batches, K-means and initialisations are seeded by (seed, round, epoch, client); the global
-            # torch RNG is kept too, for anything user code draws from it.
-            "rng": {"torch": torch.get_rng_state()},
-            "provenance": provenance(self.cfg),
-        }
+        payload = round_payload(round_idx, self.cfg, self.server.state(), states, self.all_clients, kept, self.history)
         self.checkpoints.write(round_idx, payload, self.summary())
 
     def restore(self, payload: dict[str, Any]) -> None:

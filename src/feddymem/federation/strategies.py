@@ -25,13 +25,17 @@ class ClientSide(Protocol):
     """What a strategy may do with one client: read and replace its generator, give it a memory, and
     have it rebuild (and reduce) its memory from its own images with its current generator."""
 
-    def generator_state(self) -> dict[str, torch.Tensor]: ...
+    def generator_state(self) -> dict[str, torch.Tensor]:
+        """The client's generator parameters."""
 
-    def load_generator(self, state: dict[str, torch.Tensor]) -> None: ...
+    def load_generator(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the client's generator parameters."""
 
-    def set_memory(self, items: torch.Tensor) -> None: ...
+    def set_memory(self, items: torch.Tensor) -> None:
+        """Make ``items`` the client's memory."""
 
-    def build_memory(self) -> MemoryBank: ...
+    def build_memory(self) -> MemoryBank:
+        """Rebuild and reduce the client's memory from its images with its current generator."""
 
 
 class Strategy:
@@ -41,6 +45,7 @@ class Strategy:
     pooled: ClassVar[bool] = False  # one model over every client's pooled training images
     trains: ClassVar[bool] = True  # the generator learns (after round 0)
     single_round: ClassVar[bool] = False  # the round-0 state is the model: stop after it
+    module_overrides: ClassVar[dict[str, Any]] = {}  # FedDyMemModule settings the method fixes, over the config's
 
     def __init__(self, cfg: Any, server_gpu: bool = False) -> None:
         self.cfg, self.server_gpu = cfg, server_gpu  # server_gpu: the server's K-means runs on the GPU
@@ -126,9 +131,11 @@ class Local(Strategy):
     name = "local"
 
     def uploads_in(self, round_idx: int) -> bool:
+        """Never: nothing leaves a local client."""
         return False
 
     def client_update(self, client: ClientSide, round_idx: int) -> Upload:
+        """The client's own memory becomes its memory; nothing is sent."""
         bank = client.build_memory()
         client.set_memory(bank.items)  # the client's own memory; it never leaves
         return Upload(None, int(bank.items.shape[0]), bank.num_images)
@@ -147,6 +154,12 @@ class PatchCore(Centralized):
     name = "patchcore"
     trains = False
     single_round = True
+    # A greedy coreset of the raw patches, searched exactly, with PatchCore's reweighted image score.
+    module_overrides: ClassVar[dict[str, Any]] = {
+        "score_method": "patchcore",
+        "approximate_above": 0,
+        "memory_reduce": "coreset",
+    }
 
 
 class FedAvg(Strategy):
@@ -155,18 +168,22 @@ class FedAvg(Strategy):
     name = "fedavg"
 
     def uploads_in(self, round_idx: int) -> bool:
+        """Every round: the generators are averaged from round 0 on."""
         return True
 
     def client_update(self, client: ClientSide, round_idx: int) -> Upload:
+        """The client's generator parameters."""
         return Upload({k: v.detach().cpu().clone() for k, v in client.generator_state().items()})
 
     def apply(self, client: ClientSide, reply: ServerReply) -> None:
+        """Load the averaged generator and rebuild the local memory with it."""
         if reply.generator is not None:
             client.load_generator(reply.generator)
             # The client's local memory, rebuilt with the averaged generator, for training and scoring.
             client.set_memory(client.build_memory().items)
 
     def validate(self, client_id: int, payload: Any, limits: ServerLimits) -> None:
+        """The reference generator's names, shapes and dtypes, finite values, the byte limit."""
         validate_parameters(client_id, payload, reference=limits.generator, max_bytes=limits.max_bytes)
 
     def aggregate(
@@ -177,6 +194,7 @@ class FedAvg(Strategy):
         previous: torch.Tensor | None,
         limits: ServerLimits,
     ) -> ServerReply:
+        """The generators averaged, weighted by client size when ``server.weight_by_client_size``."""
         t0 = time.perf_counter()
         ids = sorted(uploads)
         by_size = self.cfg.server.weight_by_client_size
@@ -192,6 +210,7 @@ class FedProx(FedAvg):
 
     @property
     def prox_mu(self) -> float:
+        """``federation.prox_mu``."""
         return float(self.cfg.federation.prox_mu)
 
 

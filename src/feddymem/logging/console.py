@@ -13,6 +13,7 @@ from rich.table import Table
 
 
 def progress_enabled(quiet: bool) -> bool:
+    """Whether progress bars are shown: not quiet, and stderr is a terminal."""
     return not quiet and not os.environ.get("CI") and sys.stderr.isatty()
 
 
@@ -27,6 +28,7 @@ class Reporter:
         self.show_bars = progress_enabled(quiet)
 
     def print(self, *args, **kwargs) -> None:
+        """Print a line (nothing when quiet)."""
         self.console.print(*args, **kwargs)
         self.console.file.flush()  # round lines reach a log file or pipe as they happen
 
@@ -70,6 +72,7 @@ class Reporter:
         return advance
 
     def table(self, title: str, columns: list[str], rows: list[list[str]]) -> None:
+        """Print a titled table (nothing when quiet)."""
         table = Table(title=title, title_justify="left")
         for i, col in enumerate(columns):
             table.add_column(col, justify="left" if i == 0 else "right")
@@ -79,6 +82,7 @@ class Reporter:
 
 
 def human_bytes(n: float) -> str:
+    """``n`` bytes as B, KB, MB or GB."""
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -36,14 +36,17 @@ class RoundCSVLogger(Logger):
 
     @property
     def name(self) -> str:
+        """The logger's name: the run's folder name."""
         return "csv"
 
     @property
     def version(self) -> str:
+        """The CSV logger has one version per run folder."""
         return ""
 
     @property
     def root_dir(self) -> str:
+        """Where ``logs/metrics.csv`` is written."""
         return str(self.path.parent.parent)
 
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
@@ -51,6 +54,7 @@ class RoundCSVLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Keep the round's metrics; the file is rewritten with every round once."""
         if self._rows is None:
             old = list(csv.DictReader(io.StringIO(self.path.read_text()))) if self.path.is_file() else []
             first = step if step is not None else len(old)
@@ -68,6 +72,7 @@ class RoundCSVLogger(Logger):
 
 
 def wandb_mode() -> str:
+    """``WANDB_MODE`` if set, else ``online`` when logged in, else ``offline``."""
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     netrc = Path("~/.netrc").expanduser()
@@ -99,6 +104,7 @@ def make_loggers(kind: str, run_dir: Path, run_name: str, config: dict[str, Any]
 
 
 def find_wandb(loggers: list):
+    """The W&B logger among ``loggers``, or ``None``."""
     return next((lg for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
 
 

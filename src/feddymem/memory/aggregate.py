@@ -17,6 +17,8 @@ from feddymem.memory.search import squared_distances
 
 @dataclass
 class GlobalMemory:
+    """The server's global memory and the statistics of its aggregation."""
+
     items: torch.Tensor  # (n_g, D)
     objective: float  # K-means objective of the final iteration
     num_points: int  # uploaded items clustered

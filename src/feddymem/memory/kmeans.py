@@ -13,6 +13,8 @@ from feddymem.memory.search import as_float32, faiss_gpu_available
 
 @dataclass
 class KMeansResult:
+    """Centroids, each point's assignment, the objective and where it ran."""
+
     centroids: torch.Tensor  # (k, D) float32
     objective: float  # final weighted sum of squared distances to the nearest centroid
     assignments: torch.Tensor  # (N,) index of each point's centroid

@@ -34,10 +34,12 @@ class MemoryBank:
     num_images: int
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that cross the client boundary."""
         return {"items": self.items, "weights": self.weights}
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the upload: items and weights."""
         return sum(t.element_size() * t.nelement() for t in self.tensors().values())
 
 

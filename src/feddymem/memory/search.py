@@ -14,10 +14,12 @@ def squared_distances(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tens
 
 
 def faiss_gpu_available() -> bool:
+    """Whether FAISS was built with GPU support and sees a GPU."""
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
 def as_float32(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A C-contiguous float32 NumPy array, as FAISS wants."""
     if isinstance(x, torch.Tensor):
         x = x.detach().float().cpu().numpy()
     return np.ascontiguousarray(x, dtype=np.float32)

@@ -64,10 +64,12 @@ class AUPRO(Metric):
         self.add_state("masks", default=[], dist_reduce_fx="cat")
 
     def update(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
+        """Add anomaly maps and their binary masks."""
         self.maps.append(maps.detach().to(torch.float16))
         self.masks.append(masks.detach().to(torch.bool))
 
     def compute(self) -> torch.Tensor:
+        """The normalised area under the PRO curve up to the FPR limit."""
         maps = dim_zero_cat(self.maps).float().cpu().numpy()
         masks = dim_zero_cat(self.masks).cpu().numpy()
         return torch.tensor(aupro_score(maps, masks, self.fpr_limit))

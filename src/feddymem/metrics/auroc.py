@@ -27,6 +27,8 @@ def auroc_score(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 class AUROC(Metric):
+    """Exact AUROC of raw scores (no binning), for images or pixels."""
+
     full_state_update = False
     higher_is_better = True
 
@@ -36,6 +38,7 @@ class AUROC(Metric):
         self.add_state("labels", default=[], dist_reduce_fx="cat")
 
     def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add scores and their binary labels."""
         self.scores.append(scores.detach().flatten().float())
         self.labels.append(labels.detach().flatten().to(torch.uint8))
 

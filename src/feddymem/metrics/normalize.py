@@ -47,6 +47,7 @@ class ScoreNormalizer:
         return cls(stats, (float(values.mean()), pooled_scale))
 
     def params(self, product: str) -> tuple[float, float]:
+        """(mean, std) of ``product``'s normal scores; (0, 1) for an unseen product."""
         return self.stats.get(product, self.pooled)
 
     def __call__(self, scores: Sequence[float] | np.ndarray, products: Sequence[str]) -> np.ndarray:

@@ -8,6 +8,7 @@ from torch import nn
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """A normalised 1-D Gaussian kernel of ``sigma`` (4σ either side)."""
     radius = int(4.0 * sigma + 0.5)
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-(x**2) / (2 * sigma**2))

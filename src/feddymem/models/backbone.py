@@ -190,9 +190,11 @@ class FeatureExtractor(nn.Module):
 
     @property
     def out_channels(self) -> int:
+        """C: channels of the concatenated patch descriptors."""
         return int(sum(self.body.feature_info.channels()))
 
     def train(self, mode: bool = True) -> FeatureExtractor:
+        """Train mode for the wrapper only: the frozen body stays in eval mode."""
         # Frozen: batch-norm statistics never change, whatever the caller asks.
         super().train(mode)
         self.body.eval()
@@ -200,6 +202,7 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) → patch descriptors (B, C, H', W')."""
         maps = self.body(images)
         size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
         maps = [

@@ -49,6 +49,7 @@ class MemoryGenerator(nn.Module):
         self.conv.bias.zero_()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Patch descriptors (B, C, H, W) → memory-space embeddings (B, D, H, W)."""
         if self.coord_channels:
             b, _, h, w = features.shape
             features = torch.cat([features, coordinate_channels(b, h, w, features.device, features.dtype)], dim=1)

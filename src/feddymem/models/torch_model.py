@@ -7,6 +7,8 @@ federation wrap it; anything else (export, other projects) can use it directly.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,9 +71,39 @@ class FedDyMemModel(nn.Module):
         self.register_buffer("memory", torch.empty(0, self.generator.out_channels))
         self._index: MemoryIndex | None = None
 
+    @staticmethod
+    def settings(model: Any) -> dict[str, Any]:
+        """The keyword arguments of the model a config's ``model`` node describes (the config's types, enums
+        as their strings)."""
+        b, g, loss, s = model.backbone, model.generator, model.loss, model.scoring
+        return {
+            "backbone": b.name,
+            "layers": tuple(b.layers),
+            "weights": b.weights,
+            "pool_size": b.pool_size,
+            "generator_reduction": g.reduction,
+            "coord_channels": g.coord_channels,
+            "generator_init": str(getattr(g.init, "value", g.init)),
+            "k_nearest": loss.k_nearest,
+            "j_negatives": loss.j_negatives,
+            "margin": loss.margin,
+            "radius_init": loss.radius_init,
+            "score_k": s.k,
+            "score_method": str(getattr(s.method, "value", s.method)),
+            "sigma": s.sigma,
+            "approximate_above": s.approximate_above,
+            "nprobe": s.nprobe,
+        }
+
+    @classmethod
+    def from_config(cls, model: Any, feature_extractor: FeatureExtractor | None = None) -> FedDyMemModel:
+        """The model of a config's ``model`` node (``TrainConfig().model`` or a run's ``cfg.model``)."""
+        return cls(**cls.settings(model), feature_extractor=feature_extractor)
+
     # --- memory -------------------------------------------------------------------------------
     @property
     def has_memory(self) -> bool:
+        """Whether a memory has been built or set."""
         return self.memory.numel() > 0
 
     def set_memory(self, items: torch.Tensor) -> None:
@@ -90,6 +122,7 @@ class FedDyMemModel(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def memory_index(self) -> MemoryIndex:
+        """The FAISS index over the memory (rebuilt when the memory changes)."""
         if self._index is None:
             self._index = MemoryIndex(
                 self.memory, gpu=self.memory.is_cuda, approximate_above=self.approximate_above, nprobe=self.nprobe
@@ -106,6 +139,7 @@ class FedDyMemModel(nn.Module):
         return self.generator(features)
 
     def compute_loss(self, embeddings: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """The metric loss of ``embeddings`` against the memory (or ``target``)."""
         memory = self.memory if target is None else target
         if memory.numel() == 0:
             raise RuntimeError("the metric loss needs a memory: build one with build_memory() or set_memory()")

@@ -44,7 +44,10 @@ def load_trained(checkpoint: str | Path, client_id: int | None = 0) -> Trained:
     if client_id not in payload["clients"]:
         raise CheckpointError(f"{checkpoint} has no client {client_id}; it has {sorted(payload['clients'])}")
     saved = payload["clients"][client_id]
-    module = FedDyMemModule.from_config(config, client_id)
+    if "module" in saved:  # the settings it was trained with, the method's own included
+        module = FedDyMemModule(**saved["module"], log_prefix=f"client/{client_id}/", sync_metrics=False)
+    else:  # checkpoints written before module settings were stored
+        module = FedDyMemModule.from_config(config, client_id)
     module.load_trainable_state((saved.get("kept") or {}).get("model", saved["model"]))
     return Trained(module.eval(), config, _threshold(saved, checkpoint))
 
