@@ -35,9 +35,10 @@ test: install  ## run the test suite
 bench: install  ## every method on ELPV + shared mixtures (< 1 h on 2 cores): benchmarks/results.md
 	$(BIN)/python -m feddymem.benchmarks suite --out benchmarks $(ARGS)
 
-lint: install  ## ruff check and format check
+lint: install  ## ruff (style, docstrings of public API), format check, mypy on src/
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
 
 format: install  ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix src tests

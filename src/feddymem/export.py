@@ -22,6 +22,12 @@ from feddymem.models.torch_model import FedDyMemModel
 class InferenceModel(nn.Module):
     """images (B, 3, H, W) in [0, 1] → (anomaly_map (B, S, S), score (B,), is_anomalous (B,))."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+    threshold: torch.Tensor
+    a_h: torch.Tensor
+    a_w: torch.Tensor
+
     def __init__(self, model: FedDyMemModel, image_size: int, threshold: float = float("inf")) -> None:
         super().__init__()
         self.model = model.eval()
@@ -53,7 +59,7 @@ def export_onnx(model: InferenceModel, path: str | Path, opset: int = 17) -> Pat
     torch.onnx.export(
         model,
         (example,),
-        buffer,
+        buffer,  # type: ignore[arg-type]  # torch.onnx.export writes to file objects; its hint says paths only
         dynamo=False,
         opset_version=opset,
         input_names=["images"],

@@ -167,14 +167,14 @@ class FedDyMemModule(L.LightningModule):
         hp = self.hparams
         return self.model.build_memory(
             self.embed_batches(batches),
-            hp.memory_reduce,
-            size=hp.memory_size,
-            local_kmeans_ratio=hp.local_kmeans_ratio,
-            coreset_ratio=hp.coreset_ratio,
-            iters=hp.kmeans_iters,
-            seed=hp.seed,
-            max_points_per_centroid=hp.max_points_per_centroid,
-            min_cluster_size=hp.min_cluster_size,
+            hp["memory_reduce"],
+            size=hp["memory_size"],
+            local_kmeans_ratio=hp["local_kmeans_ratio"],
+            coreset_ratio=hp["coreset_ratio"],
+            iters=hp["kmeans_iters"],
+            seed=hp["seed"],
+            max_points_per_centroid=hp["max_points_per_centroid"],
+            min_cluster_size=hp["min_cluster_size"],
             gpu=self.device.type == "cuda",
         )
 
@@ -182,14 +182,16 @@ class FedDyMemModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the generator and the loss's radius; the backbone is frozen."""
         params = [*self.model.generator.parameters(), *self.model.loss.parameters()]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(params, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
 
     def on_fit_start(self) -> None:
         """Under a plain Trainer without a memory: build one from the training data first."""
-        # Centralised use under a plain Trainer: without a given memory, build one from the training data.
         if not self.model.has_memory:
             self.trainer.fit_loop.setup_data()  # public, and idempotent: fit would set the data up next
-            self.set_global_memory(self.build_memory(self.trainer.train_dataloader).items)
+            loader = self.trainer.train_dataloader
+            if loader is None:
+                raise RuntimeError("FedDyMemModule needs a training dataloader to build its memory")
+            self.set_global_memory(self.build_memory(loader).items)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """The metric loss of a batch against the memory."""

@@ -64,8 +64,8 @@ def claim_predictions_dir(out_dir: str | Path, overwrite: bool) -> Path:
 
 def product_window(cfg: DictConfig) -> tuple[float, float] | None:
     """The window of the checkpoint's products for 16-bit / float images, when they all share one."""
-    windows = {tuple(float(v) for v in p.window) for p in cfg.data.products}
-    return windows.pop() if len(windows) == 1 and () not in windows else None
+    windows = {(float(p.window[0]), float(p.window[1])) if p.window else None for p in cfg.data.products}
+    return windows.pop() if len(windows) == 1 else None
 
 
 def predict(

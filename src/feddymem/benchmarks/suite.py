@@ -197,6 +197,7 @@ def run_method(
         start = time.perf_counter()
         summary = orch.run()
         wall = time.perf_counter() - start
+    assert summary is not None  # one process: rank 0
     return condense(dataset, method, plan.methods[method], summary, wall, peak, orch)
 
 
@@ -282,7 +283,7 @@ def measure_perf(plan: BenchPlan, orch: FederatedOrchestrator) -> dict[str, Any]
     module = client.module
     module.set_global_memory(banks[0].items)
     test = orch.cache.wrap(client.test_set)
-    n = min(p.scoring_images, len(test))
+    n = min(p.scoring_images, len(client.test_set))
     features = torch.stack([test[i]["features"] for i in range(n)])
     with torch.no_grad():
         embedded = module.model.embed(features)

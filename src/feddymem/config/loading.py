@@ -36,9 +36,9 @@ def _valid_keys(schema: Any, dotted: str) -> list[str]:
     node = schema
     for part in dotted.split(".")[:-1]:
         if not isinstance(node, DictConfig) or part not in node:
-            return sorted(schema.keys()) if isinstance(schema, DictConfig) else []
+            return sorted(str(k) for k in schema) if isinstance(schema, DictConfig) else []
         node = node[part]
-    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+    return sorted(str(k) for k in node) if isinstance(node, DictConfig) else []
 
 
 def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
@@ -61,7 +61,7 @@ def _kind(value: Any) -> str:
     return f"the value {value!r}"
 
 
-def check_shape(schema: type, value: Any, source: str, prefix: str = "") -> None:
+def check_shape(schema: Any, value: Any, source: str, prefix: str = "") -> None:
     """``value`` (a YAML or override tree) against the dataclass ``schema``: unknown keys, and mappings,
     lists and scalars where the schema wants another, are a ConfigError naming the full key and ``source``."""
     where = prefix.rstrip(".") or "the top level"
@@ -70,7 +70,7 @@ def check_shape(schema: type, value: Any, source: str, prefix: str = "") -> None
     hints = get_type_hints(schema)
     names = sorted(f.name for f in fields(schema))
     for name, item in value.items():
-        key = f"{prefix}{name}"
+        key = f"{prefix}{name!s}"
         if name not in hints:
             raise ConfigError(f"unknown config key '{key}' in {source}; valid keys here: {', '.join(names)}")
         hint = hints[name]
@@ -159,14 +159,14 @@ def _numbers(value: Any, key: str) -> list[tuple[str, Any]]:
     return [(key, value)]
 
 
-def _ranged_fields(schema: type, node: Any = None, prefix: str = "") -> Iterator[tuple[str, Range, Any]]:
+def _ranged_fields(schema: Any, node: Any = None, prefix: str = "") -> Iterator[tuple[str, Range, Any]]:
     """(key, range, value) for every ranged field of ``schema``, recursing into nested configs and lists
     of configs (``data.products[0].window``); without a ``node`` the value is None and list items are
     keyed ``[]``."""
     hints = get_type_hints(schema)
     for f in fields(schema):
         key, hint = f"{prefix}{f.name}", hints[f.name]
-        value = None if node is None else node[f.name]
+        value: Any = None if node is None else node[f.name]
         if is_dataclass(hint):
             yield from _ranged_fields(hint, value, f"{key}.")
         elif get_origin(hint) is list and is_dataclass(get_args(hint)[0]):

@@ -71,7 +71,7 @@ class FeatureCache:
 
     def __init__(
         self,
-        extract: Callable[[torch.Tensor], torch.Tensor],
+        extract: Callable[[torch.Tensor], torch.Tensor] | None,
         *,
         max_bytes: int = 6 << 30,
         fp16_above_bytes: int = 1 << 30,
@@ -95,6 +95,8 @@ class FeatureCache:
 
     def _extract_batch(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
+            if self.extract is None:  # a process that hosts no client extracts nothing
+                raise RuntimeError("this feature cache has no extractor")
             return self.extract(images.to(self.device)).cpu()
 
     def wrap(self, dataset: ImageDataset, description: str = "features") -> Dataset:

@@ -26,4 +26,5 @@ def average_parameters(states: list[dict[str, torch.Tensor]], weights: list[floa
 
 def proximal_term(params: Iterable[tuple[str, torch.Tensor]], anchor: dict[str, torch.Tensor]) -> torch.Tensor:
     """Σ ||w - w_global||² over named parameters (FedProx adds mu/2 times this to the local loss)."""
-    return sum(((p - anchor[name].to(p)) ** 2).sum() for name, p in params)
+    terms = [((p - anchor[name].to(p)) ** 2).sum() for name, p in params]
+    return torch.stack(terms).sum() if terms else torch.zeros(())

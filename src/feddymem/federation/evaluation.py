@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Subset
 
+from feddymem.data.datasets import ImageDataset
 from feddymem.federation.client import Client, Loaders
 from feddymem.federation.messages import ClientEvaluation, TestSetMetrics
 from feddymem.logging.experiment import heatmap_panel
@@ -36,7 +37,7 @@ class Evaluator:
         self.cfg, self.loaders, self.device = cfg, loaders, device
         self._product_scores: dict[tuple, tuple] = {}  # (state, product, images) → scores, labels, paths, metrics
 
-    def image_scores(self, client: Client, dataset: Dataset) -> tuple[np.ndarray, list[str]]:
+    def image_scores(self, client: Client, dataset: ImageDataset) -> tuple[np.ndarray, list[str]]:
         """Raw image scores of ``dataset`` under the client's current model, and each image's product."""
         cached = self.loaders.cached(dataset, f"client {client.id} features")
         with torch.no_grad():

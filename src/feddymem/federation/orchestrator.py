@@ -64,7 +64,7 @@ class FederatedOrchestrator:
     ) -> None:
         """``feature_cache``: reuse another run's backbone features (same backbone and pre-processing),
         as the benchmark suite does across methods; by default every run extracts its own."""
-        self.cfg, self.run_dir, self.resume, self.cache = cfg, Path(run_dir), resume, feature_cache
+        self.cfg, self.run_dir, self.resume, self.shared_cache = cfg, Path(run_dir), resume, feature_cache
         self.strategy = make_strategy(cfg, server_gpu=resolve_gpu(cfg.server.gpu))
         self.method = self.strategy.name  # a label for records and tables: behaviour is the strategy's
         f = cfg.federation
@@ -124,16 +124,15 @@ class FederatedOrchestrator:
             if not self.resume:
                 atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
         clients = build_clients(self.cfg, plan.clients, mine, self.strategy, self.fabric.setup)
-        if self.cache is None:
-            self.cache = FeatureCache(
-                clients[0].module.model.extract if clients else None,
-                max_bytes=int(self.cfg.cache.max_gb * 2**30),
-                fp16_above_bytes=int(self.cfg.cache.fp16_above_gb * 2**30),
-                batch_size=self.cfg.optim.eval_batch_size,
-                device=self.fabric.device,
-                num_workers=self.cfg.optim.num_workers,
-                progress=self.reporter.task,
-            )
+        self.cache = self.shared_cache or FeatureCache(
+            clients[0].module.model.extract if clients else None,
+            max_bytes=int(self.cfg.cache.max_gb * 2**30),
+            fp16_above_bytes=int(self.cfg.cache.fp16_above_gb * 2**30),
+            batch_size=self.cfg.optim.eval_batch_size,
+            device=self.fabric.device,
+            num_workers=self.cfg.optim.num_workers,
+            progress=self.reporter.task,
+        )
         loaders = Loaders(self.cfg, self.cache)
         evaluator = Evaluator(self.cfg, loaders, self.fabric.device)
         self.runner = ClientRunner(

@@ -17,6 +17,10 @@ def progress_enabled(quiet: bool) -> bool:
     return not quiet and not os.environ.get("CI") and sys.stderr.isatty()
 
 
+def _ignore(n: int = 1) -> None:
+    """A progress callback that does nothing (no bars shown)."""
+
+
 class Reporter:
     """Prints run information and hands out progress callbacks."""
 
@@ -58,7 +62,7 @@ class Reporter:
         """A callback that advances a bar by ``n`` and removes it when full; a no-op without bars."""
         progress = self._progress
         if progress is None:
-            return lambda n=1: None
+            return _ignore
         task_id = progress.add_task(description, total=total)
         done = 0
 

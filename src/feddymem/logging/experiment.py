@@ -120,9 +120,9 @@ def heatmap_panel(
     from matplotlib import colormaps
 
     img = (image.cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
-    img = img.permute(1, 2, 0).numpy()
+    pixels = img.permute(1, 2, 0).numpy()
     heat = colormaps["jet"](np.clip(anomaly_map.cpu().numpy() / max(vmax, 1e-12), 0, 1))[..., :3]
-    overlay = 0.5 * img + 0.5 * heat
-    gt = np.repeat((mask.cpu().numpy() if mask is not None else np.zeros(img.shape[:2]))[..., None], 3, axis=2)
-    gap = np.ones((img.shape[0], 4, 3))
-    return (np.concatenate([img, gap, overlay, gap, gt], axis=1) * 255).astype(np.uint8)
+    overlay = 0.5 * pixels + 0.5 * heat
+    gt = np.repeat((mask.cpu().numpy() if mask is not None else np.zeros(pixels.shape[:2]))[..., None], 3, axis=2)
+    gap = np.ones((pixels.shape[0], 4, 3))
+    return (np.concatenate([pixels, gap, overlay, gap, gt], axis=1) * 255).astype(np.uint8)

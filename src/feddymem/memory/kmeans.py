@@ -76,4 +76,5 @@ def kmeans(
     km.train(x, weights=w, init_centroids=start)
     dist, assign = km.index.search(x, 1)
     objective = float((dist[:, 0] * (w if w is not None else 1.0)).sum())
+    assert km.centroids is not None  # set by train()
     return KMeansResult(torch.from_numpy(km.centroids.copy()), objective, torch.from_numpy(assign[:, 0]), use_gpu)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import faiss
 import numpy as np
 import torch
@@ -39,10 +41,10 @@ class MemoryIndex:
     ) -> None:
         items = as_float32(memory)
         self.size, self.dim = items.shape
-        self.flat = faiss.IndexFlatL2(self.dim)
+        self.flat: Any = faiss.IndexFlatL2(self.dim)  # on the GPU below when asked
         self.flat.add(items)
         self.approximate = 0 < approximate_above < self.size
-        index = self.flat
+        index: Any = self.flat  # flat, IVF or GPU: FAISS's classes share no typed base
         if self.approximate:
             lists = max(1, round(self.size**0.5))
             index = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dim), self.dim, lists)

@@ -54,6 +54,9 @@ def aupro_score(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3, num
 class AUPRO(Metric):
     """torchmetrics wrapper around :func:`aupro_score`; keeps maps in fp16 to bound memory."""
 
+    maps: list[torch.Tensor]
+    masks: list[torch.Tensor]
+
     full_state_update = False
     higher_is_better = True
 

@@ -29,6 +29,9 @@ def auroc_score(scores: np.ndarray, labels: np.ndarray) -> float:
 class AUROC(Metric):
     """Exact AUROC of raw scores (no binning), for images or pixels."""
 
+    scores: list[torch.Tensor]
+    labels: list[torch.Tensor]
+
     full_state_update = False
     higher_is_better = True
 

@@ -23,6 +23,8 @@ class AnomalyMapGenerator(nn.Module):
     instead of full-resolution convolutions.
     """
 
+    kernel: torch.Tensor
+
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()
         self.sigma = sigma

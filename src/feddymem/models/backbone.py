@@ -11,6 +11,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -57,7 +58,7 @@ def offline_weights_file(model_name: str) -> Path:
     return Path(getattr(module, class_name).get_model_file_path())
 
 
-def convert_lukemelas_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> OrderedDict:
+def convert_lukemelas_state_dict(state: dict[str, torch.Tensor], model: Any) -> OrderedDict:
     """Rename an EfficientNet(-Lite) state dict from lukemelas naming to timm's ``tf_efficientnet_*``.
 
     ``model`` is the full timm classifier; its ``blocks`` give the stage/block index of each flat
@@ -153,7 +154,7 @@ class FeatureGeometry:
 def feature_geometry(name: str, layers: tuple[int, ...] | list[int]) -> FeatureGeometry:
     """The geometry of ``FeatureExtractor(name, layers)``, without weights or memory (built on the meta device)."""
     with torch.device("meta"):
-        info = _features_only(name, tuple(int(i) for i in layers)).feature_info
+        info: Any = _features_only(name, tuple(int(i) for i in layers)).feature_info
     return FeatureGeometry(int(sum(info.channels())), int(min(info.reduction())))
 
 
@@ -191,7 +192,8 @@ class FeatureExtractor(nn.Module):
     @property
     def out_channels(self) -> int:
         """C: channels of the concatenated patch descriptors."""
-        return int(sum(self.body.feature_info.channels()))
+        info: Any = self.body.feature_info  # timm's FeatureInfo
+        return int(sum(info.channels()))
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Train mode for the wrapper only: the frozen body stays in eval mode."""

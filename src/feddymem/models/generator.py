@@ -46,6 +46,7 @@ class MemoryGenerator(nn.Module):
             weight[:, :in_channels] = torch.eye(in_channels)
         else:
             nn.init.orthogonal_(weight[:, :in_channels])
+        assert self.conv.bias is not None  # nn.Conv2d(bias=True)
         self.conv.bias.zero_()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,8 @@ _D = TrainConfig()
 class FedDyMemModel(nn.Module):
     """Feature extractor → generator → (loss against memory | anomaly map and score)."""
 
+    memory: torch.Tensor
+
     def __init__(
         self,
         backbone: str = _D.model.backbone.name,
@@ -197,7 +199,7 @@ class FedDyMemModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W), normalised → (anomaly maps (B, H, W), image scores (B,))."""
-        return self.score_features(self.extract(images), tuple(images.shape[-2:]))
+        return self.score_features(self.extract(images), (images.shape[-2], images.shape[-1]))
 
     @torch.no_grad()
     def build_memory(self, embeddings: torch.Tensor, method: str = "cluster_mean", **kwargs) -> MemoryBank:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,7 +32,7 @@ def load_trained(checkpoint: str | Path, client_id: int | None = 0) -> Trained:
     else the last) and threshold; ``None``: the global model (the global memory with the untrained
     identity generator) and the global threshold."""
     payload = load_checkpoint(checkpoint)
-    config = OmegaConf.merge(OmegaConf.structured(TrainConfig), payload["config"])
+    config = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(TrainConfig), payload["config"]))
     if client_id is None:
         if payload.get("global_memory") is None:
             raise CheckpointError(
