@@ -16,6 +16,7 @@ import torch
 
 from conftest import FAST
 from feddymem.config import load_config
+from feddymem.errors import ConfigError
 from feddymem.federation.client_runner import ClientRunner
 from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.federation.server import TooFewClients
@@ -106,6 +107,14 @@ def test_cached_features_without_workers_and_one_backbone_per_process(tmp_path, 
     extractors = {id(c.module.model.feature_extractor) for c in orch.clients}
     generators = {id(c.module.model.generator) for c in orch.clients}
     assert len(orch.clients) == 3 and len(extractors) == 1 and len(generators) == 3
+
+
+@pytest.mark.parametrize("method", ["centralized", "patchcore"])
+def test_a_pooling_method_on_several_processes_is_refused_before_anything_starts(tmp_path, synthetic_yaml, method):
+    cfg = _cfg(synthetic_yaml, f"method={method}", "federation.devices=2")
+    with pytest.raises(ConfigError, match=f"method={method} pools all data in one process; got 2 processes"):
+        FederatedOrchestrator(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_slow_client_times_out(tmp_path, synthetic_yaml):

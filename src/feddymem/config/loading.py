@@ -16,7 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from feddymem.config.schema import Aggregation, Method, Partition, Range, Reduce, TrainConfig
+from feddymem.config.schema import Aggregation, Partition, Range, Reduce, TrainConfig
 from feddymem.errors import ConfigError
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
@@ -217,8 +217,6 @@ def validate(cfg: DictConfig) -> None:
             f"{processes} processes (federation.devices × num_nodes) for {cfg.data.num_clients} "
             "clients: every process must host at least one client"
         )
-    if cfg.method in (Method.centralized, Method.patchcore) and processes > 1:
-        raise ConfigError(f"method={cfg.method.value} pools all data in one process; got {processes} processes")
     if cfg.server.aggregation == Aggregation.mean and (
         cfg.memory.reduce not in (Reduce.position_mean, Reduce.position_weighted)
         or cfg.memory.size

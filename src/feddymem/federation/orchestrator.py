@@ -26,7 +26,7 @@ from feddymem.config import to_container, to_yaml
 from feddymem.data.check import plan_data, verify_plan
 from feddymem.data.feature_cache import FeatureCache
 from feddymem.data.partition import ClientData
-from feddymem.errors import FedDyMemError, PeerFailure
+from feddymem.errors import ConfigError, FedDyMemError, PeerFailure
 from feddymem.federation.checkpointing import RunCheckpoints, round_payload
 from feddymem.federation.client import Client, Loaders, build_clients
 from feddymem.federation.client_runner import ClientRunner
@@ -68,6 +68,10 @@ class FederatedOrchestrator:
         self.strategy = make_strategy(cfg, server_gpu=resolve_gpu(cfg.server.gpu))
         self.method = self.strategy.name  # a label for records and tables: behaviour is the strategy's
         f = cfg.federation
+        if self.strategy.pooled and f.devices * f.num_nodes > 1:  # checked before any process starts
+            raise ConfigError(
+                f"method={self.method} pools all data in one process; got {f.devices * f.num_nodes} processes"
+            )
         loggers = make_loggers(cfg.logger.value, self.run_dir, self.run_dir.name, to_container(cfg), cfg.wandb_project)
         self.fabric = make_fabric(f.accelerator, f.devices, f.num_nodes, f.collective_timeout_s, loggers)
         self.reporter = reporter or Reporter(quiet=cfg.quiet)
