@@ -70,6 +70,8 @@ class ClientResult:
 class TestSetMetrics:
     """A client's test-set metrics; pixel metrics only where its products have masks."""
 
+    __test__ = False  # not a pytest test class, despite its name
+
     image_auroc: float
     products: dict[str, dict[str, float]]
     eval_time_s: float
