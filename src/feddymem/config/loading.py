@@ -152,6 +152,18 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
     return cfg
 
 
+def config_from_yaml(text: str, source: str) -> DictConfig:
+    """A resolved config as a run writes it (``config.yaml``) or a server sends it, checked and validated;
+    ``source`` names it in errors."""
+    try:
+        node = OmegaConf.create(text)
+    except Exception as err:
+        raise ConfigError(f"cannot parse the config from {source}: {err}") from None
+    cfg = merge_checked(OmegaConf.structured(TrainConfig), node, source)
+    validate(cfg)
+    return cfg
+
+
 def _numbers(value: Any, key: str) -> list[tuple[str, Any]]:
     """(key, number) for a scalar or every number of a (nested) list, keys like ``data.table[1][0]``."""
     if isinstance(value, list | ListConfig):

@@ -64,8 +64,8 @@ class RunReporter:
             "round/bytes_down": record["bytes_down"],
             "round/time_s": record["time_s"],
             **({"round/mean_image_auroc": record["mean_image_auroc"]} if tested else {}),
-            "cache/extraction_s": record["cache"]["extraction_s"],
-            "cache/saved_s": record["cache"]["saved_s"],
+            # The feature cache's counters: the Fabric engine's processes report them, remote sites do not.
+            **{f"cache/{k}": float(v) for k, v in record.get("cache", {}).items() if k in ("extraction_s", "saved_s")},
         }
         for cid, stats in record["clients"].items():
             for key, value in stats.items():
@@ -77,12 +77,14 @@ class RunReporter:
                         metrics[f"client/{cid}/{product}/{key}"] = float(value)
         self.log_dict(metrics, step=r)
         left_out = [f"{cid} ({c['error']})" for cid, c in record["clients"].items() if "error" in c]
+        cache = record.get("cache", {})
         self.console.print(
             f"round {r:>2}: mean image AUROC "
             + (f"{record['mean_image_auroc']:.4f}  " if tested else "(test set not scored)  ")
             + f"held-out criterion {record['mean_criterion']:.4f}  "
             f"up {human_bytes(record['bytes_up'])}  down {human_bytes(record['bytes_down'])}  "
-            f"time {record['time_s']:.1f}s  (cache saved {record['cache']['saved_s']:.1f}s so far)"
+            f"time {record['time_s']:.1f}s"
+            + (f"  (cache saved {cache['saved_s']:.1f}s so far)" if "saved_s" in cache else "")
             + (f"  left out: {', '.join(left_out)}" if left_out else "")
         )
 

@@ -182,6 +182,51 @@ def _nested(metrics: dict[str, Scalar], prefix: str, depth: int) -> dict[str, An
     return out
 
 
+def _put_test(msg: WireMessage, test: TestSetMetrics) -> None:
+    m = msg.metrics
+    m.update({f"test{_SEP}{k}": v for k, v in test.to_dict().items() if isinstance(v, int | float)})
+    _flat(f"test_products{_SEP}", test.products, m)
+    if test.scores:
+        paths, labels, scores = zip(*test.scores, strict=True)
+        msg.arrays["test_labels"] = np.asarray(labels, dtype=np.int64)
+        msg.arrays["test_scores"] = np.asarray(scores, dtype=np.float64)
+        msg.config.update({f"test_path{_SEP}{i}": p for i, p in enumerate(paths)})
+
+
+def _take_test(msg: WireMessage) -> TestSetMetrics | None:
+    m = msg.metrics
+    if f"test{_SEP}image_auroc" not in m:
+        return None
+    count = len(msg.arrays.get("test_scores", ()))
+    paths = [msg.config[f"test_path{_SEP}{i}"] for i in range(count)]
+    empty = np.zeros(0)
+    labels, scores = msg.arrays.get("test_labels", empty), msg.arrays.get("test_scores", empty)
+    return TestSetMetrics(
+        image_auroc=_metric(m, f"test{_SEP}image_auroc"),
+        products=_nested(m, f"test_products{_SEP}", 2),
+        eval_time_s=_metric(m, f"test{_SEP}eval_time_s"),
+        image_auroc_raw=_optional(m, f"test{_SEP}image_auroc_raw"),
+        pixel_auroc=_optional(m, f"test{_SEP}pixel_auroc"),
+        aupro=_optional(m, f"test{_SEP}aupro"),
+        scores=[(p, int(y), float(s)) for p, y, s in zip(paths, labels, scores, strict=True)],
+    )
+
+
+def encode_test_metrics(client_id: int, test: TestSetMetrics) -> WireMessage:
+    """A client's test metrics alone (its kept state scored at the end of a run)."""
+    msg = WireMessage(metrics={"client_id": client_id})
+    _put_test(msg, test)
+    return msg
+
+
+def decode_test_metrics(msg: WireMessage) -> tuple[int, TestSetMetrics]:
+    """The (client id, test metrics) of ``msg``."""
+    test = _take_test(msg)
+    if test is None:
+        raise MalformedMessage("test metrics are missing")
+    return _metric(msg.metrics, "client_id", int), test
+
+
 def encode_evaluation(ev: ClientEvaluation) -> WireMessage:
     """A client's evaluation: held-out scores as an array, every statistic as a metric, paths as strings."""
     msg = WireMessage(arrays={"normal_scores": np.asarray(ev.normal_scores, dtype=np.float64)})
@@ -195,14 +240,8 @@ def encode_evaluation(ev: ClientEvaluation) -> WireMessage:
     )
     _flat(f"threshold{_SEP}", ev.product_thresholds, m)
     _flat(f"normalizer{_SEP}", ev.normalizer, m)
-    if (test := ev.test) is not None:
-        m.update({f"test{_SEP}{k}": v for k, v in test.to_dict().items() if isinstance(v, int | float)})
-        _flat(f"test_products{_SEP}", test.products, m)
-        if test.scores:
-            paths, labels, scores = zip(*test.scores, strict=True)
-            msg.arrays["test_labels"] = np.asarray(labels, dtype=np.int64)
-            msg.arrays["test_scores"] = np.asarray(scores, dtype=np.float64)
-            msg.config.update({f"test_path{_SEP}{i}": p for i, p in enumerate(paths)})
+    if ev.test is not None:
+        _put_test(msg, ev.test)
     for i, (path, strip) in enumerate(ev.panel or []):
         msg.arrays[f"panel{_SEP}{i}"] = strip
         msg.config[f"panel_path{_SEP}{i}"] = path
@@ -213,21 +252,7 @@ def decode_evaluation(msg: WireMessage) -> ClientEvaluation:
     """The :class:`ClientEvaluation` of ``msg``."""
     m = msg.metrics
     normalizer = {p: [v[str(i)] for i in range(len(v))] for p, v in _nested(m, f"normalizer{_SEP}", 2).items()}
-    test = None
-    if f"test{_SEP}image_auroc" in m:
-        count = len(msg.arrays.get("test_scores", ()))
-        paths = [msg.config[f"test_path{_SEP}{i}"] for i in range(count)]
-        empty = np.zeros(0)
-        labels, scores = msg.arrays.get("test_labels", empty), msg.arrays.get("test_scores", empty)
-        test = TestSetMetrics(
-            image_auroc=float(m[f"test{_SEP}image_auroc"]),
-            products=_nested(m, f"test_products{_SEP}", 2),
-            eval_time_s=float(m[f"test{_SEP}eval_time_s"]),
-            image_auroc_raw=_optional(m, f"test{_SEP}image_auroc_raw"),
-            pixel_auroc=_optional(m, f"test{_SEP}pixel_auroc"),
-            aupro=_optional(m, f"test{_SEP}aupro"),
-            scores=[(p, int(y), float(s)) for p, y, s in zip(paths, labels, scores, strict=True)],
-        )
+    test = _take_test(msg)
     panels = sorted(int(k.rsplit(_SEP, 1)[1]) for k in msg.arrays if k.startswith(f"panel{_SEP}"))
     return ClientEvaluation(
         client_id=_metric(m, "client_id", int),

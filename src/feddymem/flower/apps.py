@@ -1,0 +1,343 @@
+"""FedDyMem as a Flower ServerApp and ClientApp: the same strategies, server checks, K-means, client runner,
+checkpoints and reports as the Fabric engine, over Flower's typed records.
+
+Every site runs a SuperNode with ``--node-config "client-id=K"`` (and ``dataset=/path/site.yaml`` when its
+data is described there, else the server's ``data`` node is used with client K's share); the coordinator
+runs the SuperLink and submits the run with the run config ``config-yaml`` (the whole validated config)
+and ``run-dir`` (where the server writes the run folder). Per round the server sends ``train``, checks and
+aggregates the uploads, sends its reply with ``evaluate``, and records the round. A ClientApp lives for one
+message: its state (generator, optimiser, kept round, memory) is kept in its node's ``context.state``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from feddymem.config import config_from_yaml, dataset_config_path, load_yaml, merge_checked, to_container, to_yaml
+from feddymem.data.check import plan_data, verify_plan
+from feddymem.data.feature_cache import FeatureCache
+from feddymem.data.partition import ClientData
+from feddymem.errors import ConfigError, FedDyMemError
+from feddymem.federation.checkpointing import RunCheckpoints, provenance
+from feddymem.federation.client import Loaders, build_clients
+from feddymem.federation.client_runner import ClientRunner
+from feddymem.federation.evaluation import Evaluator
+from feddymem.federation.messages import ClientEvaluation, ClientResult
+from feddymem.federation.reporting import RunReporter, kept_record
+from feddymem.federation.server import Server, TooFewClients
+from feddymem.federation.strategies import make_strategy
+from feddymem.federation.wire import (
+    MalformedMessage,
+    WireMessage,
+    decode_evaluation,
+    decode_reply,
+    decode_result,
+    decode_test_metrics,
+    encode_evaluation,
+    encode_reply,
+    encode_result,
+    encode_test_metrics,
+)
+from feddymem.flower.records import from_records, load_client_state, save_client_state, to_records
+from feddymem.io import atomic_write_json, atomic_write_text, claim_output_dir
+from feddymem.logging.console import Reporter
+from feddymem.logging.experiment import make_loggers
+
+log = logging.getLogger(__name__)
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+
+# --- the client side: one message at a time ---------------------------------------------------------------
+def _site_config(message: Message, context: Context) -> tuple[Any, int]:
+    """The server's config with this site's data description, and the site's client id."""
+    if "client-id" not in context.node_config:
+        raise ConfigError("this SuperNode has no client id: start it with --node-config 'client-id=K'")
+    client_id = int(context.node_config["client-id"])
+    setup = message.content.get("setup")
+    if not isinstance(setup, ConfigRecord) or not isinstance(setup.get("config-yaml"), str):
+        raise MalformedMessage("the server's message has no 'config-yaml'")
+    cfg = config_from_yaml(str(setup["config-yaml"]), "the server's config")
+    if dataset := context.node_config.get("dataset"):
+        path = dataset_config_path(str(dataset))
+        cfg.data = merge_checked(cfg, {"data": load_yaml(path)}, str(path)).data
+    return cfg, client_id
+
+
+def _runner(message: Message, context: Context) -> ClientRunner:
+    cfg, client_id = _site_config(message, context)
+    strategy = make_strategy(cfg)
+    plan = plan_data(cfg)
+    if client_id >= len(plan.clients):
+        raise ConfigError(f"client-id {client_id}: the data plan has {len(plan.clients)} clients")
+    if "verified" not in context.state:  # decode every image once per site and run
+        verify_plan(plan, [client_id])
+        context.state["verified"] = MetricRecord({"at": time.time()})
+    clients = build_clients(cfg, plan.clients, [client_id], strategy)
+    loaders = Loaders(
+        cfg,
+        FeatureCache(clients[0].module.model.extract, batch_size=cfg.optim.eval_batch_size),
+    )
+    load_client_state(clients[0], context.state)
+    return ClientRunner(cfg, strategy, clients, loaders, Evaluator(cfg, loaders))
+
+
+def _number(record: Any, key: str) -> float:
+    value = record.get(key) if isinstance(record, MetricRecord) else None
+    if not isinstance(value, int | float):
+        raise MalformedMessage(f"the message has no number '{key}'")
+    return float(value)
+
+
+def _round(message: Message) -> tuple[int, bool]:
+    meta = message.content.get("round")
+    return int(_number(meta, "round")), bool(_number(meta, "tested"))
+
+
+@client_app.query("identify")
+def identify(message: Message, context: Context) -> Message:
+    """Which client this site is, how many training images it has, and which products."""
+    cfg, client_id = _site_config(message, context)
+    part = plan_data(cfg).clients[client_id]
+    info = WireMessage(
+        metrics={"client_id": client_id, "train_images": len(part.train)},
+        config={"products": json.dumps(part.products)},
+    )
+    return Message(to_records(info), reply_to=message)
+
+
+@client_app.train()
+def train(message: Message, context: Context) -> Message:
+    """Local training and the upload of one round."""
+    runner = _runner(message, context)
+    round_idx, _ = _round(message)
+    result = runner.run_round(runner.clients[0], round_idx)
+    save_client_state(runner.clients[0], context.state)
+    return Message(to_records(encode_result(result)), reply_to=message)
+
+
+@client_app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Take the server's reply, then the normal-only statistics and (when asked) the test metrics."""
+    runner = _runner(message, context)
+    round_idx, tested = _round(message)
+    reply = decode_reply(from_records(message.content))
+    client = runner.clients[0]
+    seconds = runner.apply(reply)
+    evaluation = runner.evaluate(client, round_idx, tested, seconds[client.id])
+    save_client_state(client, context.state)
+    return Message(to_records(encode_evaluation(evaluation)), reply_to=message)
+
+
+@client_app.query("final")
+def final(message: Message, context: Context) -> Message:
+    """The test metrics of the client's kept state."""
+    runner = _runner(message, context)
+    client = runner.clients[0]
+    return Message(to_records(encode_test_metrics(client.id, runner.test_kept(client))), reply_to=message)
+
+
+# --- the server side -----------------------------------------------------------------------------------
+class FlowerServerRun:
+    """One run on the server: wait for the sites, bind each node to its client id, then the rounds."""
+
+    def __init__(self, grid: Grid, context: Context) -> None:
+        run_config = context.run_config
+        if "config-yaml" not in run_config or "run-dir" not in run_config:
+            raise ConfigError("the run config needs 'config-yaml' and 'run-dir'")
+        self.grid, self.yaml = grid, str(run_config["config-yaml"])
+        self.cfg = config_from_yaml(self.yaml, "run config 'config-yaml'")
+        self.run_dir = Path(str(run_config["run-dir"]))
+        self.strategy = make_strategy(self.cfg)
+        if self.strategy.pooled:
+            raise ConfigError(f"method={self.strategy.name} pools every site's images: it cannot run across sites")
+        f = self.cfg.federation
+        self.timeout = float(f.client_timeout_s or f.collective_timeout_s)
+        self.reporter = Reporter(quiet=self.cfg.quiet)
+        self.history: list[dict[str, Any]] = []
+
+    def _message(self, node: int, kind: str, content: dict[str, Any]) -> Message:
+        setup = ConfigRecord({"config-yaml": self.yaml})
+        return Message(RecordDict({"setup": setup, **content}), dst_node_id=node, message_type=kind)
+
+    def _ask(self, kind: str, content: dict[str, Any]) -> dict[int, Message | str]:
+        """Send ``kind`` to every site; each client's reply, or why there is none."""
+        messages = [self._message(node, kind, content) for node in self.nodes]
+        replies = {m.metadata.src_node_id: m for m in self.grid.send_and_receive(messages, timeout=self.timeout)}
+        out: dict[int, Message | str] = {}
+        for node, client_id in self.nodes.items():
+            reply = replies.get(node)
+            if reply is None:
+                out[client_id] = f"ClientTimeout: client {client_id} sent nothing within {self.timeout:g}s"
+            elif reply.has_error():
+                out[client_id] = f"ClientError: client {client_id}: {reply.error.reason}"
+            else:
+                out[client_id] = reply
+        return out
+
+    def connect(self) -> None:
+        """Wait for one SuperNode per client (``federation.collective_timeout_s``), then bind node ids to clients."""
+        wanted, deadline = self.cfg.data.num_clients, time.monotonic() + self.cfg.federation.collective_timeout_s
+        while len(nodes := list(self.grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+            time.sleep(0.5)
+        messages = [self._message(n, "query.identify", {}) for n in nodes]
+        self.nodes: dict[int, int] = {}
+        sizes: dict[int, int] = {}
+        self.products: dict[int, list[str]] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            if reply.has_error():
+                log.warning("a SuperNode could not identify itself: %s", reply.error.reason)
+                continue
+            info = from_records(reply.content)
+            client_id, images = int(info.metrics["client_id"]), int(info.metrics["train_images"])
+            if client_id in sizes:
+                raise FedDyMemError(f"two SuperNodes claim client {client_id}")
+            self.nodes[reply.metadata.src_node_id] = client_id
+            sizes[client_id] = images
+            self.products[client_id] = json.loads(info.config.get("products", "[]"))
+        if sorted(sizes) != list(range(wanted)):
+            raise FedDyMemError(
+                f"{len(sizes)} of {wanted} sites answered within {self.cfg.federation.collective_timeout_s:g}s "
+                f"(clients {sorted(sizes)}): every client id 0..{wanted - 1} needs a SuperNode"
+            )
+        self.server = Server(self.cfg, self.strategy, [sizes[k] for k in range(wanted)])
+
+    def tested(self, round_idx: int) -> bool:
+        """As the Fabric engine: ``federation.eval_every`` and the last round."""
+        every = self.cfg.federation.eval_every
+        return every > 0 and (round_idx % every == 0 or round_idx == self.cfg.federation.rounds)
+
+    def run_round(self, round_idx: int) -> dict[str, Any]:
+        """One round across the sites; its stored record."""
+        start = time.perf_counter()
+        meta = {"round": MetricRecord({"round": round_idx, "tested": int(self.tested(round_idx))})}
+        results: list[ClientResult] = []
+        for client_id, answer in self._ask("train", meta).items():
+            try:
+                if isinstance(answer, str):
+                    raise MalformedMessage(answer)
+                results.append(decode_result(from_records(answer.content), client_id=client_id))
+            except (MalformedMessage, KeyError, ValueError) as err:
+                log.warning("client %d left out of round %d: %s", client_id, round_idx, err)
+                results.append(ClientResult(client_id, error=str(err)))
+        reply = self.server.step(results, round_idx)
+        if reply.error:
+            raise TooFewClients(reply.error)
+        evaluations: list[ClientEvaluation] = []
+        for answer in self._ask("evaluate", {**meta, **to_records(encode_reply(reply))}).values():
+            if isinstance(answer, str):
+                raise FedDyMemError(f"round {round_idx}: {answer} (evaluation)")
+            evaluations.append(decode_evaluation(from_records(answer.content)))
+        q, k_sigma = self.cfg.threshold_percentile, (self.cfg.threshold_k_sigma or None)
+        evaluations.sort(key=lambda e: e.client_id)
+        record = self.server.record(round_idx, reply, results, evaluations, q, k_sigma)
+        record.time_s = time.perf_counter() - start
+        self.report.log_panels(round_idx, {e.client_id: e.panel for e in evaluations})
+        rows = [(e.client_id, *row) for e in evaluations if e.test for row in e.test.scores]
+        if rows:
+            self.report.write_scores(rows)
+        return record.to_dict()
+
+    def final_tests(self) -> dict[int, dict[str, Any]]:
+        """Test metrics of each client's kept state when its round was not scored."""
+        last = self.history[-1]["clients"]
+        untested = [c for c in sorted(last) if not self.tested(last[c].get("kept_round", 0))]
+        if not untested:
+            return {}
+        out, rows = {}, []
+        for client_id, answer in self._ask("query.final", {}).items():
+            if client_id not in untested or isinstance(answer, str):
+                continue
+            cid, test = decode_test_metrics(from_records(answer.content))
+            out[cid] = test.to_dict()
+            rows += [(cid, *row) for row in test.scores]
+        if rows:
+            self.report.write_scores(rows)
+        return out
+
+    def summary(self, final_tests: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """``metrics.json``: as the Fabric engine's, with the engine and the number of sites."""
+        final = kept_record(self.history, final_tests) if self.history else {}
+        return {
+            "run_dir": str(self.run_dir),
+            "method": self.strategy.name,
+            "engine": "flower",
+            "sites": len(self.nodes),
+            "rounds": self.history,
+            "final": {"mean_image_auroc": final.get("mean_image_auroc"), "clients": final.get("clients", {})},
+        }
+
+    def checkpoint(self, round_idx: int) -> None:
+        """The server's part of the run (global memory, history, thresholds): the sites keep their models."""
+        kept = kept_record(self.history, {})["clients"]
+        payload = {
+            "round": round_idx,
+            "method": self.strategy.name,
+            "engine": "flower",
+            **self.server.state(),
+            "clients": {
+                k: {
+                    "products": self.products[k],
+                    "threshold": kept[k]["threshold"],
+                    "product_thresholds": kept[k].get("product_thresholds", {}),
+                    "normalizer": kept[k].get("normalizer", {}),
+                }
+                for k in sorted(kept)
+            },
+            "threshold": self.history[-1]["threshold"],
+            "config": to_container(self.cfg),
+            "history": self.history,
+            "rng": {"torch": torch.get_rng_state()},
+            "provenance": provenance(self.cfg),
+        }
+        self.checkpoints.write(round_idx, payload, self.summary({}))
+
+    def run(self) -> dict[str, Any]:
+        """The whole run; the summary written to ``metrics.json``."""
+        claim_output_dir(self.run_dir, "run folder")
+        atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
+        loggers = make_loggers(
+            self.cfg.logger.value, self.run_dir, self.run_dir.name, to_container(self.cfg), self.cfg.wandb_project
+        )
+
+        def log_dict(metrics: dict[str, float], step: int) -> None:
+            for logger in loggers:
+                logger.log_metrics(metrics, step)
+
+        self.report = RunReporter(self.cfg, self.run_dir, self.reporter, loggers, log_dict)
+        self.checkpoints = RunCheckpoints(self.run_dir)
+        self.connect()
+        self.reporter.print(
+            f"FedDyMem ({self.strategy.name}) over Flower: {len(self.nodes)} sites, "
+            f"rounds 0..{self.cfg.federation.rounds}, run folder {self.run_dir}"
+        )
+        for round_idx in range(self.cfg.federation.rounds + 1):
+            self.history.append(self.run_round(round_idx))
+            self.report.log_round(self.history[-1], tested=self.tested(round_idx))
+            self.checkpoint(round_idx)
+        final_tests = self.final_tests()
+        summary = self.summary(final_tests)
+        atomic_write_json(self.run_dir / "metrics.json", summary)
+        for logger in loggers:
+            logger.finalize("success")
+        self.report.print_table(kept_record(self.history, final_tests), self.history, self._partition())
+        return summary
+
+    def _partition(self) -> list[ClientData]:
+        return [ClientData(k, products=self.products[k]) for k in sorted(self.products)]
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    """The ServerApp: one FedDyMem run."""
+    FlowerServerRun(grid, context).run()

@@ -1,0 +1,268 @@
+"""A whole Flower federation on this machine: one SuperLink and one SuperNode per client on loopback, with
+TLS (a generated CA and server certificate) and SuperNode authentication (a key pair per site, registered
+with the SuperLink) unless told otherwise; the run is submitted with ``flwr run`` and the processes are
+stopped afterwards. ``feddymem train federation.engine=flower`` and the tests use it; ``docs/deploy.md``
+does the same by hand across machines."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from feddymem.config import to_yaml
+from feddymem.errors import FedDyMemError
+
+APP_DIR = Path(__file__).parent / "app"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    pem, pkcs8 = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
+    return key.private_bytes(pem, pkcs8, serialization.NoEncryption())
+
+
+def make_certificates(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> dict[str, Path]:
+    """A CA and a server certificate for ``hosts`` signed by it (PEM files in ``folder``)."""
+    import ipaddress
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FedDyMem loopback CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(_private_key_pem(key))
+    return paths
+
+
+def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's authentication key pair in OpenSSH format (private, public), as Flower reads them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / f"{name}.key", folder / f"{name}.pub"
+    pem, openssh_private = serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH
+    private.write_bytes(key.private_bytes(pem, openssh_private, serialization.NoEncryption()))
+    openssh = serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    public.write_bytes(key.public_key().public_bytes(*openssh))
+    return private, public
+
+
+@dataclass
+class LoopbackFederation:
+    """The processes and files of one loopback federation."""
+
+    home: Path
+    port: int
+    tls: bool
+    certificates: dict[str, Path] = field(default_factory=dict)
+    processes: list[subprocess.Popen] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of every Flower process: this Python's scripts first, FLWR_HOME in ``home``."""
+        bin_dir = str(Path(sys.executable).parent)
+        return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(self.home)}
+
+    def tls_args(self, role: str) -> list[str]:
+        """Command-line options for TLS (or ``--insecure``) of a SuperLink or SuperNode."""
+        if not self.tls:
+            return ["--insecure"]
+        c = self.certificates
+        if role == "superlink":
+            return ["--ssl-ca-certfile", str(c["ca"]), "--ssl-certfile", str(c["cert"]), "--ssl-keyfile", str(c["key"])]
+        return ["--root-certificates", str(c["ca"])]
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        """Start ``command`` with its output in ``home/<name>.log``."""
+        path = self.home / f"{name}.log"
+        with path.open("wb") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        self.processes.append(process)
+        self.logs.append(path)
+        return process
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run the ``flwr`` command line against this federation's SuperLink."""
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "flwr"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def stop(self) -> None:
+        """Stop every process (SuperNodes first)."""
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def tail(self, lines: int = 15) -> str:
+        """The last lines of every log, for error messages."""
+        return "\n".join(
+            f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) for p in self.logs
+        )
+
+
+def _wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise FedDyMemError(f"nothing listens on 127.0.0.1:{port} after {timeout:g}s")
+
+
+@contextmanager
+def loopback_federation(
+    num_sites: int,
+    node_config: list[str],
+    *,
+    tls: bool = True,
+    authenticate: bool = True,
+    workdir: Path | None = None,
+    startup_timeout: float = 60.0,
+) -> Iterator[LoopbackFederation]:
+    """A SuperLink and ``num_sites`` SuperNodes (``node_config[k]`` each) on loopback; stopped on exit.
+
+    With ``authenticate`` the SuperLink accepts only the SuperNodes whose public keys were registered with
+    ``flwr supernode register`` (requires ``tls``)."""
+    if authenticate and not tls:
+        raise FedDyMemError("SuperNode authentication needs TLS")
+    home = Path(tempfile.mkdtemp(prefix="feddymem-flower-", dir=workdir))
+    fed = LoopbackFederation(home=home, port=free_port(), tls=tls)
+    if tls:
+        fed.certificates = make_certificates(home / "certificates")
+    connection: dict[str, Any] = {"address": f"127.0.0.1:{fed.port}"}
+    if tls:
+        connection["root-certificates"] = str(fed.certificates["ca"])
+    else:
+        connection["insecure"] = True
+    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "local", "local": connection}}))
+    try:
+        superlink = ["flower-superlink", *fed.tls_args("superlink"), "--port", str(fed.port)]
+        superlink += ["--database", str(home / "superlink.db")]
+        superlink += ["--enable-supernode-auth"] if authenticate else []
+        fed.start("superlink", superlink)
+        _wait_for_port(fed.port, startup_timeout)
+        for k in range(num_sites):
+            node = ["flower-supernode", *fed.tls_args("supernode"), "--superlink", f"127.0.0.1:{fed.port}"]
+            node += ["--port", str(free_port()), "--node-config", node_config[k]]
+            if authenticate:
+                private, public = make_node_keys(home / "keys", f"site{k}")
+                registered = fed.flwr("supernode", "register", str(public), "local")
+                if registered.returncode != 0:
+                    raise FedDyMemError(f"cannot register site {k}'s key: {registered.stdout}{registered.stderr}")
+                node += ["--auth-supernode-private-key", str(private)]
+            fed.start(f"supernode{k}", node)
+        yield fed
+    finally:
+        fed.stop()
+
+
+def run_config_file(cfg: Any, run_dir: Path, folder: Path) -> Path:
+    """The ``--run-config`` TOML of a run: its whole config and its run folder."""
+    path = folder / "run_config.toml"
+    path.write_text(tomli_w.dumps({"config-yaml": to_yaml(cfg), "run-dir": str(run_dir)}))
+    return path
+
+
+def submit(fed: LoopbackFederation, cfg: Any, run_dir: Path, timeout: float) -> str:
+    """Submit the FedDyMem app with ``flwr run`` and follow it to its end; its log. A SuperLink or SuperNode
+    that stops on the way ends the run at once with its own words."""
+    log_path = fed.home / "flwr_run.log"
+    command = [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), "local"]
+    command += ["--run-config", str(run_config_file(cfg, run_dir, fed.home)), "--stream"]
+    with log_path.open("wb") as out:
+        run = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=fed.env)
+    deadline = time.monotonic() + timeout
+    try:
+        while run.poll() is None:
+            stopped = [(p, log) for p, log in zip(fed.processes, fed.logs, strict=True) if p.poll() is not None]
+            if stopped:
+                process, log = stopped[0]
+                lines = "\n".join(log.read_text(errors="replace").splitlines()[-8:])
+                raise FedDyMemError(f"{log.stem} stopped (exit code {process.returncode}):\n{lines}")
+            if time.monotonic() > deadline:
+                raise FedDyMemError(f"the Flower run did not finish within {timeout:g}s")
+            time.sleep(0.5)
+    finally:
+        if run.poll() is None:
+            run.terminate()
+            run.wait(timeout=15)
+    return log_path.read_text(errors="replace")
+
+
+def run_on_loopback(cfg: Any, run_dir: Path, *, tls: bool = True, authenticate: bool = True) -> dict[str, Any]:
+    """``feddymem train federation.engine=flower``: the run on a loopback federation, one site per client;
+    the summary the ServerApp wrote to ``metrics.json``."""
+    import json
+
+    nodes = [f"client-id={k}" for k in range(cfg.data.num_clients)]
+    timeout = max(600.0, float(cfg.federation.collective_timeout_s))
+    with loopback_federation(cfg.data.num_clients, nodes, tls=tls, authenticate=authenticate) as fed:
+        output = submit(fed, cfg, run_dir, timeout=timeout * (cfg.federation.rounds + 2))
+        metrics = run_dir / "metrics.json"
+        if not metrics.is_file():
+            raise FedDyMemError(f"the Flower run did not finish:\n{output[-3000:]}\n{fed.tail()}")
+    return json.loads(metrics.read_text())
