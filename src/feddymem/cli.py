@@ -28,9 +28,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     from feddymem.data.check import plan_data
 
     plan_data(cfg)  # missing data fails here, in seconds, before Lightning and the models load
+    if cfg.federation.engine.value == "flower":
+        return _train_on_flower(cfg, run_dir)
     from feddymem.federation.orchestrator import FederatedOrchestrator
 
     FederatedOrchestrator(cfg, run_dir, resume=bool(cfg.resume)).run()
+    return 0
+
+
+def _train_on_flower(cfg, run_dir: Path) -> int:
+    """The run on a Flower federation on this machine: a SuperLink and one SuperNode per client, TLS and
+    SuperNode authentication on loopback (``docs/deploy.md`` spreads the same over machines)."""
+    from feddymem.errors import ConfigError
+
+    if cfg.resume:
+        raise ConfigError("resume is not available with federation.engine=flower yet")
+    try:
+        from feddymem.flower.local import run_on_loopback
+    except ImportError as err:
+        raise ConfigError(f"federation.engine=flower needs Flower: pip install 'feddymem[flower]' ({err})") from None
+    run_on_loopback(cfg, run_dir)
     return 0
 
 

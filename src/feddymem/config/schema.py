@@ -133,6 +133,13 @@ class Logger(str, enum.Enum):
     none = "none"
 
 
+class Engine(str, enum.Enum):
+    """What runs the rounds."""
+
+    fabric = "fabric"  # Lightning Fabric: one process or many in one trusted cluster
+    flower = "flower"  # Flower over TLS with SuperNode authentication (pip install feddymem[flower]); loopback here
+
+
 class Partition(str, enum.Enum):
     """How products' training images are split over clients."""
 
@@ -228,6 +235,7 @@ class ServerConfig:
 class FederationConfig:
     """``federation``: rounds, local epochs, processes, timeouts and min_clients."""
 
+    engine: Engine = Engine.fabric
     rounds: int = ranged(1, 0)
     local_epochs: int = ranged(1, 0)  # 0 = frozen generator (ablation "no metric loss")
     eval_every: int = ranged(0, 0)  # score the test set every N rounds and after the last; 0 = only the kept states

@@ -23,7 +23,8 @@ def to_records(msg: WireMessage) -> RecordDict:
     """``msg`` as Flower records."""
     return RecordDict(
         {
-            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in msg.arrays.items()}),
+            # np.array, not np.ascontiguousarray: that would make 0-d arrays 1-d.
+            "arrays": ArrayRecord({k: Array(np.array(v, order="C")) for k, v in msg.arrays.items()}),
             "metrics": MetricRecord({k: _scalar(v) for k, v in msg.metrics.items()}),
             "config": ConfigRecord(dict(msg.config)),
         }
@@ -47,7 +48,7 @@ def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def _array_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in tensors.items()})
+    return ArrayRecord({k: Array(np.array(v.detach().cpu().numpy(), order="C")) for k, v in tensors.items()})
 
 
 def save_client_state(client: Client, state: RecordDict) -> None:

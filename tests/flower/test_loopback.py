@@ -1,0 +1,73 @@
+"""A real Flower federation on loopback: SuperLink, two SuperNodes, TLS with a generated CA, SuperNode
+authentication; the run equals the Fabric engine's, and a site whose key was never registered is refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from conftest import FAST
+from feddymem.config import load_config
+from feddymem.federation.orchestrator import FederatedOrchestrator
+from feddymem.flower.local import free_port, loopback_federation, make_node_keys, submit
+from feddymem.io import load_checkpoint
+
+REL = 1e-5  # float32 features extracted in other batches on each site: equal up to rounding
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return (np.isnan(a) and np.isnan(b)) or abs(a - b) <= REL * max(1.0, abs(a), abs(b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@pytest.mark.e2e
+def test_flower_over_tls_matches_fabric_and_refuses_an_unregistered_site(tmp_path, synthetic_yaml):
+    cfg = load_config([f"dataset={synthetic_yaml}", "data.num_clients=2", "federation.rounds=1", *FAST, "logger=csv"])
+    FederatedOrchestrator(cfg, tmp_path / "fabric").run()
+    fabric = json.loads((tmp_path / "fabric" / "metrics.json").read_text())
+    nodes = [f"client-id={k}" for k in range(2)]
+    with loopback_federation(2, nodes, tls=True, authenticate=True, workdir=tmp_path) as fed:
+        private, _ = make_node_keys(fed.home / "intruder", "intruder")  # never registered
+        command = ["flower-supernode", *fed.tls_args("supernode"), "--superlink", f"127.0.0.1:{fed.port}"]
+        command += ["--port", str(free_port()), "--node-config", "client-id=1", "--max-retries", "1"]
+        command += ["--auth-supernode-private-key", str(private)]
+        log = fed.home / "intruder.log"
+        with log.open("wb") as out:  # a file, not a pipe: the node's helper processes may keep a pipe open
+            intruder = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=fed.env)
+        try:
+            assert intruder.wait(timeout=120) != 0
+        finally:
+            intruder.kill()
+        assert "Failed to activate SuperNode" in log.read_text()
+        assert fed.certificates and all(p.is_file() for p in fed.certificates.values())
+        submit(fed, cfg, tmp_path / "flower", timeout=600)
+    flower = json.loads((tmp_path / "flower" / "metrics.json").read_text())
+    assert flower["engine"] == "flower" and flower["sites"] == 2
+    assert len(flower["rounds"]) == len(fabric["rounds"]) == 2
+    for ours, theirs in zip(flower["rounds"], fabric["rounds"], strict=True):
+        assert ours["participants"] == theirs["participants"] == [0, 1]
+        assert ours["bytes_up"] == theirs["bytes_up"] > 0 and ours["bytes_down"] == theirs["bytes_down"] > 0
+        for key in ("threshold", "mean_image_auroc", "mean_criterion"):
+            assert _close(ours[key], theirs[key]), key
+        for cid in ("0", "1"):
+            a, b = ours["clients"][cid], theirs["clients"][cid]
+            for key in ("memory_items", "train_loss", "criterion", "product_thresholds", "normalizer", "products"):
+                assert _close(a.get(key), b.get(key)), (cid, key, a.get(key), b.get(key))
+    for cid in ("0", "1"):
+        a, b = flower["final"]["clients"][cid], fabric["final"]["clients"][cid]
+        assert all(_close(a[k], b[k]) for k in ("image_auroc", "kept_round", "threshold", "products")), cid
+    ours = load_checkpoint(tmp_path / "flower" / "checkpoints" / "last.ckpt")
+    theirs = load_checkpoint(tmp_path / "fabric" / "checkpoints" / "last.ckpt")
+    assert torch.allclose(ours["global_memory"], theirs["global_memory"], rtol=REL, atol=1e-5)
+    assert (tmp_path / "flower" / "config.yaml").is_file() and (tmp_path / "flower" / "logs" / "metrics.csv").is_file()
