@@ -9,7 +9,7 @@ FAISS_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 FAISS_OTHER := $(if $(filter gpu,$(FAISS_EXTRA)),faiss-cpu,faiss-gpu)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test bench lint format clean
+.PHONY: help install train test bench lint format clean flower-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ install: $(VENV)/.installed-$(FAISS_EXTRA)  ## create .venv and install feddymem
 
 train: install  ## run a federated experiment: make train DATASET=elpv ARGS='federation.rounds=3'
 	$(BIN)/feddymem train dataset=$(DATASET) $(ARGS)
+
+flower-demo: install  ## the experiment over Flower on loopback: SuperLink + a SuperNode per client, TLS, node auth
+	$(BIN)/feddymem train dataset=$(DATASET) federation.engine=flower $(ARGS)
 
 test: install  ## run the test suite
 	$(BIN)/python -m pytest -q

@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from conftest import FAST
 from feddymem.config import load_config
 from feddymem.data.check import plan_data
+from feddymem.errors import ConfigError
 from feddymem.federation.client import (
     KeptState,
     build_clients,
@@ -66,3 +67,26 @@ def test_client_state_survives_between_messages(synthetic_yaml):
         and torch.equal(fresh.anchor["conv.weight"], torch.ones(2, 2))
     )
     assert np.isclose(float(fresh.optimizer.param_groups[0]["lr"]), cfg.optim.lr)
+
+
+def test_a_site_with_its_own_data_description_takes_all_of_it(synthetic_root, synthetic_yaml, tmp_path):
+    from feddymem.config import to_yaml
+    from feddymem.flower.apps import site_setup
+    from synthetic import dataset_yaml, make_product
+
+    server = load_config([f"dataset={synthetic_yaml}", "data.num_clients=3", *FAST])
+    message = RecordDict({"setup": ConfigRecord({"config-yaml": to_yaml(server)})})  # what the server sends
+
+    # Without a description: share K of the server's partition, as under Fabric.
+    _, client_id, plan, share = site_setup(message, {"client-id": 2})
+    assert client_id == share == 2 and plan.clients[2].train == plan_data(server).clients[2].train
+    # With one: every training image of the site's own products is its share, under its client id.
+    own = make_product(tmp_path, "site_product", n_train=5, seed=9)
+    site_yaml = dataset_yaml(tmp_path, [own], num_clients=1)
+    cfg, client_id, plan, share = site_setup(message, {"client-id": 2, "dataset": str(site_yaml)})
+    assert client_id == 2 and share == 0 and plan.clients[0].client_id == 2
+    assert {s.product for s in plan.clients[0].train} == {"site_product"}
+    assert len(plan.clients[0].train) + len(plan.clients[0].holdout) == 5
+    assert cfg.model == server.model and cfg.memory == server.memory  # the method is the server's
+    with pytest.raises(ConfigError, match="start it with --node-config 'client-id=K'"):
+        site_setup(message, {})

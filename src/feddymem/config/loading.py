@@ -16,7 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from feddymem.config.schema import Aggregation, Partition, Range, Reduce, TrainConfig
+from feddymem.config.schema import Aggregation, Engine, Partition, Range, Reduce, TrainConfig
 from feddymem.errors import ConfigError
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
@@ -245,7 +245,8 @@ def validate(cfg: DictConfig) -> None:
             f"'federation.min_clients' ({cfg.federation.min_clients}) exceeds 'data.num_clients' "
             f"({cfg.data.num_clients})"
         )
-    if not cfg.data.products:
+    # A Flower coordinator needs no products: every site describes its own (its node's dataset=...).
+    if not cfg.data.products and cfg.federation.engine != Engine.flower:
         raise ConfigError(f"dataset '{cfg.dataset}' lists no products under 'products'")
     from feddymem.data.products import LAYOUTS as layouts
 

@@ -3,7 +3,7 @@ plan; loaders over its images or their cached backbone features. Nothing here kn
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,13 +74,19 @@ class ClientSideAdapter:
 
 
 def build_clients(
-    cfg: Any, partition: list[ClientData], client_ids: list[int], strategy: Strategy, setup: SetupFn | None = None
+    cfg: Any,
+    partition: Sequence[ClientData] | Mapping[int, ClientData],
+    client_ids: list[int],
+    strategy: Strategy,
+    setup: SetupFn | None = None,
 ) -> list[Client]:
-    """The clients ``client_ids`` of ``partition``: one module each (one shared by all when the strategy
+    """The clients ``client_ids`` of ``partition`` (by client id: a list, or a mapping for a site that holds
+    only its own share): one module each (one shared by all when the strategy
     pools data, over every client's training images), all sharing one frozen backbone, seeded by
     (seed, client id), with the strategy's module settings."""
     d, pooled = cfg.data, strategy.pooled
-    every_train = [s for part in partition for s in part.train]
+    parts = list(partition.values()) if isinstance(partition, Mapping) else list(partition)
+    every_train = [s for part in parts for s in part.train]
     clients: list[Client] = []
     for client_id in client_ids:
         part = partition[client_id]

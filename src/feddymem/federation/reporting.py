@@ -150,7 +150,7 @@ class RunReporter:
                 ",".join(clients[cid].products),
                 str(s["train_images"]),
                 str(s["kept_round"]),
-                f"{s['image_auroc']:.4f}",
+                f"{s.get('image_auroc', float('nan')):.4f}",
             ]
             if has_pixel:
                 row += [f"{s.get('pixel_auroc', float('nan')):.4f}", f"{s.get('aupro', float('nan')):.4f}"]

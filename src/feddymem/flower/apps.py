@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from feddymem.config import config_from_yaml, dataset_config_path, load_yaml, merge_checked, to_container, to_yaml
-from feddymem.data.check import plan_data, verify_plan
+from feddymem.data.check import DataPlan, plan_data, verify_plan
 from feddymem.data.feature_cache import FeatureCache
 from feddymem.data.partition import ClientData
 from feddymem.errors import ConfigError, FedDyMemError
@@ -59,31 +59,38 @@ client_app = ClientApp()
 
 
 # --- the client side: one message at a time ---------------------------------------------------------------
-def _site_config(message: Message, context: Context) -> tuple[Any, int]:
-    """The server's config with this site's data description, and the site's client id."""
-    if "client-id" not in context.node_config:
+def site_setup(content: RecordDict, node_config: dict[str, Any]) -> tuple[Any, int, DataPlan, int]:
+    """The server's config, this site's client id, its data plan and the index of its share in the plan.
+
+    With ``dataset=/path/site.yaml`` in the node config the site's own images (all of them) are its share;
+    without, the server's ``data`` node is partitioned as in the Fabric engine and the site takes share K
+    (one machine, or sites that all see the same files)."""
+    if "client-id" not in node_config:
         raise ConfigError("this SuperNode has no client id: start it with --node-config 'client-id=K'")
-    client_id = int(context.node_config["client-id"])
-    setup = message.content.get("setup")
+    client_id = int(node_config["client-id"])
+    setup = content.get("setup")
     if not isinstance(setup, ConfigRecord) or not isinstance(setup.get("config-yaml"), str):
         raise MalformedMessage("the server's message has no 'config-yaml'")
     cfg = config_from_yaml(str(setup["config-yaml"]), "the server's config")
-    if dataset := context.node_config.get("dataset"):
+    share = client_id
+    if dataset := node_config.get("dataset"):
         path = dataset_config_path(str(dataset))
         cfg.data = merge_checked(cfg, {"data": load_yaml(path)}, str(path)).data
-    return cfg, client_id
+        cfg.data.num_clients, share = 1, 0
+    plan = plan_data(cfg)
+    if share >= len(plan.clients):
+        raise ConfigError(f"client-id {client_id}: the data plan has {len(plan.clients)} clients")
+    plan.clients[share].client_id = client_id
+    return cfg, client_id, plan, share
 
 
 def _runner(message: Message, context: Context) -> ClientRunner:
-    cfg, client_id = _site_config(message, context)
+    cfg, client_id, plan, share = site_setup(message.content, dict(context.node_config))
     strategy = make_strategy(cfg)
-    plan = plan_data(cfg)
-    if client_id >= len(plan.clients):
-        raise ConfigError(f"client-id {client_id}: the data plan has {len(plan.clients)} clients")
     if "verified" not in context.state:  # decode every image once per site and run
-        verify_plan(plan, [client_id])
+        verify_plan(plan, [share])
         context.state["verified"] = MetricRecord({"at": time.time()})
-    clients = build_clients(cfg, plan.clients, [client_id], strategy)
+    clients = build_clients(cfg, {client_id: plan.clients[share]}, [client_id], strategy)
     loaders = Loaders(
         cfg,
         FeatureCache(clients[0].module.model.extract, batch_size=cfg.optim.eval_batch_size),
@@ -107,8 +114,8 @@ def _round(message: Message) -> tuple[int, bool]:
 @client_app.query("identify")
 def identify(message: Message, context: Context) -> Message:
     """Which client this site is, how many training images it has, and which products."""
-    cfg, client_id = _site_config(message, context)
-    part = plan_data(cfg).clients[client_id]
+    _, client_id, plan, share = site_setup(message.content, dict(context.node_config))
+    part = plan.clients[share]
     info = WireMessage(
         metrics={"client_id": client_id, "train_images": len(part.train)},
         config={"products": json.dumps(part.products)},
@@ -234,13 +241,23 @@ class FlowerServerRun:
         if reply.error:
             raise TooFewClients(reply.error)
         evaluations: list[ClientEvaluation] = []
-        for answer in self._ask("evaluate", {**meta, **to_records(encode_reply(reply))}).values():
-            if isinstance(answer, str):
-                raise FedDyMemError(f"round {round_idx}: {answer} (evaluation)")
-            evaluations.append(decode_evaluation(from_records(answer.content)))
+        unevaluated: dict[int, str] = {}  # a site gone after its upload: recorded, left out of the thresholds
+        for client_id, answer in self._ask("evaluate", {**meta, **to_records(encode_reply(reply))}).items():
+            try:
+                if isinstance(answer, str):
+                    raise MalformedMessage(answer)
+                evaluations.append(decode_evaluation(from_records(answer.content)))
+            except (MalformedMessage, KeyError, ValueError) as err:
+                log.warning("client %d not evaluated in round %d: %s", client_id, round_idx, err)
+                unevaluated[client_id] = f"evaluation: {err}"
+        if not evaluations:
+            raise FedDyMemError(f"round {round_idx}: no site sent its evaluation ({unevaluated})")
         q, k_sigma = self.cfg.threshold_percentile, (self.cfg.threshold_k_sigma or None)
         evaluations.sort(key=lambda e: e.client_id)
         record = self.server.record(round_idx, reply, results, evaluations, q, k_sigma)
+        for client_id, error in unevaluated.items():
+            line = record.clients[client_id]
+            line.error = f"{line.error}; {error}" if line.error else error
         record.time_s = time.perf_counter() - start
         self.report.log_panels(round_idx, {e.client_id: e.panel for e in evaluations})
         rows = [(e.client_id, *row) for e in evaluations if e.test for row in e.test.scores]
