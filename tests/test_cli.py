@@ -132,7 +132,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, synthetic_root):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (
         "error: unknown config key 'federation.roundz' in command-line overrides; valid keys here: accelerator, "
-        "client_timeout_s, collective_timeout_s, devices, eval_every, local_epochs, min_clients, num_nodes, "
+        "client_timeout_s, collective_timeout_s, devices, engine, eval_every, local_epochs, min_clients, num_nodes, "
         "prox_mu, rounds"
     )
     broken = make_product(tmp_path / "data", "broken", n_train=4)
