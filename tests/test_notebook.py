@@ -1,7 +1,7 @@
 """notebooks/quickstart.ipynb executes top to bottom on CPU (its own assertions check the results).
 
 Every cell runs as shipped except the one tagged ``parameters``, whose overrides are replaced by a faster
-setting (round 0 only, 112-pixel crops: about a minute instead of five on 2 cores)."""
+setting (round 0 only, 96-pixel crops: under a minute instead of five on 2 cores)."""
 
 from pathlib import Path
 
@@ -10,7 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
-FAST = ["quiet=true", "federation.rounds=0", "data.image_size=112", "data.crop_size=112"]
+FAST = ["quiet=true", "federation.rounds=0", "data.image_size=96", "data.crop_size=96"]
 
 
 @pytest.mark.e2e
