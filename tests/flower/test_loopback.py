@@ -17,6 +17,7 @@ from feddymem.config import load_config
 from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.flower.local import free_port, loopback_federation, make_node_keys, submit
 from feddymem.io import load_checkpoint
+from feddymem.models.trained import load_trained
 
 REL = 1e-5  # float32 features extracted in other batches on each site: equal up to rounding
 
@@ -36,7 +37,7 @@ def test_flower_over_tls_matches_fabric_and_refuses_an_unregistered_site(tmp_pat
     cfg = load_config([f"dataset={synthetic_yaml}", "data.num_clients=2", "federation.rounds=1", *FAST, "logger=csv"])
     FederatedOrchestrator(cfg, tmp_path / "fabric").run()
     fabric = json.loads((tmp_path / "fabric" / "metrics.json").read_text())
-    nodes = [f"client-id={k}" for k in range(2)]
+    nodes = [f'client-id={k} out="{tmp_path / "sites" / f"site_{k}"}"' for k in range(2)]
     with loopback_federation(2, nodes, tls=True, authenticate=True, workdir=tmp_path) as fed:
         private, _ = make_node_keys(fed.home / "intruder", "intruder")  # never registered
         command = ["flower-supernode", *fed.tls_args("supernode"), "--superlink", f"127.0.0.1:{fed.port}"]
@@ -71,3 +72,11 @@ def test_flower_over_tls_matches_fabric_and_refuses_an_unregistered_site(tmp_pat
     theirs = load_checkpoint(tmp_path / "fabric" / "checkpoints" / "last.ckpt")
     assert torch.allclose(ours["global_memory"], theirs["global_memory"], rtol=REL, atol=1e-5)
     assert (tmp_path / "flower" / "config.yaml").is_file() and (tmp_path / "flower" / "logs" / "metrics.csv").is_file()
+    # Each site's model, written on the site, loads as a Fabric run's client does (feddymem predict/export).
+    for k in range(2):
+        site = load_trained(tmp_path / "sites" / f"site_{k}" / f"client_{k}.ckpt", k)
+        same = load_trained(tmp_path / "fabric" / "checkpoints" / "last.ckpt", k)
+        assert site.threshold == pytest.approx(same.threshold, rel=REL)
+        assert site.module.hparams == same.module.hparams
+        for name, value in same.module.trainable_state().items():
+            assert torch.allclose(site.module.trainable_state()[name], value, rtol=REL, atol=1e-5), name

@@ -28,7 +28,7 @@ from feddymem.data.feature_cache import FeatureCache
 from feddymem.data.partition import ClientData
 from feddymem.errors import ConfigError, FedDyMemError
 from feddymem.federation.checkpointing import RunCheckpoints, provenance
-from feddymem.federation.client import Loaders, build_clients
+from feddymem.federation.client import Client, Loaders, build_clients
 from feddymem.federation.client_runner import ClientRunner
 from feddymem.federation.evaluation import Evaluator
 from feddymem.federation.messages import ClientEvaluation, ClientResult
@@ -48,9 +48,10 @@ from feddymem.federation.wire import (
     encode_test_metrics,
 )
 from feddymem.flower.records import from_records, load_client_state, save_client_state, to_records
-from feddymem.io import atomic_write_json, atomic_write_text, claim_output_dir
+from feddymem.io import atomic_write_json, atomic_write_text, claim_output_dir, save_checkpoint
 from feddymem.logging.console import Reporter
 from feddymem.logging.experiment import make_loggers
+from feddymem.metrics.threshold import normal_threshold
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,47 @@ def evaluate(message: Message, context: Context) -> Message:
     seconds = runner.apply(reply)
     evaluation = runner.evaluate(client, round_idx, tested, seconds[client.id])
     save_client_state(client, context.state)
+    if out := context.node_config.get("out"):
+        write_site_checkpoint(Path(str(out)), runner.cfg, client, evaluation, round_idx, context.state)
     return Message(to_records(encode_evaluation(evaluation)), reply_to=message)
+
+
+def write_site_checkpoint(
+    folder: Path, cfg: Any, client: Client, evaluation: ClientEvaluation, round_idx: int, state: RecordDict
+) -> Path:
+    """``folder/client_K.ckpt``: the site's model as ``feddymem predict/export`` load it (its kept state, the
+    thresholds of its kept round, the config), written atomically on the site after every round; it never
+    leaves the site."""
+    if evaluation.kept_round == round_idx:  # the kept state was just replaced: so are its thresholds
+        q, k_sigma = cfg.threshold_percentile, (cfg.threshold_k_sigma or None)
+        kept = {
+            "threshold": normal_threshold(evaluation.normal_scores, q, k_sigma),
+            "product_thresholds": evaluation.product_thresholds,
+            "normalizer": evaluation.normalizer,
+        }
+        state["kept_thresholds"] = ConfigRecord({"json": json.dumps(kept)})
+    kept = json.loads(str(state["kept_thresholds"]["json"]))
+    saved = {
+        "module": dict(client.module.hparams),
+        "model": client.module.trainable_state(),
+        "kept": None if client.kept is None else vars(client.kept),
+        "train": [s.path for s in client.data.train],
+        "products": list(client.data.products),
+        **kept,
+    }
+    payload = {
+        "round": round_idx,
+        "method": cfg.method.value,
+        "engine": "flower",
+        "global_memory": None,
+        "clients": {client.id: saved},
+        "threshold": kept["threshold"],
+        "config": to_container(cfg),
+        "provenance": provenance(cfg),
+    }
+    path = folder / f"client_{client.id}.ckpt"
+    save_checkpoint(path, payload)
+    return path
 
 
 @client_app.query("final")
