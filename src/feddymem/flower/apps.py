@@ -210,7 +210,9 @@ class FlowerServerRun:
         if self.strategy.pooled:
             raise ConfigError(f"method={self.strategy.name} pools every site's images: it cannot run across sites")
         f = self.cfg.federation
-        self.timeout = float(f.client_timeout_s or f.collective_timeout_s)
+        # A round's messages wait as long as the Fabric engine waits for its clients: federation.client_timeout_s,
+        # or no limit (a site that goes offline is answered for by the SuperLink with an error reply).
+        self.timeout: float | None = float(f.client_timeout_s) if f.client_timeout_s > 0 else None
         self.reporter = Reporter(quiet=self.cfg.quiet)
         self.history: list[dict[str, Any]] = []
 
@@ -226,7 +228,7 @@ class FlowerServerRun:
         for node, client_id in self.nodes.items():
             reply = replies.get(node)
             if reply is None:
-                out[client_id] = f"ClientTimeout: client {client_id} sent nothing within {self.timeout:g}s"
+                out[client_id] = f"ClientTimeout: client {client_id} sent nothing within {self.timeout}s"
             elif reply.has_error():
                 out[client_id] = f"ClientError: client {client_id}: {reply.error.reason}"
             else:
@@ -242,7 +244,7 @@ class FlowerServerRun:
         self.nodes: dict[int, int] = {}
         sizes: dict[int, int] = {}
         self.products: dict[int, list[str]] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.federation.collective_timeout_s):
             if reply.has_error():
                 log.warning("a SuperNode could not identify itself: %s", reply.error.reason)
                 continue
