@@ -18,7 +18,6 @@ from omegaconf import DictConfig
 
 from feddymem import __version__
 from feddymem.config import to_container
-from feddymem.data.partition import ClientData
 from feddymem.errors import OutputError
 from feddymem.io import atomic_write_json, load_checkpoint, save_checkpoint
 
@@ -63,13 +62,13 @@ def round_payload(
     round_idx: int,
     cfg: DictConfig,
     server_state: dict[str, Any],
-    client_states: dict[int, dict[str, Any]],
-    partition: list[ClientData],
+    clients: dict[int, dict[str, Any]],
     kept: dict[int, dict[str, Any]],
     history: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """A complete round's checkpoint: the server's global state, every client's state with its data
-    partition and the thresholds of the round it keeps, the history, the config, the RNG and provenance."""
+    """A complete round's checkpoint: the server's global state, what the engine keeps of every client
+    (``clients``: the Fabric engine its state and data partition, Flower its products) with the thresholds
+    of the round it keeps, the history, the config, the RNG and provenance."""
     return {
         "round": round_idx,
         "method": cfg.method.value,
@@ -77,14 +76,12 @@ def round_payload(
         # Per client: "model" is the state after this round (for resume), "kept" the state a user gets.
         "clients": {
             k: {
-                **client_states[k],
-                "train": [s.path for s in partition[k].train],
-                "products": list(partition[k].products),
+                **clients[k],
                 "threshold": kept[k]["threshold"],
                 "product_thresholds": kept[k].get("product_thresholds", {}),
                 "normalizer": kept[k].get("normalizer", {}),
             }
-            for k in sorted(client_states)
+            for k in sorted(clients)
         },
         "threshold": history[-1]["threshold"],
         "config": to_container(cfg),

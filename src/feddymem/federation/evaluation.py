@@ -20,6 +20,13 @@ from feddymem.metrics.normalize import ScoreNormalizer
 from feddymem.metrics.threshold import normal_threshold
 
 
+def test_set_scored(cfg: Any, round_idx: int) -> bool:
+    """Whether the test set is scored after ``round_idx`` (``federation.eval_every``, and the last round;
+    0 = never: each client's kept state is scored once at the end)."""
+    every = cfg.federation.eval_every
+    return every > 0 and (round_idx % every == 0 or round_idx == cfg.federation.rounds)
+
+
 def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     """A digest of a client's trainable state (generator, radius, memory): equal states, equal scores."""
     digest = hashlib.blake2b(digest_size=16)

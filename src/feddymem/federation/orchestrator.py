@@ -37,7 +37,7 @@ from feddymem.federation.distributed import (
     gather_to_server,
     make_fabric,
 )
-from feddymem.federation.evaluation import Evaluator
+from feddymem.federation.evaluation import Evaluator, test_set_scored
 from feddymem.federation.messages import ServerReply
 from feddymem.federation.reporting import RunReporter, kept_record
 from feddymem.federation.server import Server, TooFewClients
@@ -147,12 +147,6 @@ class FederatedOrchestrator:
         if self.resume:
             self.restore(self.checkpoints.read())
 
-    def tested(self, round_idx: int) -> bool:
-        """Whether the test set is scored after ``round_idx`` (``federation.eval_every``; 0 = never, the kept
-        states are scored once at the end)."""
-        every = self.cfg.federation.eval_every
-        return every > 0 and (round_idx % every == 0 or round_idx == self.cfg.federation.rounds)
-
     def run_round(self, round_idx: int) -> dict[str, Any] | None:
         """One round on every rank; the round's stored record on rank 0, ``None`` elsewhere."""
         start = time.perf_counter()
@@ -166,7 +160,7 @@ class FederatedOrchestrator:
         if reply.error:
             raise TooFewClients(reply.error) if self.is_server else PeerFailure(reply.error)
         update_seconds = self.runner.apply(reply)
-        tested = self.tested(round_idx)
+        tested = test_set_scored(self.cfg, round_idx)
         evaluations = [self.runner.evaluate(c, round_idx, tested, update_seconds[c.id]) for c in self.clients]
         gathered_eval = gather_to_server(self.fabric, evaluations)
         if self.server is None or gathered_eval is None:
@@ -188,7 +182,8 @@ class FederatedOrchestrator:
 
     def final_evaluation(self) -> dict[int, dict[str, Any]]:
         """Test metrics of every client's kept state whose round was not scored on the test set (on rank 0)."""
-        local = {c.id: self.runner.test_kept(c) for c in self.clients if c.kept and not self.tested(c.kept.round)}
+        untested = [c for c in self.clients if c.kept and not test_set_scored(self.cfg, c.kept.round)]
+        local = {c.id: self.runner.test_kept(c) for c in untested}
         gathered = gather_to_server(self.fabric, local)
         if gathered is None:
             return {}
@@ -203,9 +198,13 @@ class FederatedOrchestrator:
         gathered = gather_to_server(self.fabric, self.runner.states())
         if self.server is None or gathered is None:
             return
-        states = {k: v for part in gathered for k, v in part.items()}
+        clients = {}
+        for part in gathered:
+            for k, state in part.items():
+                data = self.all_clients[k]
+                clients[k] = {**state, "train": [s.path for s in data.train], "products": data.products}
         kept = kept_record(self.history, self.final_tests)["clients"]
-        payload = round_payload(round_idx, self.cfg, self.server.state(), states, self.all_clients, kept, self.history)
+        payload = round_payload(round_idx, self.cfg, self.server.state(), clients, kept, self.history)
         self.checkpoints.write(round_idx, payload, self.summary())
 
     def restore(self, payload: dict[str, Any]) -> None:
@@ -278,7 +277,7 @@ class FederatedOrchestrator:
                 record = self.run_round(round_idx)
                 if record is not None:
                     self.history.append(record)
-                    self.run_report.log_round(record, tested=self.tested(round_idx))
+                    self.run_report.log_round(record, tested=test_set_scored(self.cfg, round_idx))
                 self.save(round_idx)
                 if self.should_stop(round_idx):
                     break

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -27,10 +26,10 @@ from feddymem.data.check import DataPlan, plan_data, verify_plan
 from feddymem.data.feature_cache import FeatureCache
 from feddymem.data.partition import ClientData
 from feddymem.errors import ConfigError, FedDyMemError
-from feddymem.federation.checkpointing import RunCheckpoints, provenance
+from feddymem.federation.checkpointing import RunCheckpoints, provenance, round_payload
 from feddymem.federation.client import Client, Loaders, build_clients
 from feddymem.federation.client_runner import ClientRunner
-from feddymem.federation.evaluation import Evaluator
+from feddymem.federation.evaluation import Evaluator, test_set_scored
 from feddymem.federation.messages import ClientEvaluation, ClientResult
 from feddymem.federation.reporting import RunReporter, kept_record
 from feddymem.federation.server import Server, TooFewClients
@@ -262,15 +261,10 @@ class FlowerServerRun:
             )
         self.server = Server(self.cfg, self.strategy, [sizes[k] for k in range(wanted)])
 
-    def tested(self, round_idx: int) -> bool:
-        """As the Fabric engine: ``federation.eval_every`` and the last round."""
-        every = self.cfg.federation.eval_every
-        return every > 0 and (round_idx % every == 0 or round_idx == self.cfg.federation.rounds)
-
     def run_round(self, round_idx: int) -> dict[str, Any]:
         """One round across the sites; its stored record."""
         start = time.perf_counter()
-        meta = {"round": MetricRecord({"round": round_idx, "tested": int(self.tested(round_idx))})}
+        meta = {"round": MetricRecord({"round": round_idx, "tested": int(test_set_scored(self.cfg, round_idx))})}
         results: list[ClientResult] = []
         for client_id, answer in self._ask("train", meta).items():
             try:
@@ -311,7 +305,7 @@ class FlowerServerRun:
     def final_tests(self) -> dict[int, dict[str, Any]]:
         """Test metrics of each client's kept state when its round was not scored."""
         last = self.history[-1]["clients"]
-        untested = [c for c in sorted(last) if not self.tested(last[c].get("kept_round", 0))]
+        untested = [c for c in sorted(last) if not test_set_scored(self.cfg, last[c].get("kept_round", 0))]
         if not untested:
             return {}
         out, rows = {}, []
@@ -340,27 +334,9 @@ class FlowerServerRun:
     def checkpoint(self, round_idx: int) -> None:
         """The server's part of the run (global memory, history, thresholds): the sites keep their models."""
         kept = kept_record(self.history, {})["clients"]
-        payload = {
-            "round": round_idx,
-            "method": self.strategy.name,
-            "engine": "flower",
-            **self.server.state(),
-            "clients": {
-                k: {
-                    "products": self.products[k],
-                    "threshold": kept[k]["threshold"],
-                    "product_thresholds": kept[k].get("product_thresholds", {}),
-                    "normalizer": kept[k].get("normalizer", {}),
-                }
-                for k in sorted(kept)
-            },
-            "threshold": self.history[-1]["threshold"],
-            "config": to_container(self.cfg),
-            "history": self.history,
-            "rng": {"torch": torch.get_rng_state()},
-            "provenance": provenance(self.cfg),
-        }
-        self.checkpoints.write(round_idx, payload, self.summary({}))
+        clients = {k: {"products": self.products[k]} for k in kept}
+        payload = round_payload(round_idx, self.cfg, self.server.state(), clients, kept, self.history)
+        self.checkpoints.write(round_idx, {**payload, "engine": "flower"}, self.summary({}))
 
     def run(self) -> dict[str, Any]:
         """The whole run; the summary written to ``metrics.json``."""
@@ -383,7 +359,7 @@ class FlowerServerRun:
         )
         for round_idx in range(self.cfg.federation.rounds + 1):
             self.history.append(self.run_round(round_idx))
-            self.report.log_round(self.history[-1], tested=self.tested(round_idx))
+            self.report.log_round(self.history[-1], tested=test_set_scored(self.cfg, round_idx))
             self.checkpoint(round_idx)
         final_tests = self.final_tests()
         summary = self.summary(final_tests)

@@ -4,7 +4,6 @@ client's persistent state between messages is kept the same way in its node's ``
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -81,10 +80,3 @@ def load_client_state(client: Client, state: RecordDict) -> None:
         client.kept = KeptState(int(meta["round"]), float(meta["criterion"]), _tensors(state["kept"]))  # type: ignore
     if "anchor" in state:
         client.anchor = _tensors(state["anchor"])  # type: ignore[arg-type]
-
-
-def config_record_json(record: Any, key: str) -> Any:
-    """A JSON value stored as a string in a ConfigRecord, or a MalformedMessage naming the key."""
-    if not isinstance(record, ConfigRecord) or not isinstance(record.get(key), str):
-        raise MalformedMessage(f"the message has no '{key}'")
-    return json.loads(str(record[key]))
