@@ -93,6 +93,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy_report(args: argparse.Namespace) -> int:
+    """``feddymem privacy-report``: inversion and membership attacks on a finished run's uploads."""
+    from feddymem.privacy.report import UploadVariant, privacy_report, render_table
+
+    variants = [UploadVariant.parse(v) for v in args.variant]
+    report = privacy_report(
+        args.run_dir,
+        args.client,
+        variants,
+        attack_images=args.attack_images,
+        public_images=args.public_images,
+        seed=args.seed,
+    )
+    print(render_table(report), end="")
+    print(f"wrote {Path(args.run_dir) / 'privacy'}/privacy.md, privacy.json, inversion.png ({report['time_s']:.0f} s)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """``feddymem export``: a trained client as ONNX or TorchScript."""
     from feddymem.errors import OutputError
@@ -163,6 +181,25 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="runs/<name>")
     report.add_argument("--client", type=client_id, default=0, help="client whose anomaly maps to draw")
     report.set_defaults(func=cmd_report)
+    privacy = sub.add_parser(
+        "privacy-report",
+        help="attack a run's uploads: feature inversion and membership inference",
+        description="Inversion (PSNR/SSIM against an unrelated-image floor) and membership-inference (AUC) attacks "
+        "on one client's upload, next to its per-image embeddings and the un-reduced coreset bank.",
+    )
+    privacy.add_argument("run_dir", help="runs/<name> (a finished run with checkpoints/last.ckpt)")
+    privacy.add_argument("--client", type=client_id, default=0, help="the client whose uploads are attacked")
+    privacy.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="another upload to attack, e.g. 'size=784,min_cluster_size=10' or 'noise_multiplier=1,"
+        "patches_per_image=16' (keys: reduce, size, min_cluster_size, noise_multiplier, patches_per_image); repeatable",
+    )
+    privacy.add_argument("--attack-images", type=positive_int, default=128, help="members (and non-members) attacked")
+    privacy.add_argument("--public-images", type=positive_int, default=96, help="the server's decoder training images")
+    privacy.add_argument("--seed", type=int, default=0)
+    privacy.set_defaults(func=cmd_privacy_report)
     export = sub.add_parser("export", help="write a self-contained inference model (ONNX or TorchScript)")
     export.add_argument("checkpoint", help="runs/<name>/checkpoints/last.ckpt")
     export.add_argument("--client", type=client_id, default=0)

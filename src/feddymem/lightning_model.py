@@ -23,6 +23,7 @@ from feddymem.metrics.aupro import AUPRO
 from feddymem.metrics.auroc import AUROC
 from feddymem.models.backbone import FeatureExtractor
 from feddymem.models.torch_model import FedDyMemModel
+from feddymem.privacy.mechanism import NoiseSettings
 
 
 def _value(choice: Any) -> str:
@@ -59,6 +60,10 @@ class FedDyMemModule(L.LightningModule):
         kmeans_iters: int = _D.memory.kmeans_iters,
         max_points_per_centroid: int = _D.memory.max_points_per_centroid,
         min_cluster_size: int = _D.memory.min_cluster_size,
+        noise_multiplier: float = _D.privacy.noise_multiplier,
+        clip_norm: float = _D.privacy.clip_norm,
+        noise_patches_per_image: int = _D.privacy.patches_per_image,
+        noise_iters: int = _D.privacy.kmeans_iters,
         lr: float = _D.optim.lr,
         weight_decay: float = _D.optim.weight_decay,
         seed: int = _D.seed,
@@ -84,6 +89,10 @@ class FedDyMemModule(L.LightningModule):
                 "kmeans_iters": kmeans_iters,
                 "max_points_per_centroid": max_points_per_centroid,
                 "min_cluster_size": min_cluster_size,
+                "noise_multiplier": noise_multiplier,
+                "clip_norm": clip_norm,
+                "noise_patches_per_image": noise_patches_per_image,
+                "noise_iters": noise_iters,
                 "lr": lr,
                 "weight_decay": weight_decay,
                 "seed": seed,
@@ -122,6 +131,10 @@ class FedDyMemModule(L.LightningModule):
             "kmeans_iters": mem.kmeans_iters,
             "max_points_per_centroid": mem.max_points_per_centroid,
             "min_cluster_size": mem.min_cluster_size,
+            "noise_multiplier": cfg.privacy.noise_multiplier,
+            "clip_norm": cfg.privacy.clip_norm,
+            "noise_patches_per_image": cfg.privacy.patches_per_image,
+            "noise_iters": cfg.privacy.kmeans_iters,
             "lr": cfg.optim.lr,
             "weight_decay": cfg.optim.weight_decay,
             "seed": cfg.seed + (client_id or 0),
@@ -176,6 +189,18 @@ class FedDyMemModule(L.LightningModule):
             max_points_per_centroid=hp["max_points_per_centroid"],
             min_cluster_size=hp["min_cluster_size"],
             gpu=self.device.type == "cuda",
+            noise=self.noise_settings,
+        )
+
+    @property
+    def noise_settings(self) -> NoiseSettings:
+        """The privacy noise of this client's uploads (``privacy.*``; off when the multiplier is 0)."""
+        hp = self.hparams
+        return NoiseSettings(
+            hp.get("noise_multiplier", 0.0),
+            hp.get("clip_norm", _D.privacy.clip_norm),
+            hp.get("noise_patches_per_image", 0),
+            hp.get("noise_iters", _D.privacy.kmeans_iters),
         )
 
     # --- training -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from feddymem.memory.reduce import MemoryBank
 from feddymem.metrics.threshold import normal_threshold
 from feddymem.models.backbone import FeatureExtractor
 from feddymem.models.generator import MemoryGenerator
+from feddymem.privacy.accountant import epsilon
 
 DIM = 8
 
@@ -118,3 +119,31 @@ def test_the_round_record_holds_every_client_bytes_and_thresholds():
     assert "image_auroc" not in c0 and c1["image_auroc"] == 0.75 and c1["pixel_auroc"] == 0.9 and "aupro" not in c1
     assert np.isclose(record["mean_image_auroc"], np.nan, equal_nan=True)  # client 0 was not tested
     assert record["mean_criterion"] == pytest.approx(0.6)
+
+
+def test_noisy_uploads_are_accounted_per_client_over_rounds_and_after_a_resume():
+    cfg = _cfg("federation.min_clients=1", "privacy.noise_multiplier=2", "privacy.delta=1e-6")
+    server = Server(cfg, make_strategy(cfg), [5, 6], _limits())
+    history = []
+    for round_idx in range(2):
+        results = [_result(0, 0.0), _result(1, 3.0)]
+        results[0].upload.releases = 4
+        if round_idx == 1:  # a rejected upload was still seen by the server: it counts
+            results[1].upload.payload = MemoryBank(torch.full((40, DIM), float("nan")), torch.ones(40), 3)
+            results[1].upload.releases = 3
+        reply = server.step(results, round_idx=round_idx)
+        evaluations = [ClientEvaluation(k, 0.5, np.array([1.0, 2.0]), {}, {}, 0.0) for k in range(2)]
+        history.append(server.record(round_idx, reply, results, evaluations, 99.0, None).to_dict())
+    c0, c1 = history[1]["clients"][0], history[1]["clients"][1]
+    assert c0["privacy_releases"] == 4 and c0["privacy_epsilon"] == pytest.approx(epsilon(2.0, 8, 1e-6))
+    assert "rejected" in c1["error"] and c1["privacy_releases"] == 3
+    assert c1["privacy_epsilon"] == pytest.approx(epsilon(2.0, 3, 1e-6))  # round 0 had no noise for client 1
+    assert history[1]["privacy"] == {
+        "noise_multiplier": 2.0,
+        "delta": 1e-6,
+        "releases": 8,
+        "epsilon": pytest.approx(epsilon(2.0, 8, 1e-6)),
+    }
+    resumed = Server(cfg, make_strategy(cfg), [5, 6], _limits())
+    resumed.restore({"global_memory": server.global_memory, "history": history})
+    assert resumed.releases == {0: 8, 1: 3}

@@ -46,7 +46,7 @@ def _same(a, b) -> bool:
 
 
 def test_a_memory_upload_round_trips_bit_for_bit():
-    result = ClientResult(4, Upload(_bank(), 5, 7), train_loss=float("nan"), time_s=1.25)
+    result = ClientResult(4, Upload(_bank(), 5, 7, releases=4), train_loss=float("nan"), time_s=1.25)
     msg = encode_result(result)
     assert all(isinstance(v, np.ndarray) for v in msg.arrays.values())
     assert all(isinstance(v, int | float) for v in msg.metrics.values())
@@ -55,6 +55,8 @@ def test_a_memory_upload_round_trips_bit_for_bit():
     assert torch.equal(back.upload.payload.items, result.upload.payload.items)
     assert torch.equal(back.upload.payload.weights, result.upload.payload.weights)
     assert back.upload.payload.num_images == 3 and back.upload.memory_items == 5 and back.upload.num_images == 7
+    assert back.upload.releases == 4  # the server's privacy accounting needs them
+    assert decode_result(encode_result(ClientResult(4, Upload(_bank(), 5, 7)))).upload.releases == 0
     assert back.client_id == 4 and math.isnan(back.train_loss) and back.time_s == 1.25 and back.error is None
     assert msg.nbytes == result.upload.payload.nbytes
 

@@ -240,6 +240,12 @@ def validate(cfg: DictConfig) -> None:
             f"memory.local_kmeans_ratio=1 (got {cfg.memory.reduce.value}, {cfg.memory.size}, "
             f"{cfg.memory.local_kmeans_ratio})"
         )
+    if cfg.privacy.noise_multiplier > 0 and cfg.memory.reduce not in (Reduce.cluster_mean, Reduce.position_mean):
+        raise ConfigError(
+            f"'privacy.noise_multiplier' ({cfg.privacy.noise_multiplier}) needs memory.reduce=cluster_mean or "
+            f"position_mean, got {cfg.memory.reduce.value}: coreset uploads raw patches and position_weighted "
+            "weighs each image by all the others, so one image's influence has no bound"
+        )
     if cfg.federation.min_clients > cfg.data.num_clients:
         raise ConfigError(
             f"'federation.min_clients' ({cfg.federation.min_clients}) exceeds 'data.num_clients' "

@@ -218,6 +218,17 @@ class MemoryConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """``privacy``: Gaussian noise on the uploads (differential privacy per image; off by default)."""
+
+    noise_multiplier: float = ranged(0.0, 0.0)  # σ: noise std / one image's sensitivity; 0 = no noise
+    clip_norm: float = ranged(50.0, 0.0, lo_open=True)  # C: patch embeddings scaled to at most this L2 norm
+    delta: float = ranged(1e-5, 0.0, 1.0, lo_open=True, hi_open=True)  # the δ that ε is reported at
+    patches_per_image: int = ranged(0, 0)  # m: patches each image contributes (random); 0 = all H·W
+    kmeans_iters: int = ranged(3, 1)  # noisy Lloyd iterations per round (memory.reduce=cluster_mean)
+
+
+@dataclass
 class ServerConfig:
     """``server``: the global memory, its aggregation and the upload limits."""
 
@@ -342,6 +353,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)

@@ -26,6 +26,7 @@ class Upload:
     payload: Payload | None = None
     memory_items: int | None = None
     num_images: int | None = None  # images the memory was built from
+    releases: int = 0  # Gaussian releases (privacy noise) that made the payload; 0 = no noise
 
 
 @dataclass
@@ -63,7 +64,9 @@ class ClientResult:
 
     def reject(self, reason: str) -> None:
         """The server refused the upload: the client is left out of the round, with the reason."""
-        self.error, self.upload = reason, Upload(None, self.upload.memory_items, self.upload.num_images)
+        # The server saw it all the same: its releases still count against the client's privacy.
+        u = self.upload
+        self.error, self.upload = reason, Upload(None, u.memory_items, u.num_images, u.releases)
 
 
 @dataclass
@@ -118,6 +121,8 @@ class ClientRecord:
     error: str | None = None
     memory_items: int | None = None
     memory_patches: int | None = None  # the bank before memory-reduce: every patch of every training image
+    privacy_releases: int | None = None  # Gaussian releases in this round's upload (privacy.noise_multiplier > 0)
+    privacy_epsilon: float | None = None  # the client's ε over every release so far (at privacy.delta)
     evaluation: ClientEvaluation | None = None
     threshold: float | None = None  # from the held-out normal scores
 
@@ -130,7 +135,7 @@ class ClientRecord:
             "bytes_down": self.bytes_down,
             "train_images": self.train_images,
         }
-        for key in ("error", "train_loss", "memory_items", "memory_patches"):
+        for key in ("error", "train_loss", "memory_items", "memory_patches", "privacy_releases", "privacy_epsilon"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if (ev := self.evaluation) is not None:
@@ -161,6 +166,7 @@ class RoundRecord:
     threshold: float  # the global model's threshold, over every client's held-out normal scores
     time_s: float = 0.0
     cache: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, float] | None = None  # noise multiplier, δ and the largest client ε so far
 
     @property
     def bytes_up(self) -> int:
@@ -200,4 +206,5 @@ class RoundRecord:
             "mean_criterion": self.mean_criterion,
             "time_s": self.time_s,
             "cache": self.cache,
+            **({"privacy": self.privacy} if self.privacy else {}),
         }

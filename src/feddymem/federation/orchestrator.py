@@ -39,7 +39,7 @@ from feddymem.federation.distributed import (
 )
 from feddymem.federation.evaluation import Evaluator, test_set_scored
 from feddymem.federation.messages import ServerReply
-from feddymem.federation.reporting import RunReporter, kept_record
+from feddymem.federation.reporting import RunReporter, final_summary, kept_record
 from feddymem.federation.server import Server, TooFewClients
 from feddymem.federation.strategies import make_strategy
 from feddymem.io import atomic_write_json, atomic_write_text, claim_output_dir, run_dir_problem
@@ -218,14 +218,13 @@ class FederatedOrchestrator:
 
     def summary(self) -> dict[str, Any]:
         """What ``metrics.json`` holds: every round's record, each client's kept result, cache statistics."""
-        final = kept_record(self.history, self.final_tests) if self.history else {}
         stats = self.cache.stats
         return {
             "run_dir": str(self.run_dir),
             "method": self.method,
             "world_size": self.fabric.world_size,
             "rounds": self.history,
-            "final": {"mean_image_auroc": final.get("mean_image_auroc"), "clients": final.get("clients", {})},
+            "final": final_summary(self.history, self.final_tests),
             "cache": {
                 "extracted_images": stats.extracted,
                 "extraction_s": stats.extraction_seconds,

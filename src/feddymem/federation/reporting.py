@@ -41,6 +41,15 @@ def kept_record(history: list[dict[str, Any]], final_tests: dict[int, dict[str, 
     }
 
 
+def final_summary(history: list[dict[str, Any]], final_tests: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """``metrics.json``'s ``final``: the kept results' mean and clients, and the privacy spent over the run."""
+    final = kept_record(history, final_tests) if history else {}
+    out = {"mean_image_auroc": final.get("mean_image_auroc"), "clients": final.get("clients", {})}
+    if history and history[-1].get("privacy"):
+        out["privacy"] = history[-1]["privacy"]  # every upload so far counts, not only the kept round's
+    return out
+
+
 class RunReporter:
     """The console, the experiment loggers and the run folder's report files of one run (rank 0 writes)."""
 

@@ -22,12 +22,14 @@ from feddymem.federation.messages import (
     RoundRecord,
     ServerLimits,
     ServerReply,
+    Upload,
 )
 from feddymem.federation.strategies import Strategy
 from feddymem.federation.upload import UploadRejected, payload_bytes
 from feddymem.metrics.threshold import normal_threshold
 from feddymem.models.backbone import feature_geometry
 from feddymem.models.generator import MemoryGenerator
+from feddymem.privacy.accountant import epsilon
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class Server:
         self.limits = limits or server_limits(cfg)
         self.global_memory: torch.Tensor | None = None
         self.global_generator: dict[str, torch.Tensor] | None = None  # FedAvg, FedProx
+        self.releases: dict[int, int] = {}  # each client's noisy releases so far (privacy.noise_multiplier > 0)
 
     def accept(self, results: list[ClientResult], round_idx: int) -> list[ClientResult]:
         """The results whose uploads are valid (in client order); the others get the reason as their error.
@@ -138,6 +141,7 @@ class Server:
                 if upload is None or upload.num_images is None
                 else upload.num_images * self.limits.patch_positions,
             )
+            self.account(cid, clients[cid], upload)
         for ev in evaluations:
             clients[ev.client_id].evaluation = ev
             clients[ev.client_id].threshold = normal_threshold(ev.normal_scores, quantile, k_sigma)
@@ -149,7 +153,31 @@ class Server:
             reply.stats,
             clients,
             threshold=normal_threshold(every_normal, quantile, k_sigma),
+            privacy=self.privacy_spent(),
         )
+
+    def account(self, client_id: int, record: ClientRecord, upload: Upload | None) -> None:
+        """Add the noisy releases of ``upload`` to the client's total (a rejected upload was still seen)."""
+        releases = upload.releases if upload else 0
+        if releases:
+            self.releases[client_id] = self.releases.get(client_id, 0) + releases
+            record.privacy_releases = releases
+        if client_id in self.releases:
+            p = self.cfg.privacy
+            record.privacy_epsilon = epsilon(p.noise_multiplier, self.releases[client_id], p.delta)
+
+    def privacy_spent(self) -> dict[str, float] | None:
+        """The privacy of every upload so far: the noise, δ and the largest ε of any client (None without noise)."""
+        if not self.releases:
+            return None
+        p = self.cfg.privacy
+        worst = max(self.releases.values())
+        return {
+            "noise_multiplier": float(p.noise_multiplier),
+            "delta": float(p.delta),
+            "releases": worst,
+            "epsilon": epsilon(p.noise_multiplier, worst, p.delta),
+        }
 
     def state(self) -> dict[str, Any]:
         """The server's part of a checkpoint."""
@@ -162,3 +190,8 @@ class Server:
         """Continue from a checkpoint's global memory and generator."""
         self.global_memory = payload["global_memory"]
         self.global_generator = payload.get("global_generator")
+        self.releases = {}
+        for record in payload.get("history", []):
+            for cid, stats in record["clients"].items():
+                if stats.get("privacy_releases"):
+                    self.releases[int(cid)] = self.releases.get(int(cid), 0) + int(stats["privacy_releases"])

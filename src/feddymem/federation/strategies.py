@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from feddymem.errors import ConfigError
 from feddymem.federation.baselines import average_parameters
 from feddymem.federation.messages import ServerLimits, ServerReply, Upload
 from feddymem.federation.upload import validate_parameters, validate_upload
@@ -45,6 +46,7 @@ class Strategy:
     pooled: ClassVar[bool] = False  # one model over every client's pooled training images
     trains: ClassVar[bool] = True  # the generator learns (after round 0)
     single_round: ClassVar[bool] = False  # the round-0 state is the model: stop after it
+    shares_memory: ClassVar[bool] = True  # what leaves a client is its reduced memory (privacy noise applies)
     module_overrides: ClassVar[dict[str, Any]] = {}  # FedDyMemModule settings the method fixes, over the config's
 
     def __init__(self, cfg: Any, server_gpu: bool = False) -> None:
@@ -69,7 +71,7 @@ class Strategy:
         if not self.rebuilds_memory(round_idx):
             return Upload()  # ablation: the round-0 memory is kept
         bank = client.build_memory()
-        return Upload(bank, int(bank.items.shape[0]), bank.num_images)
+        return Upload(bank, int(bank.items.shape[0]), bank.num_images, bank.releases)
 
     def apply(self, client: ClientSide, reply: ServerReply) -> None:
         """The client takes the server's reply: the global memory becomes its memory."""
@@ -129,6 +131,7 @@ class Local(Strategy):
     """Every client alone with its own memory: nothing is sent."""
 
     name = "local"
+    shares_memory = False
 
     def uploads_in(self, round_idx: int) -> bool:
         """Never: nothing leaves a local client."""
@@ -166,6 +169,7 @@ class FedAvg(Strategy):
     """Generator parameters averaged by client size; every client keeps a local memory built with them."""
 
     name = "fedavg"
+    shares_memory = False
 
     def uploads_in(self, round_idx: int) -> bool:
         """Every round: the generators are averaged from round 0 on."""
@@ -219,4 +223,10 @@ STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Strategy, Local, Ce
 
 def make_strategy(cfg: Any, server_gpu: bool = False) -> Strategy:
     """The strategy of ``cfg.method``: the one place that branches on a method's name."""
-    return STRATEGIES[str(getattr(cfg.method, "value", cfg.method))](cfg, server_gpu)
+    strategy = STRATEGIES[str(getattr(cfg.method, "value", cfg.method))](cfg, server_gpu)
+    if cfg.privacy.noise_multiplier > 0 and not strategy.shares_memory:
+        raise ConfigError(
+            f"'privacy.noise_multiplier' ({cfg.privacy.noise_multiplier}) adds noise to memory uploads; "
+            f"method={strategy.name} uploads no memory (use method=feddymem)"
+        )
+    return strategy

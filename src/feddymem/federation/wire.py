@@ -86,6 +86,8 @@ def encode_result(result: ClientResult) -> WireMessage:
     for key in ("memory_items", "num_images"):
         if (value := getattr(result.upload, key)) is not None:
             msg.metrics[key] = value
+    if result.upload.releases:
+        msg.metrics["releases"] = result.upload.releases
     if result.error is not None:
         msg.config["error"] = result.error
     return msg
@@ -111,7 +113,12 @@ def decode_result(msg: WireMessage, client_id: int | None = None) -> ClientResul
         payload = _take_tensors(msg.arrays, _GENERATOR)
     elif kind is not None:
         raise MalformedMessage(f"unknown payload kind '{kind}'")
-    upload = Upload(payload, _optional(msg.metrics, "memory_items", int), _optional(msg.metrics, "num_images", int))
+    upload = Upload(
+        payload,
+        _optional(msg.metrics, "memory_items", int),
+        _optional(msg.metrics, "num_images", int),
+        _optional(msg.metrics, "releases", int) or 0,
+    )
     return ClientResult(
         claimed,
         upload,

@@ -31,7 +31,7 @@ from feddymem.federation.client import Client, Loaders, build_clients
 from feddymem.federation.client_runner import ClientRunner
 from feddymem.federation.evaluation import Evaluator, test_set_scored
 from feddymem.federation.messages import ClientEvaluation, ClientResult
-from feddymem.federation.reporting import RunReporter, kept_record
+from feddymem.federation.reporting import RunReporter, final_summary, kept_record
 from feddymem.federation.server import Server, TooFewClients
 from feddymem.federation.strategies import make_strategy
 from feddymem.federation.wire import (
@@ -321,14 +321,13 @@ class FlowerServerRun:
 
     def summary(self, final_tests: dict[int, dict[str, Any]]) -> dict[str, Any]:
         """``metrics.json``: as the Fabric engine's, with the engine and the number of sites."""
-        final = kept_record(self.history, final_tests) if self.history else {}
         return {
             "run_dir": str(self.run_dir),
             "method": self.strategy.name,
             "engine": "flower",
             "sites": len(self.nodes),
             "rounds": self.history,
-            "final": {"mean_image_auroc": final.get("mean_image_auroc"), "clients": final.get("clients", {})},
+            "final": final_summary(self.history, final_tests),
         }
 
     def checkpoint(self, round_idx: int) -> None:

@@ -10,6 +10,10 @@ Every reduction is a weighted average of patch embeddings, so no item is a singl
 
 ``coreset`` is the "no memory-reduce" ablation: a greedy k-center coreset of the raw patch bank
 (PatchCore's selection), ``coreset_ratio`` of all patches, each a real patch of one image (weight 1).
+
+With ``noise`` (``privacy.noise_multiplier`` > 0) ``cluster_mean`` and ``position_mean`` release noisy sums
+instead (:mod:`feddymem.privacy.mechanism`). ``coreset`` uploads raw patches and ``position_weighted``
+weighs each image by statistics of all the others: neither has a bounded sensitivity.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from feddymem.memory.kmeans import kmeans
 from feddymem.memory.search import squared_distances
+from feddymem.privacy.mechanism import NoiseSettings, private_cluster_mean, private_position_mean
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,7 @@ class MemoryBank:
     items: torch.Tensor
     weights: torch.Tensor
     num_images: int
+    releases: int = 0  # Gaussian mechanisms that made it (privacy.noise_multiplier > 0); 0 = no noise
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors that cross the client boundary."""
@@ -146,6 +152,7 @@ def reduce_memory(
     max_points_per_centroid: int = 64,
     min_cluster_size: int = 1,
     gpu: bool = False,
+    noise: NoiseSettings | None = None,
 ) -> MemoryBank:
     """Reduce a client's embeddings (N, D, H, W) to an upload with ``method`` (see module docstring)."""
     method = getattr(method, "value", method)
@@ -154,6 +161,8 @@ def reduce_memory(
         raise ValueError("memory-reduce needs at least one image")
     size = size or h * w
     emb = embeddings.float()
+    if noise is not None and noise.enabled:
+        return _private_reduce(emb, method, size, noise, global_memory, local_kmeans_ratio, min_cluster_size)
     if method == "cluster_mean":
         patches = emb.permute(0, 2, 3, 1).reshape(-1, d)
         # Privacy: a larger memory must never turn the upload into raw patches. At most one item per
@@ -205,3 +214,28 @@ def reduce_memory(
             items, size, iters=iters, seed=seed, weights=mass, max_points_per_centroid=max_points_per_centroid, gpu=gpu
         )
     return MemoryBank(items.contiguous(), mass, n)
+
+
+def _private_reduce(
+    emb: torch.Tensor,
+    method: str,
+    size: int,
+    noise: NoiseSettings,
+    global_memory: torch.Tensor | None,
+    local_kmeans_ratio: int,
+    min_cluster_size: int,
+) -> MemoryBank:
+    """The noisy counterpart of each memory-reduce; later steps (position_*'s second stage) only
+    post-process what was released."""
+    if method == "cluster_mean":
+        released = private_cluster_mean(emb, size, noise, init=global_memory, min_cluster_size=min_cluster_size)
+    elif method == "position_mean":
+        released = private_position_mean(emb, noise)
+        target = released.items.shape[0] // local_kmeans_ratio if local_kmeans_ratio > 1 else size
+        if target < released.items.shape[0]:
+            released.items, released.weights = cluster_mean(
+                released.items, target, weights=released.weights, min_cluster_size=1
+            )
+    else:  # coreset: raw patches; position_weighted: each image's weight depends on the others'
+        raise ValueError(f"privacy noise supports memory.reduce=cluster_mean or position_mean, not {method}")
+    return MemoryBank(released.items, released.weights, emb.shape[0], released.releases)
