@@ -105,6 +105,7 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
         attack_images=args.attack_images,
         public_images=args.public_images,
         seed=args.seed,
+        decoder_steps=args.decoder_steps,
     )
     print(render_table(report), end="")
     print(f"wrote {Path(args.run_dir) / 'privacy'}/privacy.md, privacy.json, inversion.png ({report['time_s']:.0f} s)")
@@ -198,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     privacy.add_argument("--attack-images", type=positive_int, default=128, help="members (and non-members) attacked")
     privacy.add_argument("--public-images", type=positive_int, default=96, help="the server's decoder training images")
+    privacy.add_argument(
+        "--decoder-steps", type=int, default=0, help="inversion decoder's training steps (0: 8 epochs, at least 400)"
+    )
     privacy.add_argument("--seed", type=int, default=0)
     privacy.set_defaults(func=cmd_privacy_report)
     export = sub.add_parser("export", help="write a self-contained inference model (ONNX or TorchScript)")

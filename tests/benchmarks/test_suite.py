@@ -68,3 +68,35 @@ def test_plan_errors_name_the_key_and_the_choices(tmp_path, synthetic_yaml):
     with pytest.raises(ConfigError, match="not in the benchmark plan: nope; it has feddymem, fedavg"):
         run_suite(load_plan(_plan(tmp_path, synthetic_yaml)), tmp_path / "o", tmp_path / "r", methods=["nope"])
     assert load_plan().methods["fedprox"] == ["method=fedprox", "federation.prox_mu=0.01"]
+
+
+def test_privacy_study_attacks_every_rows_upload_and_links_into_results_md(tmp_path, synthetic_yaml):
+    plan = tmp_path / "privacy.yaml"
+    plan.write_text(
+        "seed: 0\n"
+        f"overrides: [federation.rounds=0, data.num_clients=2, {', '.join(FAST)}]\n"
+        f"datasets: {{synthetic: ['dataset={synthetic_yaml}']}}\n"
+        "methods: {feddymem: [memory.min_cluster_size=3], noisy: [privacy.noise_multiplier=1, "
+        "privacy.patches_per_image=4]}\n"
+        "convergence: []\nperf: {dataset: none}\n"
+        "privacy: {client: 0, attack_images: 6, public_images: 8, decoder_steps: 100}\n"
+    )
+    out = tmp_path / "bench"
+    study = run_suite(load_plan(plan), out / "privacy", tmp_path / "runs")
+    rows = {r["upload"]: r for r in study["privacy"]["synthetic"]["rows"]}
+    references = ["per-image embeddings (a)", "un-reduced bank: coreset of raw patches (b)"]
+    assert list(rows) == [*references, "feddymem", "noisy"]
+    assert rows["noisy"]["epsilon"] > 0 and rows["feddymem"]["epsilon"] is None
+    assert rows["feddymem"]["patches_per_item"] >= 3
+    md = (out / "privacy" / "results.md").read_text()
+    assert "## Privacy: what each upload leaks" in md and "| noisy | `privacy.noise_multiplier=1" in md
+    assert "## Convergence" not in md and not (out / "privacy" / "convergence.png").exists()
+    # The main results.md links the study in: rendered again from its results.json.
+    (out / "results.json").write_text((out / "privacy" / "results.json").read_text().replace('"privacy": {', '"x": {'))
+    assert main(["render", "--out", str(out), "--plan", str(plan)]) == 0
+    assert "From the privacy study ([`privacy/results.md`]" in (out / "results.md").read_text()
+    trained = tmp_path / "trained.yaml"
+    trained.write_text(plan.read_text().replace("federation.rounds=0", "federation.rounds=1"))
+    with pytest.raises(ConfigError, match="'feddymem' trains"):  # before any run starts
+        run_suite(load_plan(trained), tmp_path / "o2", tmp_path / "r2")
+    assert not (tmp_path / "r2").exists()

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from synthetic import texture
 
 from feddymem.memory.reduce import reduce_memory
 from feddymem.privacy.attacks import image_windows, invert_images, invert_items, membership_auc, tile, train_decoder
+from synthetic import texture
 
 
 def _images(seed: int, count: int, size: int = 96) -> torch.Tensor:
@@ -30,7 +30,8 @@ def embedded(fedmodel):
             return fedmodel.embed(fedmodel.extract((pixels - mean) / std))
 
     public, members, others = _images(0, 24), _images(1, 8), _images(2, 8)
-    return {name: (pixels, embed(pixels)) for name, pixels in [("public", public), ("members", members), ("others", others)]}
+    sets = [("public", public), ("members", members), ("others", others)]
+    return {name: (pixels, embed(pixels)) for name, pixels in sets}
 
 
 @pytest.fixture(scope="module")

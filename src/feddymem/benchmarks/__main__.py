@@ -1,7 +1,8 @@
-"""``python -m feddymem.benchmarks suite|kmeans``.
+"""``python -m feddymem.benchmarks suite|render|kmeans``.
 
-``suite``: the whole benchmark (``make bench``). ``kmeans``: the server K-means timed alone on synthetic
-uploads, FAISS GPU/CPU vs scikit-learn (``scripts/gpu_check.sh``; needs no data).
+``suite``: the whole benchmark (``make bench``). ``render``: results.md again from results.json.
+``kmeans``: the server K-means timed alone on synthetic uploads, FAISS GPU/CPU vs scikit-learn
+(``scripts/gpu_check.sh``; needs no data).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     suite.add_argument("--runs", default="runs/bench", help="where the runs' folders go")
     suite.add_argument("--datasets", nargs="+", default=None, help="only these data sets of the plan")
     suite.add_argument("--methods", nargs="+", default=None, help="only these methods of the plan")
+    render = sub.add_parser("render", help="rewrite results.md from results.json (and the privacy study's)")
+    render.add_argument("--plan", default=None, help="the plan the results came from (its convergence rows)")
+    render.add_argument("--out", default="benchmarks", help="the folder holding results.json")
     km = sub.add_parser("kmeans", help="server K-means on synthetic uploads: FAISS vs scikit-learn")
     km.add_argument("--clients", type=int, default=5)
     km.add_argument("--items", type=int, default=784)
@@ -35,7 +39,19 @@ def main(argv: list[str] | None = None) -> int:
             points = perf.synthetic_uploads(args.clients * scale, args.items, args.dim)
             print(json.dumps(perf.compare_kmeans(points, args.items)))
         return 0
-    from feddymem.benchmarks.suite import load_plan, run_suite
+    from feddymem.benchmarks.suite import load_plan, run_suite, write_markdown
+
+    if args.what == "render":
+        from pathlib import Path
+
+        out = Path(args.out)
+        try:
+            results = json.loads((out / "results.json").read_text())
+            print(f"wrote {write_markdown(results, load_plan(args.plan), out)}")
+        except (FedDyMemError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
 
     try:
         results = run_suite(load_plan(args.plan), args.out, args.runs, args.datasets, args.methods)

@@ -26,7 +26,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 def plot_convergence(results: dict[str, Any], methods: list[str], out: Path) -> None:
     """Mean image AUROC per round, one panel per data set; local and centralised as dashed references."""
     datasets = list(dict.fromkeys(r["dataset"] for r in results["runs"]))
-    if not datasets:
+    if not datasets or not methods:
         return
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.8), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
@@ -44,8 +44,11 @@ def plot_convergence(results: dict[str, Any], methods: list[str], out: Path) -> 
     save_figure(fig, out)
 
 
-def render_markdown(results: dict[str, Any], convergence: list[str]) -> str:
-    """``results.md``: every table of the results, with the convergence lines."""
+def render_markdown(
+    results: dict[str, Any], convergence: list[str], privacy_study: dict[str, Any] | None = None
+) -> str:
+    """``results.md``: every table of the results, with the convergence lines; the privacy section from the
+    results' own attacks, else from ``privacy_study`` (the privacy study's ``results.json``) when given."""
     m = results["machine"]
     v = m["versions"]
     lines = [
@@ -95,8 +98,76 @@ def render_markdown(results: dict[str, Any], convergence: list[str]) -> str:
                 f"{kept} | {r['time_per_round_s']:.1f} ({r['round0_s']:.1f}) | {r['peak_rss_mb'] / 1024:.2f} GB |"
             )
         lines.append("")
+    if results.get("privacy"):
+        lines += _privacy_section(results, datasets)
+    elif privacy_study and privacy_study.get("privacy"):
+        lines += _privacy_section(privacy_study, list(privacy_study["datasets"]), linked=True)
     lines += _upload_section(results, datasets) + _perf_section(results) + _convergence_section(results, convergence)
     return "\n".join(lines) + "\n"
+
+
+def _privacy_section(results: dict[str, Any], datasets: list[str], linked: bool = False) -> list[str]:
+    """What each row's upload leaks (``feddymem privacy-report``), next to its accuracy and bytes."""
+    reports = results.get("privacy") or {}
+    if not any(d in reports for d in datasets):
+        return []
+    m = results["machine"]
+    lines = [
+        "## Privacy: what each upload leaks",
+        "",
+        *(
+            [
+                "From the privacy study ([`privacy/results.md`](privacy/results.md), plan "
+                f"`configs/bench_privacy.yaml`, commit {m['commit']}, {results.get('total_s', 0) / 60:.0f} min on "
+                f"{m['cores']} cores): every row is round 0 with the defaults but its overrides.",
+                "",
+            ]
+            if linked
+            else []
+        ),
+        "Attacks of `feddymem privacy-report` on one client's upload per row (the row's memory-reduce and noise "
+        "settings, round-0 generator). Inversion: a decoder trained on the server's own public images (the normal "
+        "test images) turns each uploaded item into pixels; PSNR/SSIM of each reconstruction against its closest "
+        "window in the client's images, and in brackets against as many unrelated images of the same kind (the "
+        "floor). `identified`: share of reconstructions closer to the client's window than to the unrelated one "
+        "(0.5 = nothing); leaks = above chance (binomial p < 0.01) with PSNR above the floor. Membership AUC: "
+        "members vs non-members by distance to the upload (0.5 = nothing; larger of mean- and min-distance). "
+        "ε at the report's δ, per round (a round of FedDyMem makes the listed upload once). Per-image embeddings: "
+        "the worst case, a whole image's embeddings decoded and tiled. Per-product image AUROC and bytes from the "
+        "same row's run above.",
+        "",
+    ]
+    for dataset in datasets:
+        report = reports.get(dataset)
+        if not report:
+            continue
+        runs = {r["method"]: r for r in results["runs"] if r["dataset"] == dataset}
+        a = report["attack_images"]
+        lines += [
+            f"### {dataset}",
+            "",
+            f"Client {report['client']} ({report['members']} training images); {a['members']} members and "
+            f"{a['non_members']} non-members attacked; decoder trained on {a['public']} public images; "
+            f"δ = {report['delta']:g}.",
+            "",
+            "| upload | overrides | per-product image AUROC | up / client / round | items (patches / item) | "
+            "PSNR (floor) | SSIM (floor) | identified | inversion leaks? | membership AUC | ε per round |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in report["rows"]:
+            run = runs.get(row["upload"], {})
+            per_product = ", ".join(f"{p} {_f(v, 3)}" for p, v in run.get("product_image_auroc", {}).items()) or "–"
+            overrides = f"`{' '.join(run['overrides']) or '(defaults)'}`" if run else "–"
+            items = f"{row['items']} ({_f(row['patches_per_item'], 1)})" if row["items"] is not None else "–"
+            up = human_bytes(row["bytes"]) if row["bytes"] else "–"
+            lines.append(
+                f"| {row['upload']} | {overrides} | {per_product} | {up} | {items} | {_f(row['psnr'], 2)} "
+                f"({_f(row['psnr_floor'], 2)}) | {_f(row['ssim'], 3)} ({_f(row['ssim_floor'], 3)}) | "
+                f"{_f(row['identified'], 2)} | {'yes' if row['beats_floor'] else 'no'} | "
+                f"{_f(row['membership_auc'], 3)} | {_f(row['epsilon'], 2)} |"
+            )
+        lines.append("")
+    return lines
 
 
 def _upload_section(results: dict[str, Any], datasets: list[str]) -> list[str]:
@@ -195,6 +266,8 @@ def _perf_section(results: dict[str, Any]) -> list[str]:
 
 
 def _convergence_section(results: dict[str, Any], methods: list[str]) -> list[str]:
+    if not methods:
+        return []
     lines = [
         "## Convergence",
         "",

@@ -9,6 +9,7 @@ every run ``results.json`` and ``results.md`` are rewritten, so a stopped suite 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import shutil
@@ -47,6 +48,19 @@ class PerfPlan:
 
 
 @dataclass
+class PrivacyPlan:
+    """The attacks of ``feddymem privacy-report`` on every row's upload (``client`` < 0: none).
+
+    One report per data set, with the first row's run (its client ``client``'s generator and images) and
+    each row's upload settings: the rows must share the generator (``federation.rounds=0``)."""
+
+    client: int = -1
+    attack_images: int = 128
+    public_images: int = 96
+    decoder_steps: int = 0  # 0: 8 epochs over the public images, at least 400 steps
+
+
+@dataclass
 class BenchPlan:
     """A committed bench plan (``configs/bench*.yaml``): data sets, methods, rounds and overrides."""
 
@@ -56,6 +70,7 @@ class BenchPlan:
     methods: dict[str, list[str]] = field(default_factory=dict)  # row name → overrides
     convergence: list[str] = field(default_factory=lambda: ["feddymem", "fedavg", "fedprox"])
     perf: PerfPlan = field(default_factory=PerfPlan)
+    privacy: PrivacyPlan = field(default_factory=PrivacyPlan)
     title: str = "FedDyMem benchmarks"  # the heading of results.md
     notes: list[str] = field(default_factory=list)  # lines written under the heading
 
@@ -353,14 +368,17 @@ def run_suite(
         "runs": [],
         "cache": {},
         "perf": None,
+        "privacy": {},
     }
+    # Checked before anything runs: a privacy plan's rows must share one generator.
+    variants = {d: privacy_variants(plan, d, methods, runs_dir) for d in datasets} if plan.privacy.client >= 0 else {}
     start = time.perf_counter()
 
     def save() -> None:
         results["total_s"] = time.perf_counter() - start
         atomic_write_json(out_dir / "results.json", results)
         plot_convergence(results, plan.convergence, out_dir / "convergence.png")
-        atomic_write_text(out_dir / "results.md", render_markdown(results, plan.convergence))
+        write_markdown(results, plan, out_dir)
 
     for dataset in datasets:
         reporter.print(f"[bench] {dataset}: extracting features once for every method")
@@ -379,4 +397,51 @@ def run_suite(
                 f"{run['time_per_round_s']:.1f} s/round, wall {run['wall_s']:.0f} s"
             )
             save()
+        if plan.privacy.client >= 0:
+            reporter.print(f"[bench] {dataset}: attacks on client {plan.privacy.client}'s uploads")
+            first_run = runs_dir / f"{dataset}-{methods[0]}"
+            results["privacy"][dataset] = attack_rows(plan, dataset, variants[dataset], first_run)
+            save()
     return results
+
+
+def write_markdown(results: dict[str, Any], plan: BenchPlan, out_dir: Path) -> Path:
+    """``results.md`` of ``results``; a privacy study in ``out_dir/privacy/`` adds its section."""
+    study_path = out_dir / "privacy" / "results.json"
+    study = json.loads(study_path.read_text()) if study_path.is_file() else None
+    path = out_dir / "results.md"
+    atomic_write_text(path, render_markdown(results, plan.convergence, study))
+    return path
+
+
+def privacy_variants(plan: BenchPlan, dataset: str, methods: list[str], runs_dir: Path) -> list[Any]:
+    """Each method's upload settings, for the privacy attacks; every row must be round 0 (one generator)."""
+    from feddymem.privacy.report import UploadVariant
+
+    variants = []
+    for method in methods:
+        cfg = load_config([*_base_overrides(plan, dataset, runs_dir), *plan.methods[method]])
+        if cfg.federation.rounds != 0:
+            raise ConfigError(
+                f"privacy plan: '{method}' trains (federation.rounds={cfg.federation.rounds}); the attacked rows "
+                "share one generator, so every row needs federation.rounds=0"
+            )
+        variants.append(UploadVariant.of_config(method, cfg))
+    return variants
+
+
+def attack_rows(plan: BenchPlan, dataset: str, variants: list[Any], first_run: Path) -> dict[str, Any]:
+    """``feddymem privacy-report`` on the data set's first run, one row per method's upload settings."""
+    from feddymem.privacy.report import privacy_report
+
+    p = plan.privacy
+    return privacy_report(
+        first_run,
+        p.client,
+        variants,
+        attack_images=p.attack_images,
+        public_images=p.public_images,
+        seed=plan.seed,
+        own_upload=False,
+        decoder_steps=p.decoder_steps,
+    )

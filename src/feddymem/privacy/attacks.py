@@ -72,14 +72,16 @@ def train_decoder(
     batch: int = 512,
     lr: float = 1e-3,
     seed: int = 0,
+    steps: int = 0,
 ) -> InversionDecoder:
-    """Fit a decoder on the server's public pairs: embeddings (P, D) → windows (P, C, 2s, 2s)."""
+    """Fit a decoder on the server's public pairs: embeddings (P, D) → windows (P, C, 2s, 2s); ``steps``
+    optimiser steps (0: ``epochs`` passes, at least 400 steps, so that a small public set is still learned)."""
     torch.manual_seed(seed)
     decoder = InversionDecoder(embeddings.shape[1], tuple(windows.shape[1:]))  # type: ignore[arg-type]
     decoder.shift.copy_(embeddings.mean(0))
     decoder.scale.copy_(embeddings.std(0).clamp_min(1e-6))
     optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
-    steps = epochs * max(1, embeddings.shape[0] // batch)
+    steps = steps or max(400, epochs * (embeddings.shape[0] // batch))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     target = windows.flatten(1)
     for _ in range(steps):

@@ -52,6 +52,21 @@ class UploadVariant:
     min_cluster_size: int | None = None
     noise_multiplier: float | None = None
     patches_per_image: int | None = None
+    coreset_ratio: float | None = None
+
+    @classmethod
+    def of_config(cls, name: str, cfg: Any) -> UploadVariant:
+        """The upload a run of ``cfg`` makes (its memory-reduce and privacy settings)."""
+        mem, privacy = cfg.memory, cfg.privacy
+        return cls(
+            name,
+            mem.reduce.value,
+            mem.size,
+            mem.min_cluster_size,
+            privacy.noise_multiplier,
+            privacy.patches_per_image,
+            mem.coreset_ratio,
+        )
 
     @classmethod
     def parse(cls, text: str) -> UploadVariant:
@@ -63,7 +78,8 @@ class UploadVariant:
             if not sep or key not in kinds:
                 raise FedDyMemError(f"variant '{text}': '{part}' is not one of {', '.join(f'{k}=…' for k in kinds)}")
             try:
-                values[key] = value if key == "reduce" else (float(value) if key == "noise_multiplier" else int(value))
+                number = float if key in ("noise_multiplier", "coreset_ratio") else int
+                values[key] = value if key == "reduce" else number(value)
             except ValueError:
                 raise FedDyMemError(f"variant '{text}': '{value}' is not a number for {key}") from None
         return cls(text, **values)
@@ -116,7 +132,7 @@ def build_upload(module: FedDyMemModule, cfg: Any, embeddings: torch.Tensor, var
         embeddings,
         reduce,
         size=mem.size if variant.size is None else variant.size,
-        coreset_ratio=mem.coreset_ratio,
+        coreset_ratio=mem.coreset_ratio if variant.coreset_ratio is None else variant.coreset_ratio,
         min_cluster_size=mem.min_cluster_size if variant.min_cluster_size is None else variant.min_cluster_size,
         iters=mem.kmeans_iters,
         max_points_per_centroid=mem.max_points_per_centroid,
@@ -134,12 +150,18 @@ def privacy_report(
     attack_images: int = 128,
     public_images: int = 96,
     seed: int = 0,
+    own_upload: bool = True,
+    decoder_steps: int = 0,
 ) -> dict[str, Any]:
     """Attack client ``client_id``'s uploads of the run in ``run_dir``; writes and returns the report.
 
+    Rows: the per-image embeddings (a), the un-reduced bank (b), the run's own upload (c; unless
+    ``own_upload`` is false) and every one of ``variants``, all made with the client's kept generator.
+
     ``attack_images``: members, and as many non-members, that reconstructions are matched to, whose per-image
     embeddings are inverted and that membership inference tells apart (the upload uses every member).
-    ``public_images``: the server's images the decoder is trained on.
+    ``public_images``: the server's images the decoder is trained on, for ``decoder_steps`` (0: 8 epochs,
+    at least 400 steps).
     """
     from feddymem.data.check import plan_data
     from feddymem.models.trained import load_trained
@@ -175,7 +197,7 @@ def privacy_report(
             view.pixels, grid
         ).flatten(0, 1)
 
-    decoder = train_decoder(*pairs(server), seed=seed)
+    decoder = train_decoder(*pairs(server), seed=seed, steps=decoder_steps)
     _, member_windows = pairs(member_view)
     _, unrelated_windows = pairs(non_members)
 
@@ -190,7 +212,7 @@ def privacy_report(
     cfg_noise = cfg.privacy
     uploads = [
         UploadVariant("un-reduced bank: coreset of raw patches (b)", reduce="coreset", noise_multiplier=0.0),
-        UploadVariant(f"the run's upload (c): {cfg.memory.reduce.value}"),
+        *([UploadVariant(f"the run's upload (c): {cfg.memory.reduce.value}")] if own_upload else []),
         *(variants or []),
     ]
     for variant in uploads:
