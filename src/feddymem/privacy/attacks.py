@@ -48,6 +48,9 @@ def image_windows(images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 class InversionDecoder(nn.Module):
     """An MLP from one patch embedding (D,) to the pixel window (C, 2s, 2s) around its cell."""
 
+    shift: torch.Tensor  # buffers: the public embeddings' mean and spread, to standardise the input
+    scale: torch.Tensor
+
     def __init__(self, dim: int, window_shape: tuple[int, int, int], hidden: int = 1024) -> None:
         super().__init__()
         self.window_shape = window_shape

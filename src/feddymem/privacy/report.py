@@ -188,7 +188,7 @@ def privacy_report(
     member_view = embed_samples(module, cfg, _subsample(client.train, count, seed), keep_pixels=True)
     non_members = embed_samples(module, cfg, _subsample(client.holdout + others, count, seed + 1), True)
     server = embed_samples(module, cfg, _subsample(public, public_images, seed + 2), keep_pixels=True)
-    grid = tuple(members.embeddings.shape[-2:])
+    grid = (int(members.embeddings.shape[-2]), int(members.embeddings.shape[-1]))
     assert server.pixels is not None and member_view.pixels is not None and non_members.pixels is not None
 
     def pairs(view: Embedded) -> tuple[torch.Tensor, torch.Tensor]:
