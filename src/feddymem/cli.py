@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="another upload to attack, e.g. 'size=784,min_cluster_size=10' or 'noise_multiplier=1,"
-        "patches_per_image=16' (keys: reduce, size, min_cluster_size, noise_multiplier, patches_per_image); repeatable",
+        "patches_per_image=16' (keys: reduce, size, min_cluster_size, min_images_per_item, noise_multiplier, "
+        "patches_per_image, coreset_ratio); repeatable",
     )
     privacy.add_argument("--attack-images", type=positive_int, default=128, help="members (and non-members) attacked")
     privacy.add_argument("--public-images", type=positive_int, default=96, help="the server's decoder training images")

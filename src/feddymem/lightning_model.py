@@ -60,6 +60,7 @@ class FedDyMemModule(L.LightningModule):
         kmeans_iters: int = _D.memory.kmeans_iters,
         max_points_per_centroid: int = _D.memory.max_points_per_centroid,
         min_cluster_size: int = _D.memory.min_cluster_size,
+        min_images_per_item: int = _D.memory.min_images_per_item,
         noise_multiplier: float = _D.privacy.noise_multiplier,
         clip_norm: float = _D.privacy.clip_norm,
         noise_patches_per_image: int = _D.privacy.patches_per_image,
@@ -89,6 +90,7 @@ class FedDyMemModule(L.LightningModule):
                 "kmeans_iters": kmeans_iters,
                 "max_points_per_centroid": max_points_per_centroid,
                 "min_cluster_size": min_cluster_size,
+                "min_images_per_item": min_images_per_item,
                 "noise_multiplier": noise_multiplier,
                 "clip_norm": clip_norm,
                 "noise_patches_per_image": noise_patches_per_image,
@@ -131,6 +133,7 @@ class FedDyMemModule(L.LightningModule):
             "kmeans_iters": mem.kmeans_iters,
             "max_points_per_centroid": mem.max_points_per_centroid,
             "min_cluster_size": mem.min_cluster_size,
+            "min_images_per_item": mem.min_images_per_item,
             "noise_multiplier": cfg.privacy.noise_multiplier,
             "clip_norm": cfg.privacy.clip_norm,
             "noise_patches_per_image": cfg.privacy.patches_per_image,
@@ -188,6 +191,7 @@ class FedDyMemModule(L.LightningModule):
             seed=hp["seed"],
             max_points_per_centroid=hp["max_points_per_centroid"],
             min_cluster_size=hp["min_cluster_size"],
+            min_images_per_item=hp.get("min_images_per_item", 1),  # absent from older checkpoints
             gpu=self.device.type == "cuda",
             noise=self.noise_settings,
         )

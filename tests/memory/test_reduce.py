@@ -125,3 +125,18 @@ def test_when_no_cluster_is_large_enough_the_upload_is_the_mean_of_all_patches()
 
     with pytest.raises(ValueError, match="averages 4"):
         cluster_mean(points, 3, iters=5, min_cluster_size=4)
+
+
+def test_min_images_per_item_drops_items_made_of_one_images_patches():
+    # Image 0: four patches far from everything else (one image's outlier region); images 1-7 share the rest.
+    g = torch.Generator().manual_seed(0)
+    emb = 0.01 * torch.randn(8, 4, 2, 2, generator=g)
+    emb[1:, 0] += torch.tensor([0.0, 5.0]).repeat(4)[:7, None, None]  # two groups among images 1-7
+    emb[0] += 50.0
+    kept = reduce_memory(emb, "cluster_mean", size=3, min_cluster_size=3, iters=10)
+    assert (kept.items.mean(dim=1) > 40).any()  # image 0's patches make an item of their own
+    private = reduce_memory(emb, "cluster_mean", size=3, min_cluster_size=3, iters=10, min_images_per_item=2)
+    assert not (private.items.mean(dim=1) > 40).any() and private.items.shape[0] >= 1
+    assert private.weights.sum() == 28  # the other seven images' patches, all kept
+    with pytest.raises(ValueError, match="of 9 or more images"):
+        reduce_memory(emb, "cluster_mean", size=3, min_cluster_size=3, min_images_per_item=9)

@@ -212,6 +212,7 @@ class MemoryConfig:
     kmeans_iters: int = ranged(10, 1)
     max_points_per_centroid: int = ranged(16, 1)  # K-means subsamples above this; the final means use every patch
     min_cluster_size: int = ranged(3, 1)  # privacy: drop cluster items that average fewer patches
+    min_images_per_item: int = ranged(1, 1)  # privacy: drop cluster items whose patches come from fewer images
     # reduce=coreset: fraction of the client's patches uploaded
     coreset_ratio: float = ranged(0.01, 0.0, 1.0, lo_open=True)
     rebuild: Rebuild = Rebuild.every_round

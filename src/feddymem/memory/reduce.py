@@ -87,10 +87,13 @@ def cluster_mean(
     min_cluster_size: int = 1,
     weights: torch.Tensor | None = None,
     gpu: bool = False,
+    image_of: torch.Tensor | None = None,
+    min_images: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K-means of ``patches`` (P, D) to ``size`` clusters; items are the exact (weighted) means of all members.
 
-    Clusters with fewer than ``min_cluster_size`` members are dropped. When none is that large the
+    Clusters with fewer than ``min_cluster_size`` members, or (given ``image_of``, each patch's image index)
+    with members from fewer than ``min_images`` distinct images, are dropped. When none is that large the
     upload is one item, the mean of every patch (``ValueError`` when there are fewer patches than
     ``min_cluster_size``): no item ever averages fewer patches. Returns items (M, D) and their total
     member weight (M,).
@@ -105,9 +108,19 @@ def cluster_mean(
     members = torch.zeros(k).index_add_(0, result.assignments, torch.ones_like(w))
     sums = torch.zeros(k, p.shape[1]).index_add_(0, result.assignments, p * w[:, None])
     keep = (members >= min_cluster_size) & (mass > 0)
+    distinct = 0
+    if image_of is not None and min_images > 1:
+        # Distinct images per cluster: count the distinct (cluster, image) pairs.
+        stride = int(image_of.max()) + 1
+        pairs = torch.unique(result.assignments.long() * stride + image_of.long())
+        keep &= torch.bincount(pairs // stride, minlength=k) >= min_images
+        distinct = len(torch.unique(image_of))
     if not keep.any():
-        if p.shape[0] < min_cluster_size or float(w.sum()) <= 0:
-            raise ValueError(f"{p.shape[0]} patches cannot make an item that averages {min_cluster_size} or more")
+        if p.shape[0] < min_cluster_size or float(w.sum()) <= 0 or (distinct and distinct < min_images):
+            raise ValueError(
+                f"{p.shape[0]} patches cannot make an item that averages {min_cluster_size} or more patches"
+                + (f" of {min_images} or more images" if distinct else "")
+            )
         return (p * w[:, None]).sum(0, keepdim=True) / w.sum(), w.sum().view(1)
     return sums[keep] / mass[keep, None], mass[keep]
 
@@ -153,6 +166,7 @@ def reduce_memory(
     min_cluster_size: int = 1,
     gpu: bool = False,
     noise: NoiseSettings | None = None,
+    min_images_per_item: int = 1,
 ) -> MemoryBank:
     """Reduce a client's embeddings (N, D, H, W) to an upload with ``method`` (see module docstring)."""
     method = getattr(method, "value", method)
@@ -185,6 +199,9 @@ def reduce_memory(
             gpu=gpu,
             max_points_per_centroid=max_points_per_centroid,
             min_cluster_size=min_cluster_size,
+            # Each image's patches are contiguous in ``patches``: image i holds rows i·H·W … (i+1)·H·W − 1.
+            image_of=torch.arange(n).repeat_interleave(h * w),
+            min_images=min_images_per_item,
         )
         return MemoryBank(items, mass, n)
     if method == "coreset":

@@ -53,6 +53,7 @@ class UploadVariant:
     noise_multiplier: float | None = None
     patches_per_image: int | None = None
     coreset_ratio: float | None = None
+    min_images_per_item: int | None = None
 
     @classmethod
     def of_config(cls, name: str, cfg: Any) -> UploadVariant:
@@ -66,6 +67,7 @@ class UploadVariant:
             privacy.noise_multiplier,
             privacy.patches_per_image,
             mem.coreset_ratio,
+            mem.min_images_per_item,
         )
 
     @classmethod
@@ -134,6 +136,9 @@ def build_upload(module: FedDyMemModule, cfg: Any, embeddings: torch.Tensor, var
         size=mem.size if variant.size is None else variant.size,
         coreset_ratio=mem.coreset_ratio if variant.coreset_ratio is None else variant.coreset_ratio,
         min_cluster_size=mem.min_cluster_size if variant.min_cluster_size is None else variant.min_cluster_size,
+        min_images_per_item=mem.min_images_per_item
+        if variant.min_images_per_item is None
+        else variant.min_images_per_item,
         iters=mem.kmeans_iters,
         max_points_per_centroid=mem.max_points_per_centroid,
         seed=cfg.seed,
