@@ -8,8 +8,9 @@ import pytest
 
 from conftest import FAST
 from feddymem.cli import main
+from feddymem.data.products import Sample
 from feddymem.errors import FedDyMemError
-from feddymem.privacy.report import UploadVariant
+from feddymem.privacy.report import UploadVariant, matched_samples
 
 
 def test_variants_are_parsed_and_bad_ones_named():
@@ -20,6 +21,19 @@ def test_variants_are_parsed_and_bad_ones_named():
         UploadVariant.parse("sise=3")
     with pytest.raises(FedDyMemError, match="'big' is not a number for size"):
         UploadVariant.parse("size=big")
+
+
+def test_members_and_non_members_are_matched_product_by_product():
+    def samples(product, n):
+        return [Sample(f"{product}{i}.png", 0, product) for i in range(n)]
+
+    members = samples("a", 30) + samples("b", 10)
+    others = samples("a", 5) + samples("b", 50) + samples("c", 9)  # c: not the client's product
+    chosen, unrelated = matched_samples(members, others, 100, seed=0)
+    count = lambda items, p: sum(s.product == p for s in items)  # noqa: E731
+    assert [count(chosen, p) for p in "abc"] == [count(unrelated, p) for p in "abc"] == [5, 10, 0]
+    chosen, unrelated = matched_samples(members, others, 6, seed=0)
+    assert len(chosen) == len(unrelated) <= 6 and {s.path for s in chosen} <= {s.path for s in members}
 
 
 def test_privacy_report_attacks_a_finished_run(tmp_path, synthetic_yaml, capsys):

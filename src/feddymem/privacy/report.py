@@ -120,6 +120,30 @@ def _subsample(samples: list[Sample], count: int, seed: int) -> list[Sample]:
     return [samples[i] for i in sorted(picks.tolist())]
 
 
+def matched_samples(
+    members: list[Sample], others: list[Sample], count: int, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Up to ``count`` members and as many non-members, with the same number of each product on both sides:
+    otherwise a reconstruction could look like the client's images only because the client holds more of
+    one product than the unrelated set does."""
+    by_product: dict[str, tuple[list[Sample], list[Sample]]] = {}
+    for sample in members:
+        by_product.setdefault(sample.product, ([], []))[0].append(sample)
+    for sample in others:
+        if sample.product in by_product:
+            by_product[sample.product][1].append(sample)
+    available = {p: min(len(m), len(o)) for p, (m, o) in by_product.items()}
+    total = sum(available.values())
+    scale = min(1.0, count / total) if total else 0.0
+    chosen_members: list[Sample] = []
+    chosen_others: list[Sample] = []
+    for i, (product, (m, o)) in enumerate(sorted(by_product.items())):
+        k = int(available[product] * scale)
+        chosen_members += _subsample(m, k, seed + 2 * i)
+        chosen_others += _subsample(o, k, seed + 2 * i + 1)
+    return chosen_members, chosen_others
+
+
 def build_upload(module: FedDyMemModule, cfg: Any, embeddings: torch.Tensor, variant: UploadVariant) -> MemoryBank:
     """The upload ``variant`` makes from the members' embeddings, with the run's settings where it sets none."""
     mem, privacy = cfg.memory, cfg.privacy
@@ -189,9 +213,12 @@ def privacy_report(
             "public images) and images of them the client does not hold (non-members)"
         )
     members = embed_samples(module, cfg, client.train)
-    count = min(attack_images, len(client.train), len(client.holdout + others))  # as many on both sides
-    member_view = embed_samples(module, cfg, _subsample(client.train, count, seed), keep_pixels=True)
-    non_members = embed_samples(module, cfg, _subsample(client.holdout + others, count, seed + 1), True)
+    watched, unrelated = matched_samples(client.train, client.holdout + others, attack_images, seed)
+    count = len(watched)
+    if not count:
+        raise FedDyMemError(f"client {client_id} of {run_dir}: no product has both members and non-members")
+    member_view = embed_samples(module, cfg, watched, keep_pixels=True)
+    non_members = embed_samples(module, cfg, unrelated, keep_pixels=True)
     server = embed_samples(module, cfg, _subsample(public, public_images, seed + 2), keep_pixels=True)
     grid = (int(members.embeddings.shape[-2]), int(members.embeddings.shape[-1]))
     assert server.pixels is not None and member_view.pixels is not None and non_members.pixels is not None
