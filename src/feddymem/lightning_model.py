@@ -191,7 +191,7 @@ class FedDyMemModule(L.LightningModule):
             seed=hp["seed"],
             max_points_per_centroid=hp["max_points_per_centroid"],
             min_cluster_size=hp["min_cluster_size"],
-            min_images_per_item=hp.get("min_images_per_item", 1),  # absent from older checkpoints
+            min_images_per_item=hp["min_images_per_item"],
             gpu=self.device.type == "cuda",
             noise=self.noise_settings,
         )
@@ -200,12 +200,7 @@ class FedDyMemModule(L.LightningModule):
     def noise_settings(self) -> NoiseSettings:
         """The privacy noise of this client's uploads (``privacy.*``; off when the multiplier is 0)."""
         hp = self.hparams
-        return NoiseSettings(
-            hp.get("noise_multiplier", 0.0),
-            hp.get("clip_norm", _D.privacy.clip_norm),
-            hp.get("noise_patches_per_image", 0),
-            hp.get("noise_iters", _D.privacy.kmeans_iters),
-        )
+        return NoiseSettings(hp["noise_multiplier"], hp["clip_norm"], hp["noise_patches_per_image"], hp["noise_iters"])
 
     # --- training -------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -16,7 +16,6 @@ Writes ``privacy/privacy.json``, ``privacy/privacy.md`` and ``privacy/inversion.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +68,11 @@ class UploadVariant:
             mem.coreset_ratio,
             mem.min_images_per_item,
         )
+
+    def resolved(self, cfg: Any) -> UploadVariant:
+        """Every setting filled: this variant's where it sets one, the run's (``cfg``) elsewhere."""
+        run = dataclasses.asdict(UploadVariant.of_config(self.name, cfg))
+        return UploadVariant(**{**run, **{k: v for k, v in dataclasses.asdict(self).items() if v is not None}})
 
     @classmethod
     def parse(cls, text: str) -> UploadVariant:
@@ -145,24 +149,17 @@ def matched_samples(
 
 
 def build_upload(module: FedDyMemModule, cfg: Any, embeddings: torch.Tensor, variant: UploadVariant) -> MemoryBank:
-    """The upload ``variant`` makes from the members' embeddings, with the run's settings where it sets none."""
+    """The upload ``variant`` (resolved against the run's ``cfg``) makes from the members' embeddings."""
     mem, privacy = cfg.memory, cfg.privacy
-    reduce = variant.reduce or mem.reduce.value
-    noise = NoiseSettings(
-        privacy.noise_multiplier if variant.noise_multiplier is None else variant.noise_multiplier,
-        privacy.clip_norm,
-        privacy.patches_per_image if variant.patches_per_image is None else variant.patches_per_image,
-        privacy.kmeans_iters,
-    )
+    v = variant.resolved(cfg)  # every field set: the ``or`` defaults below only satisfy the types
+    noise = NoiseSettings(v.noise_multiplier or 0.0, privacy.clip_norm, v.patches_per_image or 0, privacy.kmeans_iters)
     return reduce_memory(
         embeddings,
-        reduce,
-        size=mem.size if variant.size is None else variant.size,
-        coreset_ratio=mem.coreset_ratio if variant.coreset_ratio is None else variant.coreset_ratio,
-        min_cluster_size=mem.min_cluster_size if variant.min_cluster_size is None else variant.min_cluster_size,
-        min_images_per_item=mem.min_images_per_item
-        if variant.min_images_per_item is None
-        else variant.min_images_per_item,
+        v.reduce or mem.reduce.value,
+        size=v.size or 0,
+        coreset_ratio=v.coreset_ratio or mem.coreset_ratio,
+        min_cluster_size=v.min_cluster_size or 1,
+        min_images_per_item=v.min_images_per_item or 1,
         iters=mem.kmeans_iters,
         max_points_per_centroid=mem.max_points_per_centroid,
         seed=cfg.seed,
@@ -212,12 +209,15 @@ def privacy_report(
             f"client {client_id} of {run_dir}: the attacks need normal test images of its products (the server's "
             "public images) and images of them the client does not hold (non-members)"
         )
-    members = embed_samples(module, cfg, client.train)
     watched, unrelated = matched_samples(client.train, client.holdout + others, attack_images, seed)
     count = len(watched)
     if not count:
         raise FedDyMemError(f"client {client_id} of {run_dir}: no product has both members and non-members")
-    member_view = embed_samples(module, cfg, watched, keep_pixels=True)
+    members = embed_samples(module, cfg, client.train, keep_pixels=True)  # every member builds the upload
+    assert members.pixels is not None
+    position = {s.path: i for i, s in enumerate(client.train)}
+    picks = torch.tensor([position[s.path] for s in watched])
+    member_view = Embedded(members.embeddings[picks], [s.product for s in watched], members.pixels[picks])
     non_members = embed_samples(module, cfg, unrelated, keep_pixels=True)
     server = embed_samples(module, cfg, _subsample(public, public_images, seed + 2), keep_pixels=True)
     grid = (int(members.embeddings.shape[-2]), int(members.embeddings.shape[-1]))
@@ -235,9 +235,7 @@ def privacy_report(
 
     rows: list[dict[str, Any]] = []
     figures: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-    per_image, recon = invert_images(
-        decoder, member_view.embeddings[:count], member_view.pixels[:count], non_members.pixels[:count]
-    )
+    per_image, recon = invert_images(decoder, member_view.embeddings, member_view.pixels, non_members.pixels)
     rows.append(_row("per-image embeddings (a)", None, per_image, float("nan"), None))
     figures.append(("per-image embeddings", member_view.pixels[:4], recon[:4]))
 
@@ -253,7 +251,7 @@ def privacy_report(
         auc = membership_auc(
             bank.items, member_view.embeddings, non_members.embeddings, member_view.products, non_members.products
         )
-        sigma = cfg_noise.noise_multiplier if variant.noise_multiplier is None else variant.noise_multiplier
+        sigma = variant.resolved(cfg).noise_multiplier or 0.0
         eps = epsilon(sigma, bank.releases, cfg_noise.delta) if bank.releases else None
         rows.append(_row(variant.name, bank, result, auc, eps))
         order = torch.randperm(len(reconstructions), generator=torch.Generator().manual_seed(seed))[:6]
@@ -341,11 +339,3 @@ def _draw(figures: list[tuple[str, torch.Tensor, torch.Tensor]], path: Path) -> 
                     ax.imshow(images[col].permute(1, 2, 0).numpy().clip(0, 1), interpolation="nearest")
         axes[2 * block, 0].set_title(f"{title}: client's (top), reconstructed (bottom)", fontsize=7, loc="left")
     return save_figure(fig, path)
-
-
-def load_report(run_dir: str | Path) -> dict[str, Any]:
-    """A report written before (``privacy/privacy.json``)."""
-    path = Path(run_dir) / "privacy" / "privacy.json"
-    if not path.is_file():
-        raise FedDyMemError(f"no privacy report at {path}: run feddymem privacy-report {run_dir} first")
-    return json.loads(path.read_text())
