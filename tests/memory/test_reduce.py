@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from feddymem.memory.reduce import cluster_mean, fit_weights, greedy_coreset, position_mean, reduce_memory
+from feddymem.memory.reduce import (
+    cluster_mean,
+    coreset_mean,
+    fit_weights,
+    greedy_coreset,
+    position_mean,
+    reduce_memory,
+)
 
 
 def test_reduce_of_copies_of_one_image_returns_that_image():
@@ -140,3 +147,40 @@ def test_min_images_per_item_drops_items_made_of_one_images_patches():
     assert private.weights.sum() == 28  # the other seven images' patches, all kept
     with pytest.raises(ValueError, match="of 9 or more images"):
         reduce_memory(emb, "cluster_mean", size=3, min_cluster_size=3, min_images_per_item=9)
+
+
+def test_coreset_mean_items_average_one_patch_of_each_of_group_distinct_images():
+    # Image i's patches all equal 10·e_i: an item can only be the mean of distinct images' vectors, so its
+    # non-zero coordinates count the images it averages.
+    n = 6
+    emb = 10.0 * torch.eye(n)[:, :, None, None].expand(n, n, 2, 2).clone()
+    bank = reduce_memory(emb, "coreset_mean", coreset_ratio=0.5, min_cluster_size=3)
+    assert bank.items.shape == (8, n) and bank.num_images == n  # 12 asked, capped at 24 patches / 3
+    assert torch.all(bank.weights == 3)
+    for item in bank.items:
+        assert (item > 1e-6).sum() == 3 and torch.allclose(item[item > 1e-6], torch.full((3,), 10 / 3))
+    # min_images_per_item raises the group: every item then averages four images.
+    bank = reduce_memory(emb, "coreset_mean", coreset_ratio=0.5, min_cluster_size=3, min_images_per_item=4)
+    assert torch.all(bank.weights == 4) and all((item > 1e-6).sum() == 4 for item in bank.items)
+
+
+def test_coreset_mean_keeps_a_rare_normal_pattern_that_kmeans_averages_away():
+    # 8 images of a unit Gaussian blob; at one position of images 0-3 a rare pattern 5 away. With 4 items
+    # K-means spends them on the blob and merges the rare pattern into it; k-center's centres reach it, and its
+    # items (each the mean of 3 images' patches there) stay on it. Seeded: the same outcome on every run.
+    kmeans_missed = 0
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        emb = torch.randn(8, 4, 4, 4, generator=g)
+        emb[:4, :, 0, 0] = torch.tensor([5.0, 0, 0, 0]) + 0.1 * torch.randn(4, 4, generator=g)
+        rare = emb[:4, :, 0, 0]
+        bank = reduce_memory(emb, "coreset_mean", coreset_ratio=4 / 128, min_cluster_size=3, seed=seed)
+        assert bank.items.shape[0] == 4 and torch.cdist(rare, bank.items).min(1).values.max() < 0.5
+        items, _ = cluster_mean(emb.permute(0, 2, 3, 1).reshape(-1, 4), 4, iters=10, min_cluster_size=3, seed=seed)
+        kmeans_missed += int(torch.cdist(rare, items).min(1).values.max() > 1.0)
+    assert kmeans_missed >= 6
+
+
+def test_coreset_mean_needs_as_many_images_as_an_item_averages():
+    with pytest.raises(ValueError, match="2 images cannot make an item that averages 3 images"):
+        coreset_mean(torch.randn(8, 4), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), 2, group=3, candidates=8)

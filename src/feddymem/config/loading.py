@@ -243,8 +243,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.privacy.noise_multiplier > 0 and cfg.memory.reduce not in (Reduce.cluster_mean, Reduce.position_mean):
         raise ConfigError(
             f"'privacy.noise_multiplier' ({cfg.privacy.noise_multiplier}) needs memory.reduce=cluster_mean or "
-            f"position_mean, got {cfg.memory.reduce.value}: coreset uploads raw patches and position_weighted "
-            "weighs each image by all the others, so one image's influence has no bound"
+            f"position_mean, got {cfg.memory.reduce.value}: coreset uploads raw patches, coreset_mean's k-center "
+            "centres follow single images' outliers and position_weighted weighs each image by all the others, "
+            "so one image's influence has no bound"
         )
     if cfg.federation.min_clients > cfg.data.num_clients:
         raise ConfigError(

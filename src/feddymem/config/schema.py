@@ -65,6 +65,9 @@ class Reduce(str, enum.Enum):
     position_mean = "position_mean"  # mean over images, position by position (n = H·W items)
     position_weighted = "position_weighted"  # as above, images weighted by closeness to the global memory
     cluster_mean = "cluster_mean"  # local K-means of all patches; each item is the mean of its members
+    # greedy k-center centres (keeps rare normal patterns); each item the mean of the centre's nearest
+    # patches from max(min_cluster_size, min_images_per_item) distinct images
+    coreset_mean = "coreset_mean"
     coreset = "coreset"  # ablation "no memory-reduce": a greedy coreset of the full bank (raw patches)
 
 

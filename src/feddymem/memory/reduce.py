@@ -4,7 +4,9 @@ Every reduction is a weighted average of patch embeddings, so no item is a singl
 
 * ``position_mean``: mean over images, position by position (n = H·W items);
 * ``position_weighted``: the same with images weighted by how well they fit the global memory;
-* ``cluster_mean``: local K-means over all patches, each item the mean of its members (weight = count).
+* ``cluster_mean``: local K-means over all patches, each item the mean of its members (weight = count);
+* ``coreset_mean``: greedy k-center centres (PatchCore's selection: the bank's extent, rare normal
+  patterns included), each item the mean of the centre's nearest patches from as many distinct images.
 
 ``position_*`` can add a second stage (local K-means of the n items to n/γ_c).
 
@@ -21,10 +23,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from feddymem.memory.kmeans import kmeans
-from feddymem.memory.search import squared_distances
+from feddymem.memory.search import MemoryIndex, squared_distances
 from feddymem.privacy.mechanism import NoiseSettings, private_cluster_mean, private_position_mean
 
 log = logging.getLogger(__name__)
@@ -152,6 +155,66 @@ def greedy_coreset(patches: torch.Tensor, size: int, *, projection_dim: int = 12
     return picks
 
 
+def _first_distinct(neighbours: np.ndarray, image_of: np.ndarray, group: int) -> list[np.ndarray | None]:
+    """For each row of neighbour indices (nearest first, -1 = none): the first ``group`` of them that come
+    from distinct images, or ``None`` when the row holds fewer distinct images."""
+    rows: list[np.ndarray | None] = []
+    for row in neighbours:
+        row = row[row >= 0]
+        _, first = np.unique(image_of[row], return_index=True)  # each image's nearest patch in the row
+        rows.append(row[np.sort(first)[:group]] if len(first) >= group else None)
+    return rows
+
+
+def coreset_mean(
+    patches: torch.Tensor,
+    image_of: torch.Tensor,
+    size: int,
+    *,
+    group: int,
+    candidates: int,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coverage without raw patches: ``size`` greedy k-center centres among a random sample of ``candidates``
+    patches (P, D), each replaced by the mean of its ``group`` nearest patches that come from ``group``
+    distinct images (``image_of``: each patch's image; the centre's own patch first).
+
+    K-means puts its items where patches are dense and averages the rare normal patterns away; k-center
+    keeps them, as PatchCore does, while every item still averages ``group`` images. Centres without
+    ``group`` distinct images among their nearest patches are dropped; when none is left (or there are
+    fewer than ``group`` images: ``ValueError``) the upload is one item, the mean of every patch.
+    Returns items (M, D) and the patches each averages (M,).
+    """
+    p = patches.float().cpu().contiguous()
+    images = image_of.cpu().numpy()
+    if len(np.unique(images)) < group:
+        raise ValueError(f"{len(np.unique(images))} images cannot make an item that averages {group} images")
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randperm(p.shape[0], generator=g)[: max(size, candidates)]
+    centres = sample[greedy_coreset(p[sample], size, seed=seed)].numpy()
+    # An approximate (IVF) search finds the neighbours of most centres; the rest get an exact, wider one.
+    index = MemoryIndex(p, approximate_above=4096)
+    _, neighbours = index.search(p[centres], min(p.shape[0], max(64, 16 * group)))
+    groups = _first_distinct(neighbours.numpy(), images, group)
+    short = [i for i, members in enumerate(groups) if members is None]
+    if short:
+        _, wide = index.flat.search(p[centres[short]].numpy(), min(p.shape[0], 2048))
+        for i, members in zip(short, _first_distinct(wide, images, group), strict=True):
+            groups[i] = members
+    kept = [members for members in groups if members is not None]
+    if len(kept) < len(groups):
+        log.info(
+            "coreset_mean: %d of %d centres dropped (fewer than %d images nearby)",
+            len(groups) - len(kept),
+            len(groups),
+            group,
+        )
+    if not kept:
+        return p.mean(0, keepdim=True), torch.tensor([float(p.shape[0])])
+    members = torch.from_numpy(np.stack(kept)).long()
+    return p[members].mean(1), torch.full((len(kept),), float(group))
+
+
 def reduce_memory(
     embeddings: torch.Tensor,
     method: str,
@@ -202,6 +265,20 @@ def reduce_memory(
             # Each image's patches are contiguous in ``patches``: image i holds rows i·H·W … (i+1)·H·W − 1.
             image_of=torch.arange(n).repeat_interleave(h * w),
             min_images=min_images_per_item,
+        )
+        return MemoryBank(items, mass, n)
+    if method == "coreset_mean":
+        patches = emb.permute(0, 2, 3, 1).reshape(-1, d)
+        group = max(min_cluster_size, min_images_per_item)
+        count = max(1, round(coreset_ratio * patches.shape[0]))
+        items, mass = coreset_mean(
+            patches,
+            torch.arange(n).repeat_interleave(h * w),
+            min(count, max(1, patches.shape[0] // group)),  # as cluster_mean: at most one item per group patches
+            group=group,
+            # k-center over a sample, as K-means trains on one: max_points_per_centroid patches per item.
+            candidates=max_points_per_centroid * count,
+            seed=seed,
         )
         return MemoryBank(items, mass, n)
     if method == "coreset":
