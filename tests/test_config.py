@@ -48,7 +48,7 @@ def test_dataset_by_name_or_path(tmp_path, synthetic_yaml):
 
 
 def test_baseline_and_ablation_settings_that_cannot_work_are_refused():
-    with pytest.raises(ConfigError, match="server.aggregation=mean' .* aligned by patch position.*got cluster_mean"):
+    with pytest.raises(ConfigError, match="server.aggregation=mean' .* aligned by patch position.*got coreset_mean"):
         load_config(["server.aggregation=mean"])
     with pytest.raises(ConfigError, match=r"'memory.coreset_ratio' must be > 0, got 0.0 \(valid: \(0, 1\]\)"):
         load_config(["memory.reduce=coreset", "memory.coreset_ratio=0"])

@@ -76,8 +76,8 @@ def test_privacy_study_attacks_every_rows_upload_and_links_into_results_md(tmp_p
         "seed: 0\n"
         f"overrides: [federation.rounds=0, data.num_clients=2, {', '.join(FAST)}]\n"
         f"datasets: {{synthetic: ['dataset={synthetic_yaml}']}}\n"
-        "methods: {feddymem: [memory.min_cluster_size=3], noisy: [privacy.noise_multiplier=1, "
-        "privacy.patches_per_image=4]}\n"
+        "methods: {feddymem: [memory.min_cluster_size=3], noisy: [memory.reduce=cluster_mean, "
+        "privacy.noise_multiplier=1, privacy.patches_per_image=4]}\n"
         "convergence: []\nperf: {dataset: none}\n"
         "privacy: {client: 0, attack_images: 6, public_images: 8, decoder_steps: 100}\n"
     )
@@ -89,7 +89,8 @@ def test_privacy_study_attacks_every_rows_upload_and_links_into_results_md(tmp_p
     assert rows["noisy"]["epsilon"] > 0 and rows["feddymem"]["epsilon"] is None
     assert rows["feddymem"]["patches_per_item"] >= 3
     md = (out / "privacy" / "results.md").read_text()
-    assert "## Privacy: what each upload leaks" in md and "| noisy | `privacy.noise_multiplier=1" in md
+    assert "## Privacy: what each upload leaks" in md
+    assert "| noisy | `memory.reduce=cluster_mean privacy.noise_multiplier=1" in md
     assert "## Convergence" not in md and not (out / "privacy" / "convergence.png").exists()
     # The main results.md links the study in: rendered again from its results.json.
     (out / "results.json").write_text((out / "privacy" / "results.json").read_text().replace('"privacy": {', '"x": {'))

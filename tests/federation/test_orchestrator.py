@@ -16,7 +16,7 @@ import torch
 
 from conftest import FAST
 from feddymem.config import load_config
-from feddymem.errors import ConfigError
+from feddymem.errors import ConfigError, DataError
 from feddymem.federation.client_runner import ClientRunner
 from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.federation.server import TooFewClients
@@ -107,6 +107,23 @@ def test_cached_features_without_workers_and_one_backbone_per_process(tmp_path, 
     extractors = {id(c.module.model.feature_extractor) for c in orch.clients}
     generators = {id(c.module.model.generator) for c in orch.clients}
     assert len(orch.clients) == 3 and len(extractors) == 1 and len(generators) == 3
+
+
+def test_default_coreset_mean_uploads_items_of_three_images_and_refuses_clients_with_fewer(tmp_path, synthetic_yaml):
+    # The default memory-reduce, end to end: every uploaded item averages one patch of each of 3 images.
+    cfg = _cfg(synthetic_yaml, "memory.reduce=coreset_mean", "memory.min_cluster_size=3", "memory.coreset_ratio=0.05")
+    orch = FederatedOrchestrator(cfg, tmp_path / "r")
+    orch.setup()
+    for client in orch.clients:
+        bank = orch.runner.build_memory(client)
+        patches = len(client.memory_set) * 12 * 12  # 96 px → a 12×12 patch grid (stride 8)
+        assert bank.items.shape[0] == round(0.05 * patches) and torch.all(bank.weights == 3)
+    summary = orch.run()
+    assert all(0.5 < c["image_auroc"] <= 1.0 for c in summary["final"]["clients"].values())
+    # A client with fewer training images than an item averages is refused before anything runs.
+    few = _cfg(synthetic_yaml, "memory.reduce=coreset_mean", "memory.min_images_per_item=50")
+    with pytest.raises(DataError, match=r"client 0 keeps \d+ training images .* averages 50 images per item"):
+        FederatedOrchestrator(few, tmp_path / "few").setup()
 
 
 @pytest.mark.parametrize("method", ["centralized", "patchcore"])

@@ -122,7 +122,8 @@ def test_the_round_record_holds_every_client_bytes_and_thresholds():
 
 
 def test_noisy_uploads_are_accounted_per_client_over_rounds_and_after_a_resume():
-    cfg = _cfg("federation.min_clients=1", "privacy.noise_multiplier=2", "privacy.delta=1e-6")
+    noisy = ("memory.reduce=cluster_mean", "privacy.noise_multiplier=2", "privacy.delta=1e-6")
+    cfg = _cfg("federation.min_clients=1", *noisy)
     server = Server(cfg, make_strategy(cfg), [5, 6], _limits())
     history = []
     for round_idx in range(2):

@@ -83,4 +83,4 @@ def test_raw_patch_uploads_cannot_be_made_private():
     with pytest.raises(ConfigError, match="privacy.noise_multiplier.*coreset"):
         load_config(["privacy.noise_multiplier=1", "memory.reduce=coreset"])
     with pytest.raises(ConfigError, match="method=fedavg uploads no memory"):
-        make_strategy(load_config(["privacy.noise_multiplier=1", "method=fedavg"]))
+        make_strategy(load_config(["privacy.noise_multiplier=1", "memory.reduce=cluster_mean", "method=fedavg"]))

@@ -39,6 +39,7 @@ def test_members_and_non_members_are_matched_product_by_product():
 def test_privacy_report_attacks_a_finished_run(tmp_path, synthetic_yaml, capsys):
     run = tmp_path / "run"
     overrides = [*FAST, "federation.rounds=0", "memory.min_cluster_size=3", "data.num_clients=2"]
+    overrides.append("memory.reduce=cluster_mean")  # its variants (memory.size, noise) are cluster_mean's
     assert main(["train", f"dataset={synthetic_yaml}", "name=run", f"output_dir={tmp_path}", *overrides]) == 0
     args = ["privacy-report", str(run), "--attack-images", "8", "--public-images", "8", "--decoder-steps", "150"]
     assert main([*args, "--variant", "noise_multiplier=1,patches_per_image=4", "--variant", "size=16"]) == 0

@@ -46,6 +46,7 @@ def compare_kmeans(points: np.ndarray, k: int, iters: int = 20, sklearn: bool = 
     """Seconds for one server K-means of ``points`` into ``k`` centroids: FAISS (CPU, and GPU if any) vs
     scikit-learn (one initialisation, the same iterations, no early stop)."""
     x = np.ascontiguousarray(points, dtype=np.float32)
+    k = min(k, x.shape[0])  # as the server's K-means: never more centroids than points
     out: dict[str, Any] = {"points": int(x.shape[0]), "dim": int(x.shape[1]), "k": k, "iters": iters}
     every_point = max(1, x.shape[0] // k + 1)  # no FAISS subsampling: both cluster every point
     out["faiss_cpu_s"] = timed(lambda: kmeans(x, k, iters=iters, gpu=False, max_points_per_centroid=every_point))

@@ -209,14 +209,15 @@ class ModelConfig:
 class MemoryConfig:
     """``memory``: a client's memory and its memory-reduce before upload."""
 
-    reduce: Reduce = Reduce.cluster_mean
-    size: int = ranged(3136, 0)  # items each client uploads (capped at patches / min_cluster_size); 0 = H·W positions
+    reduce: Reduce = Reduce.coreset_mean
+    # reduce=cluster_mean / position_*: items each client uploads (capped at patches / min_cluster_size); 0 = H·W
+    size: int = ranged(3136, 0)
     local_kmeans_ratio: int = ranged(1, 1)  # γ_c: second-stage local K-means to size/γ_c items (position_* only)
     kmeans_iters: int = ranged(10, 1)
     max_points_per_centroid: int = ranged(16, 1)  # K-means subsamples above this; the final means use every patch
     min_cluster_size: int = ranged(3, 1)  # privacy: drop cluster items that average fewer patches
     min_images_per_item: int = ranged(1, 1)  # privacy: drop cluster items whose patches come from fewer images
-    # reduce=coreset: fraction of the client's patches uploaded
+    # reduce=coreset_mean / coreset: items uploaded, as a fraction of the client's patches
     coreset_ratio: float = ranged(0.01, 0.0, 1.0, lo_open=True)
     rebuild: Rebuild = Rebuild.every_round
 

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from feddymem.data.datasets import verify_samples
 from feddymem.data.partition import ClientData, hold_out, partition_clients
 from feddymem.data.products import ProductSplit, load_product
+from feddymem.errors import DataError
 
 
 @dataclass
@@ -52,6 +53,22 @@ def plan_data(cfg: DictConfig) -> DataPlan:
     )
     hold_out(clients, d.holdout_fraction, d.seed)
     return DataPlan(products, clients)
+
+
+def check_memory_images(cfg: DictConfig, plan: DataPlan) -> None:
+    """Before training: every client keeps enough training images for its memory-reduce (``coreset_mean``
+    averages one patch of each of max(min_cluster_size, min_images_per_item) images per item)."""
+    if str(getattr(cfg.memory.reduce, "value", cfg.memory.reduce)) != "coreset_mean":
+        return
+    group = max(cfg.memory.min_cluster_size, cfg.memory.min_images_per_item)
+    for client in plan.clients:
+        if len(client.train) < group:
+            raise DataError(
+                f"client {client.client_id} keeps {len(client.train)} training images after the hold-out, "
+                f"but memory.reduce=coreset_mean averages {group} images per item "
+                "(max of memory.min_cluster_size, memory.min_images_per_item); raise "
+                "data.min_train_per_client, lower data.holdout_fraction or use memory.reduce=cluster_mean"
+            )
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from feddymem.config import to_container, to_yaml
-from feddymem.data.check import plan_data, verify_plan
+from feddymem.data.check import check_memory_images, plan_data, verify_plan
 from feddymem.data.feature_cache import FeatureCache
 from feddymem.data.partition import ClientData
 from feddymem.errors import ConfigError, FedDyMemError, PeerFailure
@@ -123,6 +123,7 @@ class FederatedOrchestrator:
             verified = verify_plan(plan, mine, progress=self.reporter.task)
         for warning in verified.warnings:
             self.reporter.warn(warning)
+        check_memory_images(self.cfg, plan)  # after the images: a broken file is the first thing to fix
         if self.is_server:
             claim_output_dir(self.run_dir, "run folder")
             if not self.resume:

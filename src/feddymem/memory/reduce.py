@@ -211,8 +211,8 @@ def coreset_mean(
         )
     if not kept:
         return p.mean(0, keepdim=True), torch.tensor([float(p.shape[0])])
-    members = torch.from_numpy(np.stack(kept)).long()
-    return p[members].mean(1), torch.full((len(kept),), float(group))
+    rows = torch.from_numpy(np.stack(kept)).long()
+    return p[rows].mean(1), torch.full((len(kept),), float(group))
 
 
 def reduce_memory(
