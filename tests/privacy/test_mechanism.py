@@ -82,5 +82,7 @@ def test_raw_patch_uploads_cannot_be_made_private():
         reduce_memory(torch.randn(4, 4, 2, 2), "coreset", noise=NoiseSettings(1.0, 1.0))
     with pytest.raises(ConfigError, match="privacy.noise_multiplier.*coreset"):
         load_config(["privacy.noise_multiplier=1", "memory.reduce=coreset"])
+    with pytest.raises(ConfigError, match="privacy.noise_multiplier.*got coreset_mean"):  # the default reduce
+        load_config(["privacy.noise_multiplier=1"])
     with pytest.raises(ConfigError, match="method=fedavg uploads no memory"):
         make_strategy(load_config(["privacy.noise_multiplier=1", "memory.reduce=cluster_mean", "method=fedavg"]))
