@@ -124,6 +124,9 @@ def test_default_coreset_mean_uploads_items_of_three_images_and_refuses_clients_
     few = _cfg(synthetic_yaml, "memory.reduce=coreset_mean", "memory.min_images_per_item=50")
     with pytest.raises(DataError, match=r"client 0 keeps \d+ training images .* averages 50 images per item"):
         FederatedOrchestrator(few, tmp_path / "few").setup()
+    # PatchCore builds its memory with a raw coreset: the same data is no reason to refuse it.
+    patchcore = _cfg(synthetic_yaml, "method=patchcore", "memory.min_images_per_item=50")
+    FederatedOrchestrator(patchcore, tmp_path / "pc").setup()
 
 
 @pytest.mark.parametrize("method", ["centralized", "patchcore"])

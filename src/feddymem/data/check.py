@@ -55,16 +55,21 @@ def plan_data(cfg: DictConfig) -> DataPlan:
     return DataPlan(products, clients)
 
 
-def check_memory_images(cfg: DictConfig, plan: DataPlan) -> None:
-    """Before training: every client keeps enough training images for its memory-reduce (``coreset_mean``
-    averages one patch of each of max(min_cluster_size, min_images_per_item) images per item)."""
-    if str(getattr(cfg.memory.reduce, "value", cfg.memory.reduce)) != "coreset_mean":
+def check_memory_images(cfg: DictConfig, plan: DataPlan, reduce: str, pooled: bool = False) -> None:
+    """Before training: every memory keeps enough training images for ``reduce``, the memory-reduce it is
+    built with (``coreset_mean`` averages one patch of each of max(min_cluster_size, min_images_per_item)
+    images per item); ``pooled``: one memory of every client's images."""
+    if reduce != "coreset_mean":
         return
     group = max(cfg.memory.min_cluster_size, cfg.memory.min_images_per_item)
-    for client in plan.clients:
-        if len(client.train) < group:
+    if pooled:
+        memories = {"the pooled memory": sum(len(c.train) for c in plan.clients)}
+    else:
+        memories = {f"client {c.client_id}": len(c.train) for c in plan.clients}
+    for owner, images in memories.items():
+        if images < group:
             raise DataError(
-                f"client {client.client_id} keeps {len(client.train)} training images after the hold-out, "
+                f"{owner} keeps {images} training images after the hold-out, "
                 f"but memory.reduce=coreset_mean averages {group} images per item "
                 "(max of memory.min_cluster_size, memory.min_images_per_item); raise "
                 "data.min_train_per_client, lower data.holdout_fraction or use memory.reduce=cluster_mean"

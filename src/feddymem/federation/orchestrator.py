@@ -123,7 +123,9 @@ class FederatedOrchestrator:
             verified = verify_plan(plan, mine, progress=self.reporter.task)
         for warning in verified.warnings:
             self.reporter.warn(warning)
-        check_memory_images(self.cfg, plan)  # after the images: a broken file is the first thing to fix
+        # After the images (a broken file is the first thing to fix), with the reduce the strategy really uses.
+        reduce = self.strategy.module_overrides.get("memory_reduce", self.cfg.memory.reduce.value)
+        check_memory_images(self.cfg, plan, reduce, pooled=self.strategy.pooled)
         if self.is_server:
             claim_output_dir(self.run_dir, "run folder")
             if not self.resume:

@@ -187,8 +187,9 @@ def coreset_mean(
     """
     p = patches.float().cpu().contiguous()
     images = image_of.cpu().numpy()
-    if len(np.unique(images)) < group:
-        raise ValueError(f"{len(np.unique(images))} images cannot make an item that averages {group} images")
+    distinct = len(np.unique(images))
+    if distinct < group:
+        raise ValueError(f"{distinct} images cannot make an item that averages {group} images")
     g = torch.Generator().manual_seed(seed)
     sample = torch.randperm(p.shape[0], generator=g)[: max(size, candidates)]
     centres = sample[greedy_coreset(p[sample], size, seed=seed)].numpy()
