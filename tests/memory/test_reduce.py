@@ -76,6 +76,19 @@ def test_greedy_coreset_picks_the_farthest_points_first():
     assert set(range(200, 204)) <= set(picks.tolist())
 
 
+def test_greedy_coreset_batches_make_the_greedy_s_own_picks():
+    # The batched greedy (one pass over the bank per batch) must pick exactly what one pass per pick picks.
+    torch.manual_seed(0)
+    points = torch.randn(3000, 16) * torch.rand(3000, 1) * 3  # varied norms, as real patches have
+    picks = greedy_coreset(points, 300, seed=0, candidates=64)
+    nearest, reference = ((points - points[picks[0]]) ** 2).sum(1), [int(picks[0])]
+    for _ in range(299):
+        reference.append(int(nearest.argmax()))
+        nearest = torch.minimum(nearest, ((points - points[reference[-1]]) ** 2).sum(1))
+    assert len(set(picks.tolist())) == 300
+    assert set(picks.tolist()) == set(reference)
+
+
 def test_coreset_reduce_uploads_real_patches_at_the_ratio():
     emb = torch.randn(4, 8, 5, 5)
     bank = reduce_memory(emb, "coreset", coreset_ratio=0.1)

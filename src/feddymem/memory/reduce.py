@@ -128,11 +128,18 @@ def cluster_mean(
     return sums[keep] / mass[keep, None], mass[keep]
 
 
-def greedy_coreset(patches: torch.Tensor, size: int, *, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
+def greedy_coreset(
+    patches: torch.Tensor, size: int, *, projection_dim: int = 128, seed: int = 0, candidates: int = 256
+) -> torch.Tensor:
     """Indices of ``size`` patches chosen by greedy k-center (each next pick: the patch farthest from the picks).
 
     Distances are taken in a random ``projection_dim``-dimensional projection (Johnson-Lindenstrauss), as
-    PatchCore does, so each step costs one pass over (P, projection_dim).
+    PatchCore does. The picks are the greedy's own, made in batches: among the ``candidates`` patches
+    farthest from the picks so far, the greedy is replayed on those alone (each pick lowers the others'
+    distances) for as long as the next one stays at least as far as every patch outside them, which
+    proves it is the global farthest. One pass over the bank then updates every distance for the whole
+    batch (a matrix product) instead of one pass per pick: the pass is what costs (memory-bound), and on
+    real patch features a batch holds about a hundred picks.
     """
     p = patches.float()
     n = p.shape[0]
@@ -141,17 +148,36 @@ def greedy_coreset(patches: torch.Tensor, size: int, *, projection_dim: int = 12
     if p.shape[1] > projection_dim:
         proj = torch.randn(p.shape[1], projection_dim, generator=g) / projection_dim**0.5
         p = p @ proj.to(p)
+    p = p.contiguous()
+    # |x - c|² = |x|² - 2 x·c + |c|². |c|² differs between picks, so it must be added before the minimum
+    # over picks (leaving it out made picks repeat).
     squared_norms = (p * p).sum(1)
     picks = torch.empty(size, dtype=torch.long)
     picks[0] = int(torch.randint(n, (1,), generator=g))
-    nearest = torch.full((n,), float("inf"), device=p.device)
-    for i in range(1, size):
-        # |x - c|² = |x|² - 2 x·c + |c|²: one matrix-vector pass. |c|² differs between picks, so it must be
-        # added before the minimum over picks (leaving it out made picks repeat).
-        last = picks[i - 1]
-        distance = torch.addmv(squared_norms + squared_norms[last], p, p[last], alpha=-2.0)
-        torch.minimum(nearest, distance, out=nearest)
-        picks[i] = int(nearest.argmax())
+    nearest = torch.addmv(squared_norms + squared_norms[picks[0]], p, p[picks[0]], alpha=-2.0)
+    done = 1
+    while done < size:
+        top = min(candidates, n)
+        farthest, rows = torch.topk(nearest, top)
+        outside = float(farthest[-1]) if top < n else float("-inf")  # no patch outside is farther
+        local, p_rows, norms_rows = farthest.clone(), p[rows], squared_norms[rows]
+        batch: list[int] = []
+        while done + len(batch) < size:
+            j = int(local.argmax())
+            if batch and float(local[j]) < outside:
+                break  # a patch outside the candidates may now be the farthest: update everything first
+            batch.append(j)
+            torch.minimum(local, torch.addmv(norms_rows + norms_rows[j], p_rows, p_rows[j], alpha=-2.0), out=local)
+            local[j] = float("-inf")  # never the same patch twice, even among duplicates
+        chosen = rows[torch.tensor(batch)]
+        picks[done : done + len(chosen)] = chosen
+        done += len(chosen)
+        for start in range(0, n, 32768):  # bounded (rows × batch) blocks of distances
+            block = slice(start, start + 32768)
+            distance = torch.addmm(
+                squared_norms[block, None] + squared_norms[chosen][None, :], p[block], p[chosen].T, alpha=-2.0
+            )
+            torch.minimum(nearest[block], distance.amin(1), out=nearest[block])
     return picks
 
 
