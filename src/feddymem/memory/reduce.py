@@ -198,11 +198,10 @@ def coreset_mean(
     size: int,
     *,
     group: int,
-    candidates: int,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coverage without raw patches: ``size`` greedy k-center centres among a random sample of ``candidates``
-    patches (P, D), each replaced by the mean of its ``group`` nearest patches that come from ``group``
+    """Coverage without raw patches: ``size`` greedy k-center centres among all the ``patches`` (P, D),
+    each replaced by the mean of its ``group`` nearest patches that come from ``group``
     distinct images (``image_of``: each patch's image; the centre's own patch first).
 
     K-means puts its items where patches are dense and averages the rare normal patterns away; k-center
@@ -216,9 +215,8 @@ def coreset_mean(
     distinct = len(np.unique(images))
     if distinct < group:
         raise ValueError(f"{distinct} images cannot make an item that averages {group} images")
-    g = torch.Generator().manual_seed(seed)
-    sample = torch.randperm(p.shape[0], generator=g)[: max(size, candidates)]
-    centres = sample[greedy_coreset(p[sample], size, seed=seed)].numpy()
+    # Every patch is a candidate: a random sample (tried at 16 patches per item) lost 0.002-0.02 AUROC.
+    centres = greedy_coreset(p, size, seed=seed).numpy()
     # An approximate (IVF) search finds the neighbours of most centres; the rest get an exact, wider one.
     index = MemoryIndex(p, approximate_above=4096)
     _, neighbours = index.search(p[centres], min(p.shape[0], max(64, 16 * group)))
@@ -303,8 +301,6 @@ def reduce_memory(
             torch.arange(n).repeat_interleave(h * w),
             min(count, max(1, patches.shape[0] // group)),  # as cluster_mean: at most one item per group patches
             group=group,
-            # k-center over a sample, as K-means trains on one: max_points_per_centroid patches per item.
-            candidates=max_points_per_centroid * count,
             seed=seed,
         )
         return MemoryBank(items, mass, n)
