@@ -73,6 +73,19 @@ def test_valid_uploads_are_clustered_and_malformed_ones_left_out_with_the_reason
     assert (reply.memory.mean(dim=1) < 1.5).any() and (reply.memory.mean(dim=1) > 1.5).any()
 
 
+def test_a_large_site_s_coreset_upload_is_accepted_beyond_the_fixed_item_limit():
+    # 1 % of 4 patches per image: 0.04 items per image. Client 1 has 5,000 images, so its honest upload of 200
+    # items passes although max_items is 100; client 0 (5 images) sending as much is rejected, naming why.
+    limits = _limits()
+    limits = ServerLimits(**{**limits.__dict__, "items_per_image": 0.01 * limits.patch_positions})
+    server = Server(_cfg("federation.min_clients=1"), make_strategy(_cfg()), [5, 5000], limits)
+    small, large = _result(0, 0.0, items=200), _result(1, 3.0, items=200)
+    accepted = server.accept([small, large], round_idx=0)
+    assert [r.client_id for r in accepted] == [1]
+    assert "upload of client 0 rejected: 200 items, allowed 1 to 100" in small.error
+    assert server_limits(_cfg("memory.coreset_ratio=0.02")).items_per_image == 0.02 * (224 // 8) ** 2
+
+
 def test_too_few_valid_uploads_is_a_reply_with_an_error_not_an_exception():
     server = Server(_cfg("federation.min_clients=2"), make_strategy(_cfg()), [5, 6], _limits())
     wide = _result(1, 0.0)

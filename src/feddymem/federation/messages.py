@@ -50,6 +50,8 @@ class ServerLimits:
     global_items: int  # server.size, or the patch grid's H·W when it is 0
     generator: dict[str, torch.Tensor] = field(default_factory=dict)  # names, shapes and dtypes uploads must have
     patch_positions: int = 0  # H·W: patches per image at the memory's resolution
+    # memory.coreset_ratio · H·W: a coreset upload (coreset_mean, coreset) holds this many items per training image
+    items_per_image: float = 0.0
 
 
 @dataclass

@@ -9,6 +9,8 @@ as in a cross-site deployment, checks uploads exactly as one that does.
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -53,6 +55,9 @@ def server_limits(cfg: Any) -> ServerLimits:
         global_items=s.size or positions,
         generator=generator.state_dict(),
         patch_positions=positions,
+        # A coreset upload grows with the client's images (coreset_ratio of its patches): a site with
+        # thousands of images must not be rejected by the fixed item limit.
+        items_per_image=cfg.memory.coreset_ratio * positions,
     )
 
 
@@ -68,6 +73,13 @@ class Server:
         self.global_generator: dict[str, torch.Tensor] | None = None  # FedAvg, FedProx
         self.releases: dict[int, int] = {}  # each client's noisy releases so far (privacy.noise_multiplier > 0)
 
+    def limits_of(self, client_id: int) -> ServerLimits:
+        """The limits one client's upload is checked against: coreset uploads may hold ``items_per_image``
+        items for each of its training images, above ``max_items``."""
+        images = self.train_images[client_id] if client_id < len(self.train_images) else 0
+        own = math.ceil(self.limits.items_per_image * images)
+        return replace(self.limits, max_items=own) if own > self.limits.max_items else self.limits
+
     def accept(self, results: list[ClientResult], round_idx: int) -> list[ClientResult]:
         """The results whose uploads are valid (in client order); the others get the reason as their error.
 
@@ -77,7 +89,7 @@ class Server:
             if result.upload.payload is None:
                 continue
             try:
-                self.strategy.validate(result.client_id, result.upload.payload, self.limits)
+                self.strategy.validate(result.client_id, result.upload.payload, self.limits_of(result.client_id))
                 accepted.append(result)
             except UploadRejected as err:
                 log.warning("round %d: %s", round_idx, err)
