@@ -218,7 +218,7 @@ class MemoryConfig:
     min_cluster_size: int = ranged(3, 1)  # privacy: drop cluster items that average fewer patches
     min_images_per_item: int = ranged(1, 1)  # privacy: drop cluster items whose patches come from fewer images
     # reduce=coreset_mean / coreset: items uploaded, as a fraction of the client's patches
-    coreset_ratio: float = ranged(0.01, 0.0, 1.0, lo_open=True)
+    coreset_ratio: float = ranged(0.02, 0.0, 1.0, lo_open=True)
     rebuild: Rebuild = Rebuild.every_round
 
 
@@ -238,7 +238,7 @@ class ServerConfig:
     """``server``: the global memory, its aggregation and the upload limits."""
 
     aggregation: Aggregation = Aggregation.kmeans
-    size: int = ranged(12544, 0)  # global memory items n_g; 0 = H·W
+    size: int = ranged(25088, 0)  # global memory items n_g; 0 = H·W
     weight_by_client_size: bool = True
     max_upload_items: int = ranged(65536, 1)  # uploads above this (or above memory.size / H·W if larger) are rejected
     max_upload_mb: float = ranged(256.0, 0.0, lo_open=True)

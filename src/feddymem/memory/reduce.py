@@ -246,7 +246,7 @@ def reduce_memory(
     *,
     size: int = 0,
     local_kmeans_ratio: int = 1,
-    coreset_ratio: float = 0.01,
+    coreset_ratio: float = 0.02,
     global_memory: torch.Tensor | None = None,
     iters: int = 20,
     seed: int = 0,
