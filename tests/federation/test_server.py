@@ -3,6 +3,8 @@ aggregation and the round's record. No backbone weights, no data set, no engine.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -76,8 +78,7 @@ def test_valid_uploads_are_clustered_and_malformed_ones_left_out_with_the_reason
 def test_a_large_site_s_coreset_upload_is_accepted_beyond_the_fixed_item_limit():
     # 1 % of 4 patches per image: 0.04 items per image. Client 1 has 5,000 images, so its honest upload of 200
     # items passes although max_items is 100; client 0 (5 images) sending as much is rejected, naming why.
-    limits = _limits()
-    limits = ServerLimits(**{**limits.__dict__, "items_per_image": 0.01 * limits.patch_positions})
+    limits = replace(_limits(), items_per_image=0.01 * _limits().patch_positions)
     server = Server(_cfg("federation.min_clients=1"), make_strategy(_cfg()), [5, 5000], limits)
     small, large = _result(0, 0.0, items=200), _result(1, 3.0, items=200)
     accepted = server.accept([small, large], round_idx=0)

@@ -240,7 +240,8 @@ class ServerConfig:
     aggregation: Aggregation = Aggregation.kmeans
     size: int = ranged(25088, 0)  # global memory items n_g; 0 = H·W
     weight_by_client_size: bool = True
-    max_upload_items: int = ranged(65536, 1)  # uploads above this (or above memory.size / H·W if larger) are rejected
+    # uploads above this (or memory.size, H·W, or coreset_ratio·H·W per training image if larger) are rejected
+    max_upload_items: int = ranged(65536, 1)
     max_upload_mb: float = ranged(256.0, 0.0, lo_open=True)
     kmeans_iters: int = ranged(20, 1)
     warm_start: bool = True

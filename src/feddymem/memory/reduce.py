@@ -172,11 +172,10 @@ def greedy_coreset(
         chosen = rows[torch.tensor(batch)]
         picks[done : done + len(chosen)] = chosen
         done += len(chosen)
+        centres, centre_norms = p[chosen].T, squared_norms[chosen][None, :]  # gathered once per batch
         for start in range(0, n, 32768):  # bounded (rows × batch) blocks of distances
             block = slice(start, start + 32768)
-            distance = torch.addmm(
-                squared_norms[block, None] + squared_norms[chosen][None, :], p[block], p[chosen].T, alpha=-2.0
-            )
+            distance = torch.addmm(squared_norms[block, None] + centre_norms, p[block], centres, alpha=-2.0)
             torch.minimum(nearest[block], distance.amin(1), out=nearest[block])
     return picks
 
