@@ -70,6 +70,24 @@ def test_plan_errors_name_the_key_and_the_choices(tmp_path, synthetic_yaml):
     assert load_plan().methods["fedprox"] == ["method=fedprox", "federation.prox_mu=0.01"]
 
 
+def test_resume_keeps_the_finished_runs_and_runs_the_rest(tmp_path, synthetic_yaml):
+    plan = load_plan(_plan(tmp_path, synthetic_yaml))
+    plan.perf.dataset = "none"  # the timings are tested above
+    out, runs = tmp_path / "bench", tmp_path / "runs"
+    first = run_suite(plan, out, runs, methods=["local"])
+    second = run_suite(plan, out, runs, methods=["no_reduce", "local"], resume=True)
+    assert [r["method"] for r in second["runs"]] == ["no_reduce", "local"]  # the plan's order
+    assert second["runs"][1] == first["runs"][0]  # kept as it was, not run again
+    assert second["total_s"] > first["total_s"]
+    assert "| no_reduce |" in (out / "results.md").read_text()
+    plan.methods["local"] = ["method=local", "memory.coreset_ratio=0.05"]  # the row changed: it runs again
+    third = run_suite(plan, out, runs, methods=["local"], resume=True)
+    assert [r["overrides"] for r in third["runs"]] == [plan.methods["no_reduce"], plan.methods["local"]]
+    plan.seed = 1
+    with pytest.raises(ConfigError, match="its seed is 0, the plan's is 1"):
+        run_suite(plan, out, runs, resume=True)
+
+
 def test_privacy_study_attacks_every_rows_upload_and_links_into_results_md(tmp_path, synthetic_yaml):
     plan = tmp_path / "privacy.yaml"
     plan.write_text(

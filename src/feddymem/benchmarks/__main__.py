@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     suite.add_argument("--runs", default="runs/bench", help="where the runs' folders go")
     suite.add_argument("--datasets", nargs="+", default=None, help="only these data sets of the plan")
     suite.add_argument("--methods", nargs="+", default=None, help="only these methods of the plan")
+    suite.add_argument(
+        "--resume", action="store_true", help="keep the runs already in OUT/results.json; run only the others"
+    )
     render = sub.add_parser("render", help="rewrite results.md from results.json (and the privacy study's)")
     render.add_argument("--plan", default=None, help="the plan the results came from (its convergence rows)")
     render.add_argument("--out", default="benchmarks", help="the folder holding results.json")
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        results = run_suite(load_plan(args.plan), args.out, args.runs, args.datasets, args.methods)
+        results = run_suite(load_plan(args.plan), args.out, args.runs, args.datasets, args.methods, resume=args.resume)
     except FedDyMemError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -39,7 +39,8 @@ def plot_convergence(results: dict[str, Any], methods: list[str], out: Path) -> 
         ax.set(title=dataset, xlabel="round", ylabel="mean image AUROC")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a panel may hold no convergence row
+            ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, out)
 

@@ -346,8 +346,13 @@ def run_suite(
     datasets: list[str] | None = None,
     methods: list[str] | None = None,
     reporter: Reporter | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run the plan (or the named subset); write results.json, results.md and convergence.png."""
+    """Run the plan (or the named subset); write results.json, results.md and convergence.png.
+
+    ``resume``: keep the runs already in ``out_dir/results.json`` that the plan still describes (same
+    seed, common overrides and row overrides) and run only the others, so a stopped suite goes on.
+    """
     reporter = reporter or Reporter()
     out_dir, runs_dir = Path(out_dir), Path(runs_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -370,25 +375,34 @@ def run_suite(
         "perf": None,
         "privacy": {},
     }
+    earlier_s = _resume_from(results, plan, out_dir / "results.json") if resume else 0.0
     # Checked before anything runs: a privacy plan's rows must share one generator.
     variants = {d: privacy_variants(plan, d, methods, runs_dir) for d in datasets} if plan.privacy.client >= 0 else {}
     start = time.perf_counter()
+    order = {(d, m): i for i, (d, m) in enumerate((d, m) for d in plan.datasets for m in plan.methods)}
 
     def save() -> None:
-        results["total_s"] = time.perf_counter() - start
+        results["total_s"] = earlier_s + time.perf_counter() - start
+        results["runs"].sort(key=lambda r: order[(r["dataset"], r["method"])])
         atomic_write_json(out_dir / "results.json", results)
         plot_convergence(results, plan.convergence, out_dir / "convergence.png")
         write_markdown(results, plan, out_dir)
 
     for dataset in datasets:
+        done = {r["method"] for r in results["runs"] if r["dataset"] == dataset}
+        todo = [m for m in methods if m not in done]
+        if done:
+            reporter.print(f"[bench] {dataset}: kept from {out_dir / 'results.json'}: {', '.join(sorted(done))}")
+        if not todo and plan.privacy.client < 0:
+            continue
         reporter.print(f"[bench] {dataset}: extracting features once for every method")
         features, cache_stats = warm_cache(plan, dataset, runs_dir)
         results["cache"][dataset] = cache_stats
-        if dataset == plan.perf.dataset:
+        if dataset == plan.perf.dataset and results["perf"] is None:
             reporter.print(f"[bench] {dataset}: K-means, scoring and throughput side by side")
             results["perf"] = measure_perf(plan, features)
         save()
-        for method in methods:
+        for method in todo:
             reporter.print(f"[bench] {dataset}: {method}")
             run = run_method(plan, dataset, method, runs_dir, features)
             results["runs"].append(run)
@@ -403,6 +417,37 @@ def run_suite(
             results["privacy"][dataset] = attack_rows(plan, dataset, variants[dataset], first_run)
             save()
     return results
+
+
+def _resume_from(results: dict[str, Any], plan: BenchPlan, path: Path) -> float:
+    """Take the runs of an earlier ``results.json`` that ``plan`` still describes; its running time.
+
+    A file from another seed or other common overrides is an error (its rows would not compare); a row
+    whose overrides changed since is dropped and runs again.
+    """
+    if not path.exists():
+        return 0.0
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot resume from {path}: {err}") from err
+    for key in ("seed", "overrides"):
+        if earlier.get(key) != results[key]:
+            raise ConfigError(
+                f"cannot resume from {path}: its {key} is {earlier.get(key)!r}, the plan's is {results[key]!r};"
+                " run without --resume (or with another --out) to start again"
+            )
+    results["runs"] = [
+        r
+        for r in earlier.get("runs", [])
+        if r["dataset"] in plan.datasets and plan.methods.get(r["method"]) == r["overrides"]
+    ]
+    results["cache"] = {d: c for d, c in earlier.get("cache", {}).items() if d in plan.datasets}
+    results["perf"] = earlier.get("perf")
+    commit = earlier.get("machine", {}).get("commit")
+    if results["runs"] and commit and commit != results["machine"]["commit"]:
+        results["machine"]["commit"] += f", resumed from {commit}"
+    return float(earlier.get("total_s", 0.0))
 
 
 def write_markdown(results: dict[str, Any], plan: BenchPlan, out_dir: Path) -> Path:
