@@ -35,7 +35,7 @@ flower-demo: install  ## the experiment over Flower on loopback: SuperLink + a S
 test: install  ## run the test suite
 	$(BIN)/python -m pytest -q
 
-bench: install  ## every method on ELPV + shared mixtures (< 1 h on 2 cores): benchmarks/results.md
+bench: install  ## every method on ELPV + shared mixtures (hours on 2 cores; ARGS=--resume goes on): benchmarks/results.md
 	$(BIN)/python -m feddymem.benchmarks suite --out benchmarks $(ARGS)
 
 lint: install  ## ruff (style, docstrings of public API), format check, mypy on src/
