@@ -9,6 +9,7 @@ every run ``results.json`` and ``results.md`` are rewritten, so a stopped suite 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -379,7 +380,7 @@ def run_suite(
     # Checked before anything runs: a privacy plan's rows must share one generator.
     variants = {d: privacy_variants(plan, d, methods, runs_dir) for d in datasets} if plan.privacy.client >= 0 else {}
     start = time.perf_counter()
-    order = {(d, m): i for i, (d, m) in enumerate((d, m) for d in plan.datasets for m in plan.methods)}
+    order = {key: i for i, key in enumerate(itertools.product(plan.datasets, plan.methods))}  # the plan's order
 
     def save() -> None:
         results["total_s"] = earlier_s + time.perf_counter() - start
