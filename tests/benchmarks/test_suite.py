@@ -83,6 +83,9 @@ def test_resume_keeps_the_finished_runs_and_runs_the_rest(tmp_path, synthetic_ya
     plan.methods["local"] = ["method=local", "memory.coreset_ratio=0.05"]  # the row changed: it runs again
     third = run_suite(plan, out, runs, methods=["local"], resume=True)
     assert [r["overrides"] for r in third["runs"]] == [plan.methods["no_reduce"], plan.methods["local"]]
+    plan.perf.dataset = "synthetic"  # every row is kept, but the perf section was never measured: it runs
+    fourth = run_suite(plan, out, runs, methods=["no_reduce", "local"], resume=True)
+    assert fourth["runs"] == third["runs"] and fourth["perf"]["kmeans"][0]["faiss_cpu_s"] > 0
     plan.seed = 1
     with pytest.raises(ConfigError, match="its seed is 0, the plan's is 1"):
         run_suite(plan, out, runs, resume=True)

@@ -394,12 +394,13 @@ def run_suite(
         todo = [m for m in methods if m not in done]
         if done:
             reporter.print(f"[bench] {dataset}: kept from {out_dir / 'results.json'}: {', '.join(sorted(done))}")
-        if not todo and plan.privacy.client < 0:
+        perf_missing = dataset == plan.perf.dataset and results["perf"] is None
+        if not todo and not perf_missing and plan.privacy.client < 0:
             continue
         reporter.print(f"[bench] {dataset}: extracting features once for every method")
         features, cache_stats = warm_cache(plan, dataset, runs_dir)
         results["cache"][dataset] = cache_stats
-        if dataset == plan.perf.dataset and results["perf"] is None:
+        if perf_missing:
             reporter.print(f"[bench] {dataset}: K-means, scoring and throughput side by side")
             results["perf"] = measure_perf(plan, features)
         save()
