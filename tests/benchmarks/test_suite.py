@@ -26,7 +26,7 @@ def _plan(tmp_path, synthetic_yaml):
     return path
 
 
-def test_suite_writes_results_for_every_method(tmp_path, synthetic_yaml):
+def test_suite_writes_results_for_every_method(tmp_path, synthetic_yaml, synthetic_root):
     out = tmp_path / "bench"
     assert (
         main(
@@ -53,7 +53,8 @@ def test_suite_writes_results_for_every_method(tmp_path, synthetic_yaml):
     assert all(k["faiss_cpu_s"] > 0 and k["sklearn_s"] > 0 for k in kmeans)
     assert all(s["same_result"] for s in results["perf"]["scoring"])
     cache = results["cache"]["synthetic"]
-    assert cache["images"] > 0 and cache["speedup"] > 1
+    images = [p for p in synthetic_root.glob("*/*/*/*.png") if "ground_truth" not in p.parts]
+    assert cache["images"] == len(images) and cache["speedup"] > 1  # every image, training images too
     md = (out / "results.md").read_text()
     assert "## synthetic" in md and "| fedavg | `method=fedavg` |" in md and "no GPU" in md
     assert "bank / FedDyMem" in md and "## Convergence" in md

@@ -167,11 +167,12 @@ def _fresh(run_dir: Path) -> Path:
 
 
 def warm_cache(plan: BenchPlan, dataset: str, runs_dir: Path) -> tuple[FederatedOrchestrator, dict[str, Any]]:
-    """Extract every image's features once (timed), then read them all back from the cache (timed)."""
+    """Extract every image's features once (timed), then read them all back from the cache (timed): the
+    training images too, or the first method's round 0 would pay their extraction."""
     cfg = load_config([*_base_overrides(plan, dataset, runs_dir), f"name={dataset}-features", "method=local"])
     orch = FederatedOrchestrator(cfg, _fresh(runs_dir / f"{dataset}-features"), Reporter(quiet=True))
     orch.setup()
-    sets = [s for c in orch.clients for s in (c.normal_set, c.test_set)]
+    sets = [s for c in orch.clients for s in (c.memory_set, c.normal_set, c.test_set)]
     unique = len({s.path for d in sets for s in d.samples})
     start = time.perf_counter()
     wrapped = [orch.cache.wrap(d) for d in sets]
