@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning as L
@@ -57,6 +57,7 @@ class FedDyMemModule(L.LightningModule):
         memory_size: int = _D.memory.size,
         local_kmeans_ratio: int = _D.memory.local_kmeans_ratio,
         coreset_ratio: float = _D.memory.coreset_ratio,
+        reduce_per_product: bool = _D.memory.per_product,
         kmeans_iters: int = _D.memory.kmeans_iters,
         max_points_per_centroid: int = _D.memory.max_points_per_centroid,
         min_cluster_size: int = _D.memory.min_cluster_size,
@@ -87,6 +88,7 @@ class FedDyMemModule(L.LightningModule):
                 "memory_size": memory_size,
                 "local_kmeans_ratio": local_kmeans_ratio,
                 "coreset_ratio": coreset_ratio,
+                "reduce_per_product": reduce_per_product,
                 "kmeans_iters": kmeans_iters,
                 "max_points_per_centroid": max_points_per_centroid,
                 "min_cluster_size": min_cluster_size,
@@ -130,6 +132,7 @@ class FedDyMemModule(L.LightningModule):
             "memory_size": mem.size,
             "local_kmeans_ratio": mem.local_kmeans_ratio,
             "coreset_ratio": mem.coreset_ratio,
+            "reduce_per_product": mem.per_product,
             "kmeans_iters": mem.kmeans_iters,
             "max_points_per_centroid": mem.max_points_per_centroid,
             "min_cluster_size": mem.min_cluster_size,
@@ -178,8 +181,10 @@ class FedDyMemModule(L.LightningModule):
         self.train(was_training)
         return torch.cat(out)
 
-    def build_memory(self, batches: Iterable[dict[str, Any]]) -> MemoryBank:
-        """Dynamic memory + memory-reduce over the client's normal training images."""
+    def build_memory(self, batches: Iterable[dict[str, Any]], products: Sequence[str] | None = None) -> MemoryBank:
+        """Dynamic memory + memory-reduce over the client's normal training images; ``products``: each
+        image's product, in the order of ``batches`` (a coreset reduce then runs per product when
+        ``reduce_per_product``)."""
         hp = self.hparams
         return self.model.build_memory(
             self.embed_batches(batches),
@@ -194,6 +199,7 @@ class FedDyMemModule(L.LightningModule):
             min_images_per_item=hp["min_images_per_item"],
             gpu=self.device.type == "cuda",
             noise=self.noise_settings,
+            image_groups=products if hp["reduce_per_product"] else None,
         )
 
     @property

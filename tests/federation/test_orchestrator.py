@@ -21,7 +21,7 @@ from feddymem.federation.client_runner import ClientRunner
 from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.federation.server import TooFewClients
 from feddymem.io import load_checkpoint
-from feddymem.memory.reduce import MemoryBank
+from feddymem.memory.reduce import MemoryBank, reduce_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -127,6 +127,24 @@ def test_default_coreset_mean_uploads_items_of_three_images_and_refuses_clients_
     # PatchCore builds its memory with a raw coreset: the same data is no reason to refuse it.
     patchcore = _cfg(synthetic_yaml, "method=patchcore", "memory.min_images_per_item=50")
     FederatedOrchestrator(patchcore, tmp_path / "pc").setup()
+    # memory.per_product: the client's products are reduced one by one.
+    split_cfg = _cfg(
+        synthetic_yaml,
+        "memory.reduce=coreset_mean",
+        "memory.min_cluster_size=3",
+        "memory.coreset_ratio=0.05",
+        "memory.per_product=true",
+    )
+    split = FederatedOrchestrator(split_cfg, tmp_path / "per_product")
+    split.setup()
+    client = max(split.clients, key=lambda c: min(c.data.counts().values()) if len(c.data.counts()) == 2 else 0)
+    assert min(client.data.counts().values()) >= 3  # a client with both products, each large enough
+    loader = split.runner.loaders.loader(split.runner.loaders.cached(client.memory_set, "t"), shuffle=False)
+    embeddings, products = client.module.embed_batches(loader), [s.product for s in client.memory_set.samples]
+    settings = {"coreset_ratio": 0.05, "min_cluster_size": 3, "seed": split_cfg.seed}
+    per_product = reduce_memory(embeddings, "coreset_mean", image_groups=products, **settings).items
+    assert torch.equal(split.runner.build_memory(client).items, per_product)
+    assert not torch.equal(reduce_memory(embeddings, "coreset_mean", **settings).items, per_product)
 
 
 @pytest.mark.parametrize("method", ["centralized", "patchcore"])

@@ -6,6 +6,7 @@ from feddymem.memory.reduce import (
     coreset_mean,
     fit_weights,
     greedy_coreset,
+    image_groups_of,
     position_mean,
     reduce_memory,
 )
@@ -199,3 +200,30 @@ def test_coreset_mean_keeps_a_rare_normal_pattern_that_kmeans_averages_away():
 def test_coreset_mean_needs_as_many_images_as_an_item_averages():
     with pytest.raises(ValueError, match="2 images cannot make an item that averages 3 images"):
         coreset_mean(torch.randn(8, 4), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), 2, group=3)
+
+
+def test_per_product_coreset_mean_shares_the_items_by_patches_not_by_spread():
+    # Product a: 6 images, all patches nearly one point; product b: 3 images, widely spread, far away.
+    # One k-center over both spends its items on b's spread; per product, a gets its share of the patches.
+    g = torch.Generator().manual_seed(0)
+    emb = torch.cat([0.01 * torch.randn(6, 4, 4, 4, generator=g), 100.0 + 5.0 * torch.randn(3, 4, 4, 4, generator=g)])
+    products = ["a"] * 6 + ["b"] * 3
+    whole = reduce_memory(emb, "coreset_mean", coreset_ratio=9 / 144, min_cluster_size=3)
+    split = reduce_memory(emb, "coreset_mean", coreset_ratio=9 / 144, min_cluster_size=3, image_groups=products)
+    near_a = [int((bank.items.norm(dim=1) < 1).sum()) for bank in (whole, split)]
+    assert whole.items.shape[0] == split.items.shape[0] == 9 and near_a == [1, 6]
+    assert torch.all(split.weights == 3) and split.num_images == 9
+    assert all(item.norm() < 1 or bool((item > 80).all()) for item in split.items)  # no item mixes a and b
+    # The raw coreset splits the same way.
+    raw = reduce_memory(emb, "coreset", coreset_ratio=9 / 144, image_groups=products)
+    assert int((raw.items.norm(dim=1) < 1).sum()) == 6
+
+
+def test_a_product_with_fewer_images_than_an_item_averages_joins_the_largest():
+    emb = torch.randn(11, 4, 4, 4)
+    products = ["a"] * 6 + ["b"] * 3 + ["c"] * 2  # c's 2 images cannot make an item of 3 images on their own
+    bank = reduce_memory(emb, "coreset_mean", coreset_ratio=0.05, min_cluster_size=3, image_groups=products)
+    assert bank.items.shape[0] == round(0.05 * 176) and torch.all(bank.weights == 3)
+    assert [len(i) for i in image_groups_of(products, 11, 3)] == [8, 3]
+    with pytest.raises(ValueError, match="image_groups has 2 labels for 11 images"):
+        reduce_memory(emb, "coreset_mean", image_groups=["a", "b"])

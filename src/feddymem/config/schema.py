@@ -219,6 +219,9 @@ class MemoryConfig:
     min_images_per_item: int = ranged(1, 1)  # privacy: drop cluster items whose patches come from fewer images
     # reduce=coreset_mean / coreset: items uploaded, as a fraction of the client's patches
     coreset_ratio: float = ranged(0.02, 0.0, 1.0, lo_open=True)
+    # reduce=coreset_mean / coreset: one k-center per product of the client (items in proportion to its patches);
+    # off by default: within seed noise over 4 seeds (benchmarks/quality/per_product)
+    per_product: bool = False
     rebuild: Rebuild = Rebuild.every_round
 
 

@@ -26,7 +26,7 @@ class ClientData:
         return {p: sum(s.product == p for s in self.train) for p in self.products}
 
 
-def _split_counts(n: int, fractions: np.ndarray) -> np.ndarray:
+def split_counts(n: int, fractions: np.ndarray) -> np.ndarray:
     """Integer counts summing to ``n`` closest to ``n * fractions`` (largest remainder)."""
     raw = n * fractions / fractions.sum()
     counts = np.floor(raw).astype(int)
@@ -66,7 +66,7 @@ def partition_clients(
             raise DataError(f"unknown partition method '{method}'")
         counts = np.stack(
             [
-                _split_counts(len(p.train), shares[:, j]) if shares[:, j].sum() > 0 else np.zeros(num_clients, int)
+                split_counts(len(p.train), shares[:, j]) if shares[:, j].sum() > 0 else np.zeros(num_clients, int)
                 for j, p in enumerate(products)
             ],
             axis=1,

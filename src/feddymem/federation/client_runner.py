@@ -93,7 +93,8 @@ class ClientRunner:
     def build_memory(self, client: Client) -> MemoryBank:
         """Rebuild and reduce the client's memory with its current generator."""
         memory_set = self.loaders.cached(client.memory_set, f"client {client.id} features")
-        return client.module.build_memory(self.loaders.loader(memory_set, shuffle=False))
+        products = [s.product for s in client.memory_set.samples]
+        return client.module.build_memory(self.loaders.loader(memory_set, shuffle=False), products)
 
     def side(self, client: Client) -> ClientSideAdapter:
         """What a strategy may do with ``client`` (its generator, its memory)."""

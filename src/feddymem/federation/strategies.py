@@ -157,11 +157,12 @@ class PatchCore(Centralized):
     name = "patchcore"
     trains = False
     single_round = True
-    # A greedy coreset of the raw patches, searched exactly, with PatchCore's reweighted image score.
+    # One greedy coreset of all the raw patches, searched exactly, with PatchCore's reweighted image score.
     module_overrides: ClassVar[dict[str, Any]] = {
         "score_method": "patchcore",
         "approximate_above": 0,
         "memory_reduce": "coreset",
+        "reduce_per_product": False,
     }
 
 

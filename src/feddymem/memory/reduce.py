@@ -13,6 +13,10 @@ Every reduction is a weighted average of patch embeddings, so no item is a singl
 ``coreset`` is the "no memory-reduce" ablation: a greedy k-center coreset of the raw patch bank
 (PatchCore's selection), ``coreset_ratio`` of all patches, each a real patch of one image (weight 1).
 
+Given each image's product (``image_groups``), ``coreset_mean`` and ``coreset`` run one k-center per product,
+with items in proportion to its patches: a product's share of the upload no longer depends on how spread
+its patches are next to another product's, and no item averages patches of two products.
+
 With ``noise`` (``privacy.noise_multiplier`` > 0) ``cluster_mean`` and ``position_mean`` release noisy sums
 instead (:mod:`feddymem.privacy.mechanism`). ``coreset`` uploads raw patches and ``position_weighted``
 weighs each image by statistics of all the others: neither has a bounded sensitivity.
@@ -21,11 +25,13 @@ weighs each image by statistics of all the others: neither has a bounded sensiti
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from feddymem.data.partition import split_counts
 from feddymem.memory.kmeans import kmeans
 from feddymem.memory.search import MemoryIndex, squared_distances
 from feddymem.privacy.mechanism import NoiseSettings, private_cluster_mean, private_position_mean
@@ -254,8 +260,13 @@ def reduce_memory(
     gpu: bool = False,
     noise: NoiseSettings | None = None,
     min_images_per_item: int = 1,
+    image_groups: Sequence[Hashable] | None = None,
 ) -> MemoryBank:
-    """Reduce a client's embeddings (N, D, H, W) to an upload with ``method`` (see module docstring)."""
+    """Reduce a client's embeddings (N, D, H, W) to an upload with ``method`` (see module docstring).
+
+    ``image_groups``: each image's product (any hashable label); ``coreset_mean`` and ``coreset`` then
+    reduce each product on its own (see :func:`image_groups_of`); the other methods reduce the whole bank.
+    """
     method = getattr(method, "value", method)
     n, d, h, w = embeddings.shape
     if n == 0:
@@ -291,22 +302,17 @@ def reduce_memory(
             min_images=min_images_per_item,
         )
         return MemoryBank(items, mass, n)
-    if method == "coreset_mean":
-        patches = emb.permute(0, 2, 3, 1).reshape(-1, d)
-        group = max(min_cluster_size, min_images_per_item)
-        count = max(1, round(coreset_ratio * patches.shape[0]))
-        items, mass = coreset_mean(
-            patches,
-            torch.arange(n).repeat_interleave(h * w),
-            min(count, max(1, patches.shape[0] // group)),  # as cluster_mean: at most one item per group patches
-            group=group,
-            seed=seed,
-        )
-        return MemoryBank(items, mass, n)
-    if method == "coreset":
-        patches = emb.permute(0, 2, 3, 1).reshape(-1, d)
-        picks = greedy_coreset(patches, max(1, round(coreset_ratio * patches.shape[0])), seed=seed)
-        return MemoryBank(patches[picks].cpu().contiguous(), torch.ones(len(picks)), n)
+    if method in ("coreset_mean", "coreset"):
+        group = max(min_cluster_size, min_images_per_item) if method == "coreset_mean" else 1
+        parts = image_groups_of(image_groups, n, group)
+        # The whole bank's item count, split over the groups in proportion to their images (= patches).
+        counts = split_counts(max(1, round(coreset_ratio * n * h * w)), np.array([len(i) for i in parts], float))
+        uploads = [
+            _coreset_items(emb[i] if len(parts) > 1 else emb, method, int(c), group, seed)
+            for i, c in zip(parts, counts, strict=True)
+            if c
+        ]
+        return MemoryBank(torch.cat([u[0] for u in uploads]), torch.cat([u[1] for u in uploads]), n)
     if method == "position_weighted" and global_memory is not None and global_memory.numel():
         image_weights = fit_weights(emb, global_memory)
     elif method in ("position_mean", "position_weighted"):
@@ -330,6 +336,42 @@ def reduce_memory(
             items, size, iters=iters, seed=seed, weights=mass, max_points_per_centroid=max_points_per_centroid, gpu=gpu
         )
     return MemoryBank(items.contiguous(), mass, n)
+
+
+def image_groups_of(image_groups: Sequence[Hashable] | None, n: int, min_images: int) -> list[torch.Tensor]:
+    """Indices of the images of each group (in first-seen order), from each image's label; one group of
+    every image when ``image_groups`` is ``None``. A group of fewer than ``min_images`` images joins the
+    largest group: an item must average that many images."""
+    if image_groups is None:
+        return [torch.arange(n)]
+    if len(image_groups) != n:
+        raise ValueError(f"image_groups has {len(image_groups)} labels for {n} images")
+    members: dict[Hashable, list[int]] = {}
+    for i, label in enumerate(image_groups):
+        members.setdefault(label, []).append(i)
+    largest = max(members, key=lambda label: len(members[label]))
+    for label in [g for g, images in members.items() if len(images) < min_images and g != largest]:
+        members[largest] += members.pop(label)
+    return [torch.tensor(sorted(images)) for images in members.values()]
+
+
+def _coreset_items(
+    embeddings: torch.Tensor, method: str, count: int, group: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` items of ``coreset_mean`` (each the mean of ``group`` images' patches) or raw ``coreset``
+    patches from embeddings (N, D, H, W); items and the patches each averages."""
+    n, d, h, w = embeddings.shape
+    patches = embeddings.permute(0, 2, 3, 1).reshape(-1, d)
+    if method == "coreset":
+        picks = greedy_coreset(patches, count, seed=seed)
+        return patches[picks].cpu().contiguous(), torch.ones(len(picks))
+    return coreset_mean(
+        patches,
+        torch.arange(n).repeat_interleave(h * w),  # image i holds rows i·H·W … (i+1)·H·W − 1
+        min(count, max(1, patches.shape[0] // group)),  # as cluster_mean: at most one item per group patches
+        group=group,
+        seed=seed,
+    )
 
 
 def _private_reduce(

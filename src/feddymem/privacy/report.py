@@ -148,8 +148,11 @@ def matched_samples(
     return chosen_members, chosen_others
 
 
-def build_upload(module: FedDyMemModule, cfg: Any, embeddings: torch.Tensor, variant: UploadVariant) -> MemoryBank:
-    """The upload ``variant`` (resolved against the run's ``cfg``) makes from the members' embeddings."""
+def build_upload(
+    module: FedDyMemModule, cfg: Any, embeddings: torch.Tensor, variant: UploadVariant, products: list[str]
+) -> MemoryBank:
+    """The upload ``variant`` (resolved against the run's ``cfg``) makes from the members' embeddings
+    (``products``: each member's product)."""
     mem, privacy = cfg.memory, cfg.privacy
     v = variant.resolved(cfg)  # every field set: the ``or`` defaults below only satisfy the types
     noise = NoiseSettings(v.noise_multiplier or 0.0, privacy.clip_norm, v.patches_per_image or 0, privacy.kmeans_iters)
@@ -165,6 +168,7 @@ def build_upload(module: FedDyMemModule, cfg: Any, embeddings: torch.Tensor, var
         seed=cfg.seed,
         noise=noise,
         global_memory=None,  # round 0: what a client sends before it has a global memory
+        image_groups=products if mem.per_product else None,
     )
 
 
@@ -246,7 +250,7 @@ def privacy_report(
         *(variants or []),
     ]
     for variant in uploads:
-        bank = build_upload(module, cfg, members.embeddings, variant)
+        bank = build_upload(module, cfg, members.embeddings, variant, members.products)
         result, reconstructions, matches = invert_items(decoder, bank.items, member_windows, unrelated_windows)
         auc = membership_auc(
             bank.items, member_view.embeddings, non_members.embeddings, member_view.products, non_members.products
