@@ -15,7 +15,8 @@ Every reduction is a weighted average of patch embeddings, so no item is a singl
 
 Given each image's product (``image_groups``), ``coreset_mean`` and ``coreset`` run one k-center per product,
 with items in proportion to its patches: a product's share of the upload no longer depends on how spread
-its patches are next to another product's, and no item averages patches of two products.
+its patches are next to another product's, and no item averages patches of two products (except a
+product of fewer images than an item averages, which joins the client's largest).
 
 With ``noise`` (``privacy.noise_multiplier`` > 0) ``cluster_mean`` and ``position_mean`` release noisy sums
 instead (:mod:`feddymem.privacy.mechanism`). ``coreset`` uploads raw patches and ``position_weighted``
