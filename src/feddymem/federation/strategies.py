@@ -163,6 +163,7 @@ class PatchCore(Centralized):
         "approximate_above": 0,
         "memory_reduce": "coreset",
         "reduce_per_product": False,
+        "keep_local": False,
     }
 
 
