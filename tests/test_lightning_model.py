@@ -50,38 +50,6 @@ def test_given_global_memory_is_used_and_state_round_trips(synthetic_root):
     assert torch.equal(other.model.memory, memory)
 
 
-def test_keep_local_appends_the_client_s_own_centres_to_every_memory_it_is_given(synthetic_root):
-    train, _ = _loaders(synthetic_root)
-    d = FedDyMemModule().model.generator.out_channels
-    global_memory = torch.randn(10, d)
-    for keep in (True, False):
-        module = FedDyMemModule(keep_local=keep, coreset_ratio=0.01, min_cluster_size=2)
-        bank = module.build_memory(train)
-        assert bank.local_items is not None  # coreset_mean always finds its centres; keep_local decides
-        module.set_global_memory(global_memory)
-        memory = module.model.memory
-        if keep:
-            assert torch.equal(memory[:10], global_memory) and torch.equal(memory[10:], bank.local_items)
-        else:
-            assert torch.equal(memory, global_memory)
-    # the kept centres are part of the client's state: a restored client scores with the same memory, and
-    # takes the next global memory with its own centres appended
-    module_with_local = FedDyMemModule(keep_local=True, coreset_ratio=0.01, min_cluster_size=2)
-    module_with_local.build_memory(train)
-    module_with_local.set_global_memory(global_memory)
-    state = module_with_local.trainable_state()
-    restored = FedDyMemModule(keep_local=True)
-    restored.load_trainable_state(state)
-    assert torch.equal(restored.model.memory, module_with_local.model.memory)
-    restored.set_global_memory(global_memory[:4])
-    assert restored.model.memory.shape[0] == 4 + module_with_local.model.local_memory.shape[0]
-    # a state written before keep_local existed (no local_memory) still loads, with no local items
-    del state["local_memory"]
-    old = FedDyMemModule()
-    old.load_trainable_state(state)
-    assert old.model.local_memory.numel() == 0
-
-
 def test_pixel_metrics_skip_anomalous_images_without_masks():
     module = FedDyMemModule()
     d = module.model.generator.out_channels

@@ -58,7 +58,6 @@ class FedDyMemModule(L.LightningModule):
         local_kmeans_ratio: int = _D.memory.local_kmeans_ratio,
         coreset_ratio: float = _D.memory.coreset_ratio,
         reduce_per_product: bool = _D.memory.per_product,
-        keep_local: bool = _D.memory.keep_local,
         kmeans_iters: int = _D.memory.kmeans_iters,
         max_points_per_centroid: int = _D.memory.max_points_per_centroid,
         min_cluster_size: int = _D.memory.min_cluster_size,
@@ -90,7 +89,6 @@ class FedDyMemModule(L.LightningModule):
                 "local_kmeans_ratio": local_kmeans_ratio,
                 "coreset_ratio": coreset_ratio,
                 "reduce_per_product": reduce_per_product,
-                "keep_local": keep_local,
                 "kmeans_iters": kmeans_iters,
                 "max_points_per_centroid": max_points_per_centroid,
                 "min_cluster_size": min_cluster_size,
@@ -135,7 +133,6 @@ class FedDyMemModule(L.LightningModule):
             "local_kmeans_ratio": mem.local_kmeans_ratio,
             "coreset_ratio": mem.coreset_ratio,
             "reduce_per_product": mem.per_product,
-            "keep_local": mem.keep_local,
             "kmeans_iters": mem.kmeans_iters,
             "max_points_per_centroid": mem.max_points_per_centroid,
             "min_cluster_size": mem.min_cluster_size,
@@ -189,7 +186,7 @@ class FedDyMemModule(L.LightningModule):
         image's product, in the order of ``batches`` (a coreset reduce then runs per product when
         ``reduce_per_product``)."""
         hp = self.hparams
-        bank = self.model.build_memory(
+        return self.model.build_memory(
             self.embed_batches(batches),
             hp["memory_reduce"],
             size=hp["memory_size"],
@@ -204,9 +201,6 @@ class FedDyMemModule(L.LightningModule):
             noise=self.noise_settings,
             image_groups=products if hp["reduce_per_product"] else None,
         )
-        # The client's own k-center patches stay here, appended to every memory it is given from now on.
-        self.model.set_local_memory(bank.local_items if hp["keep_local"] else None)
-        return bank
 
     @property
     def noise_settings(self) -> NoiseSettings:
@@ -294,7 +288,6 @@ class FedDyMemModule(L.LightningModule):
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load a state from :meth:`trainable_state`; a mismatch names the keys."""
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        # local_memory: absent from states written before memory.keep_local existed (none kept)
-        missing = [k for k in missing if not k.startswith("feature_extractor.") and k != "local_memory"]
+        missing = [k for k in missing if not k.startswith("feature_extractor.")]
         if missing or unexpected:
             raise KeyError(f"client state does not match the model: missing {missing}, unexpected {unexpected}")

@@ -178,21 +178,6 @@ def test_coreset_mean_items_average_one_patch_of_each_of_group_distinct_images()
     assert torch.all(bank.weights == 4) and all((item > 1e-6).sum() == 4 for item in bank.items)
 
 
-def test_coreset_mean_keeps_its_raw_centres_for_the_client_and_uploads_only_averages():
-    g = torch.Generator().manual_seed(0)
-    emb = torch.randn(6, 5, 4, 4, generator=g)
-    patches = emb.permute(0, 2, 3, 1).reshape(-1, 5)
-    bank = reduce_memory(emb, "coreset_mean", coreset_ratio=8 / 96, min_cluster_size=3)
-    assert bank.local_items is not None and bank.local_items.shape == (8, 5)
-    # each local item is one of the client's own patches (a k-center centre) ...
-    assert (bank.local_items[:, None] == patches[None]).all(-1).any(1).all()
-    # ... and none of them leaves it: the upload is the averaged items and their weights only
-    assert set(bank.tensors()) == {"items", "weights"}
-    assert not (bank.items[:, None] == patches[None]).all(-1).any()
-    # a raw coreset upload is already the raw patches: nothing extra to keep
-    assert reduce_memory(emb, "coreset", coreset_ratio=8 / 96).local_items is None
-
-
 def test_coreset_mean_keeps_a_rare_normal_pattern_that_kmeans_averages_away():
     # 8 images of a unit Gaussian blob; at one position of images 0-3 a rare pattern 5 away. With 4 items
     # K-means spends them on the blob and merges the rare pattern into it; k-center's centres reach it, and its

@@ -222,9 +222,6 @@ class MemoryConfig:
     # reduce=coreset_mean / coreset: one k-center per product of the client (items in proportion to its patches);
     # off by default: within seed noise over 4 seeds (benchmarks/quality/per_product)
     per_product: bool = False
-    # reduce=coreset_mean: each client also scores with its own raw k-center centres (kept on the site, never
-    # uploaded; its checkpoints and exports then hold raw patch embeddings of its images)
-    keep_local: bool = False
     rebuild: Rebuild = Rebuild.every_round
 
 

@@ -163,7 +163,6 @@ class PatchCore(Centralized):
         "approximate_above": 0,
         "memory_reduce": "coreset",
         "reduce_per_product": False,
-        "keep_local": False,
     }
 
 

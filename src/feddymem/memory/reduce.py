@@ -48,9 +48,6 @@ class MemoryBank:
     weights: torch.Tensor
     num_images: int
     releases: int = 0  # Gaussian mechanisms that made it (privacy.noise_multiplier > 0); 0 = no noise
-    # coreset_mean's k-center centres: the client's own raw patches, which it may keep for its own scoring
-    # (memory.keep_local). Never uploaded: not in tensors().
-    local_items: torch.Tensor | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors that cross the client boundary."""
@@ -208,7 +205,7 @@ def coreset_mean(
     *,
     group: int,
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Coverage without raw patches: ``size`` greedy k-center centres among all the ``patches`` (P, D),
     each replaced by the mean of its ``group`` nearest patches that come from ``group``
     distinct images (``image_of``: each patch's image; the centre's own patch first).
@@ -217,8 +214,7 @@ def coreset_mean(
     keeps them, as PatchCore does, while every item still averages ``group`` images. Centres without
     ``group`` distinct images among their nearest patches are dropped; when none is left (or there are
     fewer than ``group`` images: ``ValueError``) the upload is one item, the mean of every patch.
-    Returns items (M, D), the patches each averages (M,) and the raw centres (``size``, D): the client's
-    own patches, for its own use only (never to be uploaded).
+    Returns items (M, D) and the patches each averages (M,).
     """
     p = patches.float().cpu().contiguous()
     images = image_of.cpu().numpy()
@@ -244,11 +240,10 @@ def coreset_mean(
             len(groups),
             group,
         )
-    raw_centres = p[torch.from_numpy(centres).long()]
     if not kept:
-        return p.mean(0, keepdim=True), torch.tensor([float(p.shape[0])]), raw_centres
+        return p.mean(0, keepdim=True), torch.tensor([float(p.shape[0])])
     rows = torch.from_numpy(np.stack(kept)).long()
-    return p[rows].mean(1), torch.full((len(kept),), float(group)), raw_centres
+    return p[rows].mean(1), torch.full((len(kept),), float(group))
 
 
 def reduce_memory(
@@ -318,13 +313,7 @@ def reduce_memory(
             for i, c in zip(parts, counts, strict=True)
             if c
         ]
-        local = [u[2] for u in uploads if u[2] is not None]
-        return MemoryBank(
-            torch.cat([u[0] for u in uploads]),
-            torch.cat([u[1] for u in uploads]),
-            n,
-            local_items=torch.cat(local) if local else None,
-        )
+        return MemoryBank(torch.cat([u[0] for u in uploads]), torch.cat([u[1] for u in uploads]), n)
     if method == "position_weighted" and global_memory is not None and global_memory.numel():
         image_weights = fit_weights(emb, global_memory)
     elif method in ("position_mean", "position_weighted"):
@@ -369,15 +358,14 @@ def image_groups_of(image_groups: Sequence[Hashable] | None, n: int, min_images:
 
 def _coreset_items(
     embeddings: torch.Tensor, method: str, count: int, group: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` items of ``coreset_mean`` (each the mean of ``group`` images' patches) or raw ``coreset``
-    patches from embeddings (N, D, H, W); items, the patches each averages, and ``coreset_mean``'s raw
-    centres (``None`` for ``coreset``, whose items are the raw patches)."""
+    patches from embeddings (N, D, H, W); items and the patches each averages."""
     n, d, h, w = embeddings.shape
     patches = embeddings.permute(0, 2, 3, 1).reshape(-1, d)
     if method == "coreset":
         picks = greedy_coreset(patches, count, seed=seed)
-        return patches[picks].cpu().contiguous(), torch.ones(len(picks)), None
+        return patches[picks].cpu().contiguous(), torch.ones(len(picks))
     return coreset_mean(
         patches,
         torch.arange(n).repeat_interleave(h * w),  # image i holds rows i·H·W … (i+1)·H·W − 1

@@ -38,7 +38,6 @@ class FedDyMemModel(nn.Module):
     """Feature extractor → generator → (loss against memory | anomaly map and score)."""
 
     memory: torch.Tensor
-    local_memory: torch.Tensor
 
     def __init__(
         self,
@@ -72,8 +71,6 @@ class FedDyMemModel(nn.Module):
         self.anomaly_map = AnomalyMapGenerator(sigma)
         self.score_k, self.score_method = score_k, getattr(score_method, "value", score_method)
         self.register_buffer("memory", torch.empty(0, self.generator.out_channels))
-        # This client's own raw patches (memory.keep_local): appended to every memory it is given.
-        self.register_buffer("local_memory", torch.empty(0, self.generator.out_channels))
         self._index: MemoryIndex | None = None
 
     @staticmethod
@@ -112,32 +109,18 @@ class FedDyMemModel(nn.Module):
         return self.memory.numel() > 0
 
     def set_memory(self, items: torch.Tensor) -> None:
-        """Use ``items`` (M, D), followed by the local memory, as the memory for the loss and for scoring."""
-        self._check_items(items)
-        items = items.detach().to(self.memory.device, torch.float32)
-        if self.local_memory.numel():
-            items = torch.cat([items, self.local_memory.to(items.device)])
-        self.memory = items.contiguous()
-        self._index = None
-
-    def set_local_memory(self, items: torch.Tensor | None) -> None:
-        """Keep ``items`` (M, D) — this client's own patches, never sent anywhere — to append to every
-        memory :meth:`set_memory` is given from now on (``None``: none). The current memory is unchanged."""
-        if items is None:
-            items = torch.empty(0, self.generator.out_channels)
-        self._check_items(items)
-        self.local_memory = items.detach().to(self.memory.device, torch.float32).contiguous()
-
-    def _check_items(self, items: torch.Tensor) -> None:
+        """Use ``items`` (M, D) as the memory for the loss and for scoring."""
         if items.dim() != 2 or items.shape[1] != self.generator.out_channels:
             raise ValueError(f"memory must be (M, {self.generator.out_channels}), got {tuple(items.shape)}")
+        self.memory = items.detach().to(self.memory.device, torch.float32).contiguous()
+        self._index = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The memories' sizes change with the data: resize the buffers before loading into them.
-        for name in ("memory", "local_memory"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
-        self._index = None
+        # The memory's size changes with the data: resize the buffer before loading into it.
+        key = prefix + "memory"
+        if key in state_dict:
+            self.memory = torch.empty_like(state_dict[key])
+            self._index = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def memory_index(self) -> MemoryIndex:
