@@ -68,7 +68,7 @@ def test_plan_errors_name_the_key_and_the_choices(tmp_path, synthetic_yaml):
         load_plan(bad)
     with pytest.raises(ConfigError, match="not in the benchmark plan: nope; it has feddymem, fedavg"):
         run_suite(load_plan(_plan(tmp_path, synthetic_yaml)), tmp_path / "o", tmp_path / "r", methods=["nope"])
-    assert load_plan().methods["fedprox"] == ["method=fedprox", "federation.prox_mu=0.01"]
+    assert load_plan().methods["fedprox"] == ["method=fedprox", "federation.prox_mu=0.01", "federation.eval_every=1"]
 
 
 def test_resume_keeps_the_finished_runs_and_runs_the_rest(tmp_path, synthetic_yaml):
