@@ -59,6 +59,11 @@ def test_suite_writes_results_for_every_method(tmp_path, synthetic_yaml, synthet
     assert "## synthetic" in md and "| fedavg | `method=fedavg` |" in md and "no GPU" in md
     assert "bank / FedDyMem" in md and "## Convergence" in md
     assert (out / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+    # render draws both again from results.json alone
+    (out / "convergence.png").unlink()
+    (out / "results.md").unlink()
+    assert main(["render", "--out", str(out), "--plan", str(_plan(tmp_path, synthetic_yaml))]) == 0
+    assert (out / "results.md").read_text() == md and (out / "convergence.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_plan_errors_name_the_key_and_the_choices(tmp_path, synthetic_yaml):

@@ -1,6 +1,6 @@
 """``python -m feddymem.benchmarks suite|render|kmeans``.
 
-``suite``: the whole benchmark (``make bench``). ``render``: results.md again from results.json.
+``suite``: the whole benchmark (``make bench``). ``render``: results.md and convergence.png again from results.json.
 ``kmeans``: the server K-means timed alone on synthetic uploads, FAISS GPU/CPU vs scikit-learn
 (``scripts/gpu_check.sh``; needs no data).
 """
@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     suite.add_argument(
         "--resume", action="store_true", help="keep the runs already in OUT/results.json; run only the others"
     )
-    render = sub.add_parser("render", help="rewrite results.md from results.json (and the privacy study's)")
+    render = sub.add_parser(
+        "render", help="rewrite results.md and convergence.png from results.json (and the privacy study's)"
+    )
     render.add_argument("--plan", default=None, help="the plan the results came from (its convergence rows)")
     render.add_argument("--out", default="benchmarks", help="the folder holding results.json")
     km = sub.add_parser("kmeans", help="server K-means on synthetic uploads: FAISS vs scikit-learn")
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             points = perf.synthetic_uploads(args.clients * scale, args.items, args.dim)
             print(json.dumps(perf.compare_kmeans(points, args.items)))
         return 0
+    from feddymem.benchmarks.results import plot_convergence
     from feddymem.benchmarks.suite import load_plan, run_suite, write_markdown
 
     if args.what == "render":
@@ -50,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         try:
             results = json.loads((out / "results.json").read_text())
-            print(f"wrote {write_markdown(results, load_plan(args.plan), out)}")
+            plan = load_plan(args.plan)
+            plot_convergence(results, plan.convergence, out / "convergence.png")
+            print(f"wrote {write_markdown(results, plan, out)} and {out / 'convergence.png'}")
         except (FedDyMemError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

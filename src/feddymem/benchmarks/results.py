@@ -24,18 +24,20 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def plot_convergence(results: dict[str, Any], methods: list[str], out: Path) -> None:
-    """Mean image AUROC per round, one panel per data set; local and centralised as dashed references."""
+    """Mean image AUROC per round, one panel per data set; local and centralised as dashed references (their
+    kept states' AUROC: they are not scored every round)."""
     datasets = list(dict.fromkeys(r["dataset"] for r in results["runs"]))
     if not datasets or not methods:
         return
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.8), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         for run in (r for r in results["runs"] if r["dataset"] == dataset):
-            curve = run["auroc_per_round"]
+            colour = f"C{len(ax.lines)}"  # one colour per drawn line (axhline does not advance the cycle)
             if run["method"] in methods:
-                ax.plot(range(len(curve)), curve, marker="o", label=run["method"])
-            elif run["method"] in ("local", "centralized"):
-                ax.plot(range(len(curve)), curve, ls="--", alpha=0.7, label=run["method"])
+                curve = run["auroc_per_round"]
+                ax.plot(range(len(curve)), curve, marker="o", color=colour, label=run["method"])
+            elif run["method"] in ("local", "centralized") and run.get("mean_image_auroc") is not None:
+                ax.axhline(run["mean_image_auroc"], ls="--", alpha=0.7, color=colour, label=run["method"])
         ax.set(title=dataset, xlabel="round", ylabel="mean image AUROC")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
