@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             points = perf.synthetic_uploads(args.clients * scale, args.items, args.dim)
             print(json.dumps(perf.compare_kmeans(points, args.items)))
         return 0
-    from feddymem.benchmarks.results import plot_convergence
-    from feddymem.benchmarks.suite import load_plan, run_suite, write_markdown
+    from feddymem.benchmarks.suite import load_plan, run_suite, write_report
 
     if args.what == "render":
         from pathlib import Path
@@ -53,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         try:
             results = json.loads((out / "results.json").read_text())
-            plan = load_plan(args.plan)
-            plot_convergence(results, plan.convergence, out / "convergence.png")
-            print(f"wrote {write_markdown(results, plan, out)} and {out / 'convergence.png'}")
+            print(f"wrote {write_report(results, load_plan(args.plan), out)} and {out / 'convergence.png'}")
         except (FedDyMemError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -387,8 +387,7 @@ def run_suite(
         results["total_s"] = earlier_s + time.perf_counter() - start
         results["runs"].sort(key=lambda r: order[(r["dataset"], r["method"])])
         atomic_write_json(out_dir / "results.json", results)
-        plot_convergence(results, plan.convergence, out_dir / "convergence.png")
-        write_markdown(results, plan, out_dir)
+        write_report(results, plan, out_dir)
 
     for dataset in datasets:
         done = {r["method"] for r in results["runs"] if r["dataset"] == dataset}
@@ -453,8 +452,10 @@ def _resume_from(results: dict[str, Any], plan: BenchPlan, path: Path) -> float:
     return float(earlier.get("total_s", 0.0))
 
 
-def write_markdown(results: dict[str, Any], plan: BenchPlan, out_dir: Path) -> Path:
-    """``results.md`` of ``results``; a privacy study in ``out_dir/privacy/`` adds its section."""
+def write_report(results: dict[str, Any], plan: BenchPlan, out_dir: Path) -> Path:
+    """``convergence.png`` and ``results.md`` of ``results`` (a privacy study in ``out_dir/privacy/`` adds
+    its section); the path of results.md."""
+    plot_convergence(results, plan.convergence, out_dir / "convergence.png")
     study_path = out_dir / "privacy" / "results.json"
     study = json.loads(study_path.read_text()) if study_path.is_file() else None
     path = out_dir / "results.md"
