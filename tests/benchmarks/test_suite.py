@@ -92,6 +92,12 @@ def test_resume_keeps_the_finished_runs_and_runs_the_rest(tmp_path, synthetic_ya
     plan.perf.dataset = "synthetic"  # every row is kept, but the perf section was never measured: it runs
     fourth = run_suite(plan, out, runs, methods=["no_reduce", "local"], resume=True)
     assert fourth["runs"] == third["runs"] and fourth["perf"]["kmeans"][0]["faiss_cpu_s"] > 0
+    # a resume on another data set only (--datasets) keeps the first one's section in results.md
+    plan.datasets["synthetic_again"] = plan.datasets["synthetic"]
+    fifth = run_suite(plan, out, runs, datasets=["synthetic_again"], methods=["local"], resume=True)
+    assert list(fifth["datasets"]) == ["synthetic", "synthetic_again"] and len(fifth["runs"]) == 3
+    md = (out / "results.md").read_text()
+    assert "## synthetic\n" in md and "## synthetic_again\n" in md
     plan.seed = 1
     with pytest.raises(ConfigError, match="its seed is 0, the plan's is 1"):
         run_suite(plan, out, runs, resume=True)

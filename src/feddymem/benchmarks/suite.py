@@ -444,6 +444,9 @@ def _resume_from(results: dict[str, Any], plan: BenchPlan, path: Path) -> float:
         for r in earlier.get("runs", [])
         if r["dataset"] in plan.datasets and plan.methods.get(r["method"]) == r["overrides"]
     ]
+    # A resume with fewer data sets (``--datasets``) still reports the kept runs of the others.
+    kept = {r["dataset"] for r in results["runs"]}
+    results["datasets"] = {d: o for d, o in plan.datasets.items() if d in results["datasets"] or d in kept}
     results["cache"] = {d: c for d, c in earlier.get("cache", {}).items() if d in plan.datasets}
     results["perf"] = earlier.get("perf")
     commit = earlier.get("machine", {}).get("commit")
