@@ -81,3 +81,22 @@ def test_keep_best_keeps_the_earliest_of_equal_criteria_unless_told_to_keep_the_
     kept = [runner.keep_best(client, r, c) for r, c in enumerate([0.7, 0.9, 0.9, 0.8, float("nan")])]
     assert kept == ([0, 1, 1, 1, 4] if keep == "best" else [0, 1, 2, 3, 4])  # NaN: nothing to judge by
     assert np.isnan(client.kept.criterion)
+
+
+def test_the_kept_state_is_scored_with_the_normaliser_fitted_when_it_was_kept(synthetic_yaml, monkeypatch):
+    _, runner, server = _runner(synthetic_yaml, "federation.min_clients=2")
+    results = [runner.run_round(c, 0) for c in runner.training_clients()]
+    runner.apply(server.step(results, 0))
+    client = runner.clients[0]
+    evaluation = runner.evaluate(client, 0, tested=True)
+    assert client.kept.normalizer == {"stats": evaluation.normalizer, "pooled": client.kept.normalizer["pooled"]}
+
+    def refit(_client):
+        raise AssertionError("the kept state's normaliser was fitted again")
+
+    monkeypatch.setattr(runner.evaluator, "held_out", refit)
+    kept = runner.test_kept(client)
+    assert kept.image_auroc == evaluation.test.image_auroc and kept.scores == evaluation.test.scores
+    monkeypatch.undo()
+    client.kept.normalizer = None  # an older checkpoint: fitted again, to the same scores
+    assert runner.test_kept(client).scores == evaluation.test.scores

@@ -86,3 +86,6 @@ def test_per_product_normalisation_puts_two_products_on_one_scale():
     assert single.params("b") == (10.0, pytest.approx(np.std([1.0, 2.0, 3.0, 10.0])))
     assert single.params("c") == single.pooled
     assert single.to_dict() == {"a": [2.0, pytest.approx(np.std([1.0, 2.0, 3.0]))], "b": [10.0, single.pooled[1]]}
+    # Its state (plain lists, pooled fallback included) gives the same normaliser back.
+    again = ScoreNormalizer.from_state(single.state())
+    assert again == single and again.params("c") == single.pooled

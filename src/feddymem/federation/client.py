@@ -28,6 +28,9 @@ class KeptState:
     round: int
     criterion: float  # image AUROC of held-out normal images against cut-paste anomalies made from them
     model: dict[str, torch.Tensor]  # generator, radius and memory (FedDyMemModule.trainable_state)
+    # ScoreNormalizer.state() fitted on this state's held-out scores, so that scoring the kept state at the
+    # end need not score every normal image again; None (an older checkpoint, Flower): it is refitted.
+    normalizer: dict[str, Any] | None = None
 
 
 @dataclass

@@ -18,6 +18,7 @@ from feddymem.federation.evaluation import Evaluator
 from feddymem.federation.messages import ClientEvaluation, ClientResult, ServerReply, TestSetMetrics
 from feddymem.federation.strategies import Strategy
 from feddymem.memory.reduce import MemoryBank
+from feddymem.metrics.normalize import ScoreNormalizer
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +132,23 @@ class ClientRunner:
     def evaluate(self, client: Client, round_idx: int, tested: bool, update_time_s: float = 0.0) -> ClientEvaluation:
         """Held-out statistics and criterion, the kept round, and when ``tested`` the test metrics and panel."""
         evaluation, normalizer = self.evaluator.held_out(client)
-        evaluation.kept_round = self.keep_best(client, round_idx, evaluation.criterion)
+        evaluation.kept_round = self.keep_best(client, round_idx, evaluation.criterion, normalizer)
         evaluation.update_time_s = update_time_s
         if tested:
             evaluation.test = self.evaluator.test(client, normalizer)
             evaluation.panel = self.evaluator.panel(client)
         return evaluation
 
-    def keep_best(self, client: Client, round_idx: int, criterion: float) -> int:
-        """Snapshot the client's state when ``criterion`` beats the kept one (ties keep the earlier round);
-        the round now kept."""
+    def keep_best(
+        self, client: Client, round_idx: int, criterion: float, normalizer: ScoreNormalizer | None = None
+    ) -> int:
+        """Snapshot the client's state (and the ``normalizer`` fitted on it) when ``criterion`` beats the kept
+        one (ties keep the earlier round); the round now kept."""
         judged = criterion == criterion  # NaN without held-out images: nothing to judge by, keep the last
         better = client.kept is None or not judged or criterion > client.kept.criterion
         if self.cfg.selection.keep.value == "last" or better:
-            client.kept = KeptState(round_idx, criterion, client.module.trainable_state())
+            state = None if normalizer is None else normalizer.state()
+            client.kept = KeptState(round_idx, criterion, client.module.trainable_state(), state)
         assert client.kept is not None
         return client.kept.round
 
@@ -153,7 +157,10 @@ class ClientRunner:
         assert client.kept is not None
         current = client.module.trainable_state()
         client.module.load_trainable_state(client.kept.model)
-        _, normalizer = self.evaluator.held_out(client)
+        if client.kept.normalizer is not None:
+            normalizer = ScoreNormalizer.from_state(client.kept.normalizer)
+        else:
+            _, normalizer = self.evaluator.held_out(client)
         metrics = self.evaluator.test(client, normalizer)
         client.module.load_trainable_state(current)
         return metrics

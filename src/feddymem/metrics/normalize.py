@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -57,5 +58,16 @@ class ScoreNormalizer:
         return (values - loc) / scale
 
     def to_dict(self) -> dict[str, list[float]]:
-        """Plain lists, safe in a ``weights_only`` checkpoint."""
+        """Each product's [location, scale] as plain lists (what a client reports; the pooled fallback is left out)."""
         return {p: [loc, scale] for p, (loc, scale) in self.stats.items()}
+
+    def state(self) -> dict[str, dict[str, list[float]] | list[float]]:
+        """Everything, the pooled fallback included, as plain lists: safe in a ``weights_only`` checkpoint."""
+        return {"stats": self.to_dict(), "pooled": list(self.pooled)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> ScoreNormalizer:
+        """The normaliser :meth:`state` describes."""
+        stats = {p: (float(loc), float(scale)) for p, (loc, scale) in state["stats"].items()}
+        loc, scale = state["pooled"]
+        return cls(stats, (float(loc), float(scale)))
