@@ -41,19 +41,20 @@ def test_plain_trainer_fit_test_predict(synthetic_root):
 
 def test_given_global_memory_is_used_and_state_round_trips(synthetic_root):
     module = FedDyMemModule()
-    memory = torch.randn(10, module.model.generator.out_channels)
+    memory = torch.randn(10, module.model.memory_dim)  # patch and context items side by side
     module.set_global_memory(memory)
     state = module.trainable_state()
     assert not any(k.startswith("feature_extractor.") for k in state)
     other = FedDyMemModule()
     other.load_trainable_state(state)
     assert torch.equal(other.model.memory, memory)
+    assert torch.equal(other.model.part_scales, module.model.part_scales)  # derived again from the memory
 
 
 def test_pixel_metrics_skip_anomalous_images_without_masks():
     module = FedDyMemModule()
     d = module.model.generator.out_channels
-    module.set_global_memory(torch.zeros(4, d))
+    module.set_global_memory(torch.zeros(4, module.model.memory_dim))
     features = torch.zeros(3, d, 6, 6)
     features[1, :, 2, 2] = 5.0  # anomalous with a mask over the spot
     features[2, :, 4, 4] = 5.0  # anomalous, mask unknown: must not count as normal pixels

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from feddymem.io import atomic_write_bytes
-from feddymem.models.anomaly_map import apply_operators
 from feddymem.models.torch_model import FedDyMemModel
 
 
@@ -25,8 +24,6 @@ class InferenceModel(nn.Module):
     mean: torch.Tensor
     std: torch.Tensor
     threshold: torch.Tensor
-    a_h: torch.Tensor
-    a_w: torch.Tensor
 
     def __init__(self, model: FedDyMemModel, image_size: int, threshold: float = float("inf")) -> None:
         super().__init__()
@@ -36,18 +33,20 @@ class InferenceModel(nn.Module):
         self.register_buffer("mean", torch.tensor(extractor.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(extractor.std).view(1, 3, 1, 1))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
-        with torch.no_grad():  # the patch grid of this input size, to precompute the map operators
+        with torch.no_grad():  # the map operators of this input size, made now: constants in the graph
             grid = self.model.extract(torch.zeros(1, 3, self.image_size, self.image_size)).shape[-1]
-        operator = self.model.anomaly_map.operator(grid, self.image_size)
-        self.register_buffer("a_h", operator.clone())
-        self.register_buffer("a_w", operator.clone())
+            grids = [grid]
+            if self.model.parts > 1:
+                grids.append(self.model.context_embeddings(torch.zeros(1, 1, grid, grid)).shape[-1])
+        for g in grids:
+            self.model.anomaly_map.operator(g, self.image_size)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images → (anomaly maps, image scores, anomaly decisions against the threshold)."""
         x = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         features = self.model.extract((x - self.mean) / self.std)
-        patch_scores = self.model.patch_scores(self.model.embed(features), use_index=False)
-        maps, scores = apply_operators(patch_scores, self.a_h, self.a_w)
+        size = (self.image_size, self.image_size)
+        maps, scores = self.model.score_embeddings(self.model.embed(features), size, use_index=False)
         return maps, scores, scores > self.threshold
 
 

@@ -126,9 +126,10 @@ def test_ablations_change_what_is_uploaded(tmp_path, synthetic_yaml):
     )
 
     frozen, frozen_run = _run(tmp_path, synthetic_yaml, "frozen", "federation.local_epochs=0", "federation.rounds=1")
-    identity = torch.eye(frozen.server.limits.memory_dim)
+    d = frozen.clients[0].module.model.generator.out_channels
+    identity = torch.eye(d)
     weight = frozen.clients[0].module.model.generator.state_dict()
-    conv = next(v for k, v in weight.items() if v.dim() == 4)[:, : frozen.server.limits.memory_dim, 0, 0]
+    conv = next(v for k, v in weight.items() if v.dim() == 4)[:, :d, 0, 0]
     assert torch.equal(conv.cpu(), identity)
     assert frozen_run["rounds"][1]["clients"][0]["train_loss"] != frozen_run["rounds"][1]["clients"][0]["train_loss"]
 

@@ -37,7 +37,9 @@ def _result(client_id: int, centre: float, items: int = 40) -> ClientResult:
     return ClientResult(client_id, Upload(bank, items, 3), train_loss=1.5, time_s=0.1)
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.generator.reduction=4", "data.crop_size=224"]])
+@pytest.mark.parametrize(
+    "overrides", [[], ["model.generator.reduction=4", "data.crop_size=224", "model.scoring.context=0"]]
+)
 def test_limits_come_from_the_config_and_match_a_real_model(overrides):
     cfg = _cfg(*overrides)
     limits = server_limits(cfg)
@@ -45,7 +47,9 @@ def test_limits_come_from_the_config_and_match_a_real_model(overrides):
     extractor = FeatureExtractor(b.name, b.layers, "none", b.pool_size)  # real modules, random weights
     generator = MemoryGenerator(extractor.out_channels, g.reduction, g.coord_channels, g.init.value)
     features = extractor(torch.zeros(1, 3, cfg.data.crop_size, cfg.data.crop_size))
-    assert limits.memory_dim == generator.out_channels == extractor.out_channels // g.reduction
+    parts = 2 if cfg.model.scoring.context else 1  # patch and context items side by side
+    assert limits.memory_dim == parts * generator.out_channels == parts * extractor.out_channels // g.reduction
+    assert limits.memory_parts == parts
     assert limits.patch_positions == features.shape[-2] * features.shape[-1]
     assert limits.global_items == cfg.server.size
     assert limits.max_items == max(cfg.server.max_upload_items, cfg.memory.size, limits.patch_positions)

@@ -18,7 +18,7 @@ from feddymem.federation.strategies import (
     make_strategy,
 )
 from feddymem.federation.upload import UploadRejected
-from feddymem.memory.reduce import MemoryBank
+from feddymem.memory.reduce import MemoryBank, side_by_side, split_parts
 
 DIM = 8
 
@@ -140,3 +140,27 @@ def test_fedprox_is_fedavg_with_a_proximal_weight():
     client = FakeClient(0.0, seed=5)
     strategy.apply(client, reply)
     assert torch.equal(client.generator.weight, reply.generator["weight"])
+
+
+def test_patch_and_context_parts_are_aggregated_each_on_its_own():
+    strategy = make_strategy(_cfg())
+    clients = {k: FakeClient(centre=float(k), seed=k) for k in range(3)}
+    # Each upload: patch items around the client's centre, context items around −10 × it, side by side.
+    payloads = {}
+    for k, c in clients.items():
+        patch = c.build_memory()
+        context = MemoryBank(-10 * patch.items[:20], patch.weights[:20], patch.num_images)
+        payloads[k] = side_by_side([patch, context])
+    limits = ServerLimits(memory_dim=2 * DIM, memory_parts=2, max_items=1000, max_bytes=2**20, global_items=16)
+    for k, bank in payloads.items():
+        strategy.validate(k, bank, limits)
+    reply = strategy.aggregate(payloads, {0: 5, 1: 5, 2: 5}, 0, None, limits)
+    assert reply.memory.shape == (16, 2 * DIM)
+    # The patch half is exactly the K-means of the patch items alone (a joint K-means would differ).
+    alone = strategy.aggregate(
+        {k: split_parts(b, 2)[0] for k, b in payloads.items()}, {0: 5, 1: 5, 2: 5}, 0, None, _limits(clients[0])
+    )
+    assert torch.equal(reply.memory[:, :DIM], alone.memory)
+    # The context half covers the three clients' context clusters, and only them.
+    targets = torch.tensor([[0.0] * DIM, [-10.0] * DIM, [-20.0] * DIM])
+    assert set(torch.cdist(reply.memory[:, DIM:], targets).argmin(1).tolist()) == {0, 1, 2}

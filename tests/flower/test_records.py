@@ -44,7 +44,7 @@ def test_client_state_survives_between_messages(synthetic_yaml):
     client = build_clients(cfg, plan.clients, [1], strategy)[0]
     with torch.no_grad():
         client.module.model.generator.conv.weight.add_(0.5)
-    client.module.set_global_memory(torch.randn(10, client.module.model.generator.out_channels))
+    client.module.set_global_memory(torch.randn(10, client.module.model.memory_dim))
     params = [p for group in client.optimizer.param_groups for p in group["params"]]
     for p in params:
         p.grad = torch.ones_like(p)

@@ -2,13 +2,17 @@ import pytest
 import torch
 
 from feddymem.memory.reduce import (
+    MemoryBank,
     cluster_mean,
     coreset_mean,
+    distinct_items,
     fit_weights,
     greedy_coreset,
     image_groups_of,
     position_mean,
     reduce_memory,
+    side_by_side,
+    split_parts,
 )
 
 
@@ -227,3 +231,18 @@ def test_a_product_with_fewer_images_than_an_item_averages_joins_the_largest():
     assert [len(i) for i in image_groups_of(products, 11, 3)] == [8, 3]
     with pytest.raises(ValueError, match="image_groups has 2 labels for 11 images"):
         reduce_memory(emb, "coreset_mean", image_groups=["a", "b"])
+
+
+def test_parts_side_by_side_repeat_the_shorter_part_and_split_back():
+    patch = MemoryBank(torch.arange(10.0).view(5, 2), torch.full((5,), 3.0), num_images=4, releases=1)
+    context = MemoryBank(-torch.arange(4.0).view(2, 2), torch.ones(2), num_images=4, releases=1)
+    both = side_by_side([patch, context])
+    assert both.items.shape == (5, 4) and both.releases == 2  # each part is a release of its own
+    assert torch.equal(both.weights, patch.weights) and both.num_images == 4
+    # The context part's two items, cyclically: a repeated item changes no nearest distance.
+    assert torch.equal(both.items[:, 2:], context.items[[0, 1, 0, 1, 0]])
+    first, second = split_parts(both, 2)
+    assert torch.equal(first.items, patch.items) and torch.equal(second.items, context.items[[0, 1, 0, 1, 0]])
+    # Before aggregation the repeats go, their weights summed: K-means meets no exact ties.
+    distinct = distinct_items(second)
+    assert distinct.items.shape == (2, 2) and sorted(distinct.weights.tolist()) == [6.0, 9.0]

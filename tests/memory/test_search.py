@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from feddymem.memory.search import MemoryIndex
+from feddymem.memory.search import MemoryIndex, nearest_neighbour_spread
 
 
 def _clustered(n: int, dim: int, seed: int) -> torch.Tensor:
@@ -32,3 +32,14 @@ def test_approximate_index_answers_every_query_even_when_visited_lists_are_short
     far = torch.full((5, 8), 1e3)  # far from every list: still k real neighbours, sorted
     dist, idx = index.search(far, 9)
     assert (idx >= 0).all() and np.all(np.diff(dist.numpy(), axis=1) >= 0)
+
+
+def test_nearest_neighbour_spread_is_the_std_of_each_distinct_item_s_nearest_distance():
+    # On a line at 0, 1, 3, 7: nearest distances 1, 1, 2, 4. A repeated item is not its own neighbour.
+    line = torch.tensor([[0.0], [1.0], [3.0], [7.0], [7.0], [3.0]])
+    assert nearest_neighbour_spread(line) == torch.tensor([1.0, 1.0, 2.0, 4.0]).std().item()
+    # Scaling the memory scales its spread: scores divided by it do not depend on the features' scale.
+    assert abs(nearest_neighbour_spread(10 * line) - 10 * nearest_neighbour_spread(line)) < 1e-4
+    # Undefined (one distinct item; every nearest distance equal): 1, so a score is left as it is.
+    assert nearest_neighbour_spread(torch.zeros(5, 3)) == 1.0
+    assert nearest_neighbour_spread(torch.tensor([[0.0], [1.0], [2.0]])) == 1.0

@@ -290,7 +290,9 @@ def measure_perf(plan: BenchPlan, orch: FederatedOrchestrator) -> dict[str, Any]
     p = plan.perf
     out: dict[str, Any] = {"dataset": orch.cfg.dataset}
     banks = [orch.runner.build_memory(c) for c in orch.clients]
-    uploads = torch.cat([b.items for b in banks]).numpy()
+    # The patch part of the uploads: K-means and the search run part by part on items of this width.
+    d = orch.clients[0].module.model.generator.out_channels
+    uploads = torch.cat([b.items[:, :d] for b in banks]).numpy()
     k = server_limits(orch.cfg).patch_positions
     out["kmeans"] = [
         {"scale": s, **perf.compare_kmeans(perf.replicate(uploads, s, plan.seed), k, orch.cfg.server.kmeans_iters)}

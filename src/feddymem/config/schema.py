@@ -188,6 +188,11 @@ class ScoringConfig:
     method: Scoring = Scoring.nearest
     k: int = ranged(3, 1)
     sigma: float = ranged(4.0, 0.0)  # anomaly-map blur; 0 = none
+    # Context map: the patch embeddings averaged over context×context patches (every context // 2 patches)
+    # are scored against a memory of their own, and that map is added to the patch map; 0 = off.
+    context: int = ranged(9, 0)
+    # The image score: the patch map's maximum (false: as without a context map), or the summed map's.
+    context_in_score: bool = False
     normalize: Normalize = Normalize.product  # comparable scores across a client's products
     # Memories larger than this are searched with a FAISS inverted-file index (√M lists, nprobe visited)
     # for scoring and for the loss's neighbours; 0 = always exact.

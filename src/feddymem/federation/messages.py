@@ -52,6 +52,7 @@ class ServerLimits:
     patch_positions: int = 0  # H·W: patches per image at the memory's resolution
     # memory.coreset_ratio · H·W: a coreset upload (coreset_mean, coreset) holds this many items per training image
     items_per_image: float = 0.0
+    memory_parts: int = 1  # items are this many descriptors side by side (patch, context), aggregated part by part
 
 
 @dataclass

@@ -48,8 +48,10 @@ def server_limits(cfg: Any) -> ServerLimits:
     positions = (cfg.data.crop_size // geometry.stride) ** 2
     with torch.device("meta"):  # only names, shapes and dtypes matter
         generator = MemoryGenerator(geometry.channels, m.generator.reduction, m.generator.coord_channels, "random")
+    parts = 2 if m.scoring.context else 1  # a context window puts a context item beside each patch item
     return ServerLimits(
-        memory_dim=generator.out_channels,
+        memory_dim=parts * generator.out_channels,
+        memory_parts=parts,
         max_items=max(s.max_upload_items, cfg.memory.size, positions),
         max_bytes=int(s.max_upload_mb * 2**20),
         global_items=s.size or positions,

@@ -19,7 +19,7 @@ from feddymem.federation.baselines import average_parameters
 from feddymem.federation.messages import ServerLimits, ServerReply, Upload
 from feddymem.federation.upload import validate_parameters, validate_upload
 from feddymem.memory.aggregate import GlobalMemory, aggregate, coreset_aggregate, mean_aggregate
-from feddymem.memory.reduce import MemoryBank
+from feddymem.memory.reduce import MemoryBank, distinct_items, side_by_side, split_parts
 
 
 class ClientSide(Protocol):
@@ -96,24 +96,24 @@ class Strategy:
         """The global memory from the accepted uploads (by client id): server K-means (or the ablations),
         warm-started from the ``previous`` global memory."""
         t0 = time.perf_counter()
-        s = self.cfg.server
         banks = [uploads[k] for k in sorted(uploads)]
-        size = limits.global_items
-        result: GlobalMemory
-        if s.aggregation.value == "mean":
-            result = mean_aggregate(banks, weight_by_client_size=s.weight_by_client_size)
-        elif s.aggregation.value == "coreset":
-            result = coreset_aggregate(banks, size, seed=self.cfg.seed + round_idx)
-        else:
-            result = aggregate(
-                banks,
-                size,
-                previous=previous if s.warm_start else None,
-                weight_by_client_size=s.weight_by_client_size,
-                iters=s.kmeans_iters,
-                seed=self.cfg.seed + round_idx,
-                gpu=self.server_gpu,
+        parts = limits.memory_parts
+        previous_parts = previous.chunk(parts, dim=1) if previous is not None else [None] * parts
+        # Each part (patch items, context items) is aggregated on its own, then set side by side again; a
+        # context part is aggregated without the repeats that pairing it with the patch items made.
+        results = [
+            self._aggregate_part(
+                [distinct_items(part) if p else part for part in (split_parts(b, parts)[p] for b in banks)],
+                previous_parts[p],
+                round_idx,
+                limits,
             )
+            for p in range(parts)
+        ]
+        result = results[0]
+        if parts > 1:
+            paired = side_by_side([MemoryBank(r.items, torch.ones(r.items.shape[0]), 0) for r in results])
+            result = GlobalMemory(paired.items, sum(r.objective for r in results), result.num_points, result.gpu)
         return ServerReply(
             sorted(uploads),
             memory=result.items,
@@ -124,6 +124,25 @@ class Strategy:
                 "gpu": result.gpu,
                 "time_s": time.perf_counter() - t0,
             },
+        )
+
+    def _aggregate_part(
+        self, banks: list[MemoryBank], previous: torch.Tensor | None, round_idx: int, limits: ServerLimits
+    ) -> GlobalMemory:
+        """One part's global memory: server K-means (or the ablations)."""
+        s = self.cfg.server
+        if s.aggregation.value == "mean":
+            return mean_aggregate(banks, weight_by_client_size=s.weight_by_client_size)
+        if s.aggregation.value == "coreset":
+            return coreset_aggregate(banks, limits.global_items, seed=self.cfg.seed + round_idx)
+        return aggregate(
+            banks,
+            limits.global_items,
+            previous=previous if s.warm_start else None,
+            weight_by_client_size=s.weight_by_client_size,
+            iters=s.kmeans_iters,
+            seed=self.cfg.seed + round_idx,
+            gpu=self.server_gpu,
         )
 
 
@@ -163,6 +182,7 @@ class PatchCore(Centralized):
         "approximate_above": 0,
         "memory_reduce": "coreset",
         "reduce_per_product": False,
+        "context": 0,
     }
 
 

@@ -59,6 +59,42 @@ class MemoryBank:
         return sum(t.element_size() * t.nelement() for t in self.tensors().values())
 
 
+def side_by_side(banks: Sequence[MemoryBank]) -> MemoryBank:
+    """One bank whose item i is every bank's item i side by side (M, D₁ + D₂ + …): a memory item's parts.
+
+    The parts are reduced on their own and may differ in count: a shorter part repeats its items
+    cyclically (a repeated item changes no nearest distance). Weights are the first part's, the
+    releases add up (each part is a release of its own).
+    """
+    count = max(b.items.shape[0] for b in banks)
+    parts = [b.items[torch.arange(count) % b.items.shape[0]] for b in banks]
+    first = banks[0]
+    return MemoryBank(
+        torch.cat(parts, dim=1).contiguous(),
+        first.weights[torch.arange(count) % first.weights.shape[0]],
+        first.num_images,
+        sum(b.releases for b in banks),
+    )
+
+
+def split_parts(bank: MemoryBank, parts: int) -> list[MemoryBank]:
+    """The inverse view of :func:`side_by_side`: ``parts`` banks of equal width, sharing the weights."""
+    return [
+        MemoryBank(items.contiguous(), bank.weights, bank.num_images, bank.releases)
+        for items in bank.items.chunk(parts, dim=1)
+    ]
+
+
+def distinct_items(bank: MemoryBank) -> MemoryBank:
+    """``bank`` with each repeated item once, its weight the sum of its copies' (rows in sorted order).
+
+    The repeats :func:`side_by_side` makes are no data: K-means over them would meet exact ties, which
+    it breaks differently with different thread counts."""
+    items, inverse = torch.unique(bank.items, dim=0, return_inverse=True)
+    weights = torch.zeros(items.shape[0], dtype=bank.weights.dtype).index_add_(0, inverse, bank.weights)
+    return MemoryBank(items, weights, bank.num_images, bank.releases)
+
+
 def position_mean(embeddings: torch.Tensor, image_weights: torch.Tensor | None = None) -> torch.Tensor:
     """(N, D, H, W) → (H·W, D): weighted mean over images at every patch position."""
     n = embeddings.shape[0]

@@ -69,3 +69,21 @@ class MemoryIndex:
             if short.size:
                 dist[short], idx[short] = self.flat.search(q[short], k)
         return torch.from_numpy(dist).to(queries.device), torch.from_numpy(idx).to(queries.device)
+
+
+def nearest_neighbour_spread(items: torch.Tensor, sample: int = 2048, seed: int = 0) -> float:
+    """The standard deviation of the distance from memory items to their nearest other item.
+
+    A memory's own scale, read without any image: how much "nearest distance" varies between normal
+    patterns. Dividing a memory's scores by it puts memories of different features (the patch and the
+    context memory) on one scale. Measured on the distinct items (a repeated item is not a neighbour),
+    ``sample`` of them at most; 1.0 when that is undefined (fewer than two distinct items, no spread).
+    """
+    distinct = torch.unique(items.detach().float().cpu(), dim=0)
+    if distinct.shape[0] < 2:
+        return 1.0
+    g = torch.Generator().manual_seed(seed)
+    queries = distinct[torch.randperm(distinct.shape[0], generator=g)[:sample]]
+    dist2, _ = MemoryIndex(distinct).search(queries, 2)  # the first neighbour is the item itself
+    spread = float(dist2[:, 1].clamp_min(0).sqrt().std()) if queries.shape[0] > 1 else 0.0
+    return spread if spread > 0 else 1.0

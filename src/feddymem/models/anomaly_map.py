@@ -45,8 +45,10 @@ class AnomalyMapGenerator(nn.Module):
 
     def forward(self, patch_scores: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, h, w) → (anomaly maps (B, H, W), image scores = each map's maximum (B,))."""
-        a_h = self.operator(patch_scores.shape[-2], int(image_size[0])).to(patch_scores)
-        a_w = self.operator(patch_scores.shape[-1], int(image_size[1])).to(patch_scores)
+        # int(): under ONNX tracing sizes are traced values; the grid is fixed there (export resizes its
+        # input), so the operators made beforehand are found and enter the graph as constants.
+        a_h = self.operator(int(patch_scores.shape[-2]), int(image_size[0])).to(patch_scores)
+        a_w = self.operator(int(patch_scores.shape[-1]), int(image_size[1])).to(patch_scores)
         return apply_operators(patch_scores, a_h, a_w)
 
 

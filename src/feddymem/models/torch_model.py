@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from feddymem.config import TrainConfig
-from feddymem.memory.reduce import MemoryBank, reduce_memory
-from feddymem.memory.search import MemoryIndex, squared_distances
+from feddymem.memory.reduce import MemoryBank, reduce_memory, side_by_side
+from feddymem.memory.search import MemoryIndex, nearest_neighbour_spread, squared_distances
 from feddymem.models.anomaly_map import AnomalyMapGenerator
 from feddymem.models.backbone import FeatureExtractor
 from feddymem.models.generator import MemoryGenerator
@@ -35,9 +35,20 @@ _D = TrainConfig()
 
 
 class FedDyMemModel(nn.Module):
-    """Feature extractor → generator → (loss against memory | anomaly map and score)."""
+    """Feature extractor → generator → (loss against memory | anomaly map and score).
+
+    With a context window (``context`` > 0) each memory item holds two parts side by side, (M, 2·D): a
+    patch item and a context item, reduced, uploaded and aggregated part by part. The context part is
+    the embeddings averaged over ``context``×``context`` patches (every ``context // 2`` patches); its
+    map, scored against the context items, is added to the patch map, each divided by its memory's
+    :func:`~feddymem.memory.search.nearest_neighbour_spread`. It outlines large, low-contrast defects
+    that a patch's neighbourhood does not show (benchmarks/quality). The image score stays the patch
+    map's maximum unless ``context_in_score`` (it helped some products and hurt others). The metric loss
+    uses the patch part.
+    """
 
     memory: torch.Tensor
+    part_scales: torch.Tensor
 
     def __init__(
         self,
@@ -55,6 +66,8 @@ class FedDyMemModel(nn.Module):
         score_k: int = _D.model.scoring.k,
         score_method: str = _D.model.scoring.method.value,
         sigma: float = _D.model.scoring.sigma,
+        context: int = _D.model.scoring.context,
+        context_in_score: bool = _D.model.scoring.context_in_score,
         approximate_above: int = _D.model.scoring.approximate_above,
         nprobe: int = _D.model.scoring.nprobe,
         feature_extractor: FeatureExtractor | None = None,
@@ -70,8 +83,16 @@ class FedDyMemModel(nn.Module):
         self.loss = HypersphereLoss(k_nearest, j_negatives, margin, radius_init)
         self.anomaly_map = AnomalyMapGenerator(sigma)
         self.score_k, self.score_method = score_k, getattr(score_method, "value", score_method)
-        self.register_buffer("memory", torch.empty(0, self.generator.out_channels))
+        self.context = int(context)
+        if self.context and (self.context < 3 or self.context % 2 == 0):
+            raise ValueError(f"context must be 0 (off) or an odd window of at least 3 patches, got {context}")
+        self.parts = 2 if self.context else 1
+        self.context_in_score = bool(context_in_score)
+        self.register_buffer("memory", torch.empty(0, self.parts * self.generator.out_channels))
+        # Derived from the memory whenever it changes (not stored: checkpoints without it load the same).
+        self.register_buffer("part_scales", torch.ones(self.parts), persistent=False)
         self._index: MemoryIndex | None = None
+        self._context_index: MemoryIndex | None = None
 
     @staticmethod
     def settings(model: Any) -> dict[str, Any]:
@@ -93,6 +114,8 @@ class FedDyMemModel(nn.Module):
             "score_k": s.k,
             "score_method": str(getattr(s.method, "value", s.method)),
             "sigma": s.sigma,
+            "context": s.context,
+            "context_in_score": s.context_in_score,
             "approximate_above": s.approximate_above,
             "nprobe": s.nprobe,
         }
@@ -108,28 +131,59 @@ class FedDyMemModel(nn.Module):
         """Whether a memory has been built or set."""
         return self.memory.numel() > 0
 
+    @property
+    def memory_dim(self) -> int:
+        """Width of a memory item: D, or 2·D with the context part."""
+        return self.parts * self.generator.out_channels
+
     def set_memory(self, items: torch.Tensor) -> None:
-        """Use ``items`` (M, D) as the memory for the loss and for scoring."""
-        if items.dim() != 2 or items.shape[1] != self.generator.out_channels:
-            raise ValueError(f"memory must be (M, {self.generator.out_channels}), got {tuple(items.shape)}")
+        """Use ``items`` (M, D), or (M, 2·D) with a context window, as the memory for the loss and for scoring."""
+        if items.dim() != 2 or items.shape[1] != self.memory_dim:
+            raise ValueError(f"memory must be (M, {self.memory_dim}), got {tuple(items.shape)}")
         self.memory = items.detach().to(self.memory.device, torch.float32).contiguous()
-        self._index = None
+        self._memory_changed()
+
+    def _memory_changed(self) -> None:
+        self._index = self._context_index = None
+        if self.parts > 1 and self.has_memory:  # from the memory alone: every client of a round gets the same
+            scales = [nearest_neighbour_spread(part) for part in self.memory.chunk(self.parts, dim=1)]
+            self.part_scales = torch.tensor(scales, device=self.memory.device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The memory's size changes with the data: resize the buffer before loading into it.
         key = prefix + "memory"
         if key in state_dict:
             self.memory = torch.empty_like(state_dict[key])
-            self._index = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if key in state_dict:
+            self._memory_changed()
+
+    @property
+    def patch_memory(self) -> torch.Tensor:
+        """The patch part of the memory (M, D): what the metric loss and the patch map use."""
+        return self.memory[:, : self.generator.out_channels]
+
+    @property
+    def context_memory(self) -> torch.Tensor:
+        """The context part of the memory (M, D); empty without a context window."""
+        return self.memory[:, self.generator.out_channels :]
+
+    def _make_index(self, items: torch.Tensor) -> MemoryIndex:
+        return MemoryIndex(
+            items.contiguous(), gpu=items.is_cuda, approximate_above=self.approximate_above, nprobe=self.nprobe
+        )
 
     def memory_index(self) -> MemoryIndex:
-        """The FAISS index over the memory (rebuilt when the memory changes)."""
+        """The FAISS index over the patch memory (rebuilt when the memory changes)."""
         if self._index is None:
-            self._index = MemoryIndex(
-                self.memory, gpu=self.memory.is_cuda, approximate_above=self.approximate_above, nprobe=self.nprobe
-            )
+            self._index = self._make_index(self.patch_memory)
         return self._index
+
+    def context_index(self) -> MemoryIndex:
+        """The FAISS index over the context memory (rebuilt when the memory changes)."""
+        if self._context_index is None:
+            self._context_index = self._make_index(self.context_memory)
+        return self._context_index
 
     # --- forward pieces -------------------------------------------------------------------------
     def extract(self, images: torch.Tensor) -> torch.Tensor:
@@ -142,7 +196,7 @@ class FedDyMemModel(nn.Module):
 
     def compute_loss(self, embeddings: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         """The metric loss of ``embeddings`` against the memory (or ``target``)."""
-        memory = self.memory if target is None else target
+        memory = self.patch_memory if target is None else target
         if memory.numel() == 0:
             raise RuntimeError("the metric loss needs a memory: build one with build_memory() or set_memory()")
         neighbours = None
@@ -153,19 +207,50 @@ class FedDyMemModel(nn.Module):
             _, neighbours = self.memory_index().search(patches, count)
         return self.loss(embeddings, memory, neighbours)
 
-    def patch_scores(self, embeddings: torch.Tensor, use_index: bool = True) -> torch.Tensor:
-        """(B, D, H, W) → (B, H, W) patch scores against the memory (FAISS, or torch for export)."""
+    def context_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) → (B, D, H', W'): the mean over each ``context``×``context`` window (borders: over the
+        patches inside the image), every ``context // 2`` patches."""
+        k = self.context
+        return F.avg_pool2d(embeddings, k, stride=k // 2, padding=k // 2, count_include_pad=False)
+
+    def _nearest_scores(self, embeddings: torch.Tensor, memory: torch.Tensor, index, use_index: bool) -> torch.Tensor:
+        """(B, D, H, W) → (B, H, W): each position's score against ``memory`` (FAISS, or torch for export)."""
         if not self.has_memory:
             raise RuntimeError("scoring needs a memory: build one with build_memory() or set_memory()")
         b, d, h, w = embeddings.shape
         patches = embeddings.permute(0, 2, 3, 1).reshape(-1, d)
-        k = min(self.score_k, self.memory.shape[0])
+        k = min(self.score_k, memory.shape[0])
         if use_index and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing():
-            dist2, _ = self.memory_index().search(patches, k)
+            dist2, _ = index().search(patches, k)
         else:
-            dist2 = torch.topk(squared_distances(patches, self.memory), k, dim=1, largest=False).values
+            dist2 = torch.topk(squared_distances(patches, memory), k, dim=1, largest=False).values
         scores = softmin_scores(dist2.clamp_min(0).sqrt(), self.score_method)
         return scores.view(b, h, w)
+
+    def patch_scores(self, embeddings: torch.Tensor, use_index: bool = True) -> torch.Tensor:
+        """(B, D, H, W) → (B, H, W) patch scores against the patch memory (FAISS, or torch for export)."""
+        return self._nearest_scores(embeddings, self.patch_memory, self.memory_index, use_index)
+
+    def context_scores(self, embeddings: torch.Tensor, use_index: bool = True) -> torch.Tensor:
+        """(B, D, H, W) → (B, H', W') context scores against the context memory."""
+        context = self.context_embeddings(embeddings)
+        return self._nearest_scores(context, self.context_memory, self.context_index, use_index)
+
+    def score_embeddings(
+        self, embeddings: torch.Tensor, image_size: tuple[int, int], use_index: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings → (anomaly maps (B, H_img, W_img), image scores (B,)). Without a context window: the
+        patch map and its maximum. With one: the patch map plus the context map, each divided by its part's
+        scale; the image score is the patch map's maximum as without one, or the summed map's
+        (``context_in_score``)."""
+        maps, image_scores = self.anomaly_map(self.patch_scores(embeddings, use_index), image_size)
+        if self.parts > 1:
+            context = self.context_scores(embeddings, use_index) / self.part_scales[1]
+            context_maps, _ = self.anomaly_map(context, image_size)
+            maps = maps / self.part_scales[0] + context_maps
+            if self.context_in_score:
+                image_scores = maps.flatten(1).amax(dim=1)
+        return maps, image_scores
 
     def score_features(
         self, features: torch.Tensor, image_size: tuple[int, int], use_index: bool = True
@@ -173,10 +258,9 @@ class FedDyMemModel(nn.Module):
         """Backbone features → (anomaly maps (B, H_img, W_img), image scores (B,))."""
         with torch.no_grad():
             embeddings = self.embed(features)
-            patch_scores = self.patch_scores(embeddings, use_index)
-            maps, image_scores = self.anomaly_map(patch_scores, image_size)
+            maps, image_scores = self.score_embeddings(embeddings, image_size, use_index)
             if self.score_method == "patchcore":
-                image_scores = self.reweighted_max(embeddings, patch_scores)
+                image_scores = self.reweighted_max(embeddings, self.patch_scores(embeddings, use_index))
             return maps, image_scores
 
     def reweighted_max(self, embeddings: torch.Tensor, patch_scores: torch.Tensor, neighbours: int = 9) -> torch.Tensor:
@@ -190,10 +274,11 @@ class FedDyMemModel(nn.Module):
         flat = patch_scores.flatten(1)
         top = flat.argmax(dim=1)
         worst = embeddings.permute(0, 2, 3, 1).reshape(b, h * w, d)[torch.arange(b), top]  # (B, D)
-        nearest = squared_distances(worst, self.memory).argmin(dim=1)
-        k = min(neighbours, self.memory.shape[0])
-        support = torch.topk(squared_distances(self.memory[nearest], self.memory), k, largest=False).indices
-        distances = (worst[:, None, :] - self.memory[support]).norm(dim=-1)  # (B, k), m* first
+        memory = self.patch_memory
+        nearest = squared_distances(worst, memory).argmin(dim=1)
+        k = min(neighbours, memory.shape[0])
+        support = torch.topk(squared_distances(memory[nearest], memory), k, largest=False).indices
+        distances = (worst[:, None, :] - memory[support]).norm(dim=-1)  # (B, k), m* first
         weight = 1.0 - torch.softmax(distances, dim=1)[:, 0]
         return weight * flat.max(dim=1).values
 
@@ -203,5 +288,16 @@ class FedDyMemModel(nn.Module):
 
     @torch.no_grad()
     def build_memory(self, embeddings: torch.Tensor, method: str = "cluster_mean", **kwargs) -> MemoryBank:
-        """Memory-reduce ``embeddings`` (N, D, H, W) with the current memory as the global one."""
-        return reduce_memory(embeddings, method, global_memory=self.memory if self.has_memory else None, **kwargs)
+        """Memory-reduce ``embeddings`` (N, D, H, W) with the current memory as the global one; with a
+        context window, the context embeddings are reduced on their own into as many items per image
+        (``coreset_ratio`` scaled to their coarser grid) and set beside the patch items."""
+        patch = reduce_memory(
+            embeddings, method, global_memory=self.patch_memory if self.has_memory else None, **kwargs
+        )
+        if self.parts == 1:
+            return patch
+        context = self.context_embeddings(embeddings)
+        if "coreset_ratio" in kwargs:
+            kwargs["coreset_ratio"] *= embeddings[0, 0].numel() / context[0, 0].numel()
+        items = reduce_memory(context, method, global_memory=self.context_memory if self.has_memory else None, **kwargs)
+        return side_by_side([patch, items])
