@@ -25,6 +25,7 @@ def test_train_two_rounds_three_clients(tmp_path, synthetic_yaml, capsys):
             "data.num_clients=3",
             *FAST[:-2],
             "logger=csv",
+            "model.scoring.context=9",  # the context part end to end: uploads, checkpoints, predict, ONNX export
         ]
     )
     assert code == 0

@@ -112,16 +112,3 @@ def test_a_context_window_must_be_odd_and_at_least_3_patches(window):
     with pytest.raises(ConfigError, match=f"'model.scoring.context' must be 0 .* odd window .* got {window}"):
         load_config([f"model.scoring.context={window}"])
     assert load_config(["model.scoring.context=0"]).model.scoring.context == 0
-
-
-def test_a_config_saved_before_the_context_map_reloads_without_it():
-    from omegaconf import OmegaConf
-
-    from feddymem.config import saved_config, to_container
-
-    cfg = to_container(load_config([]))
-    assert cfg["model"]["scoring"]["context"] == 9  # today's default
-    del cfg["model"]["scoring"]["context"]  # as a run saved before the key existed
-    assert saved_config(OmegaConf.create(cfg), "old run").model.scoring.context == 0  # what that run did
-    cfg["model"]["scoring"]["context"] = 5
-    assert saved_config(cfg, "new run").model.scoring.context == 5

@@ -40,12 +40,12 @@ def test_plain_trainer_fit_test_predict(synthetic_root):
 
 
 def test_given_global_memory_is_used_and_state_round_trips(synthetic_root):
-    module = FedDyMemModule()
+    module = FedDyMemModule(context=9)
     memory = torch.randn(10, module.model.memory_dim)  # patch and context items side by side
     module.set_global_memory(memory)
     state = module.trainable_state()
     assert not any(k.startswith("feature_extractor.") for k in state)
-    other = FedDyMemModule()
+    other = FedDyMemModule(context=9)
     other.load_trainable_state(state)
     assert torch.equal(other.model.memory, memory)
     assert torch.equal(other.model.part_scales, module.model.part_scales)  # derived again from the memory

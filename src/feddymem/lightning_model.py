@@ -236,9 +236,10 @@ class FedDyMemModule(L.LightningModule):
         self.train_loss.reset()
 
     # --- evaluation -----------------------------------------------------------------------------
-    def score_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(anomaly maps (B, H, W), image scores (B,)) for a batch."""
-        return self.model.score_features(self.features(batch), self.image_size(batch))
+    def score_batch(self, batch: dict[str, Any], maps: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anomaly maps (B, H, W), image scores (B,)) for a batch; ``maps=False`` when only the scores are
+        used (the context map is then skipped where it does not enter them)."""
+        return self.model.score_features(self.features(batch), self.image_size(batch), maps=maps)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         """Score a batch and update image AUROC, and pixel AUROC and AUPRO where masks exist."""

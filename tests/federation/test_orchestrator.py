@@ -214,7 +214,8 @@ def _cli_args(yaml, tmp_path, rounds, *extra):
 
 @pytest.mark.e2e
 def test_world_size_invariance_one_vs_two_processes(tmp_path, synthetic_yaml):
-    common = _cli_args(synthetic_yaml, tmp_path, 1)
+    # With the context part: its aggregation must not depend on the processes either.
+    common = _cli_args(synthetic_yaml, tmp_path, 1, "model.scoring.context=9")
     _finish(_train([*common, "name=one", "federation.devices=1"]))
     _finish(_train([*common, "name=two", "federation.devices=2"], env_extra={"MASTER_PORT": str(_free_port())}))
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2

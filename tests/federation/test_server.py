@@ -38,7 +38,7 @@ def _result(client_id: int, centre: float, items: int = 40) -> ClientResult:
 
 
 @pytest.mark.parametrize(
-    "overrides", [[], ["model.generator.reduction=4", "data.crop_size=224", "model.scoring.context=0"]]
+    "overrides", [[], ["model.generator.reduction=4", "data.crop_size=224", "model.scoring.context=9"]]
 )
 def test_limits_come_from_the_config_and_match_a_real_model(overrides):
     cfg = _cfg(*overrides)

@@ -18,15 +18,18 @@ def test_image_from_memory_scores_lower_than_perturbed(fedmodel):
 
 
 def test_faiss_and_torch_scoring_agree(fedmodel):
+    from feddymem.models.torch_model import FedDyMemModel
+
     torch.manual_seed(1)
-    emb = fedmodel.embed(fedmodel.extract(torch.randn(2, 3, 96, 96))).detach()
-    fedmodel.set_memory(fedmodel.build_memory(emb, "coreset", coreset_ratio=0.3).items)
+    model = FedDyMemModel(context=9, feature_extractor=fedmodel.feature_extractor)
+    emb = model.embed(model.extract(torch.randn(2, 3, 96, 96))).detach()
+    model.set_memory(model.build_memory(emb, "coreset", coreset_ratio=0.3).items)
     # Far enough from the items that float32 distances (|q|² + |m|² − 2q·m, in FAISS and in torch) agree.
     probe = emb + torch.randn_like(emb)
-    for scores in (fedmodel.patch_scores, fedmodel.context_scores):
+    for scores in (model.patch_scores, model.context_scores):
         assert torch.allclose(scores(probe, use_index=True), scores(probe, use_index=False), rtol=1e-3, atol=1e-3)
-    exported = fedmodel.score_embeddings(probe, (96, 96), use_index=False)
-    for a, b in zip(fedmodel.score_embeddings(probe, (96, 96)), exported, strict=True):
+    exported = model.score_embeddings(probe, (96, 96), use_index=False)
+    for a, b in zip(model.score_embeddings(probe, (96, 96)), exported, strict=True):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
 
 
@@ -48,7 +51,7 @@ def test_patchcore_reweighting_keeps_a_patch_near_an_isolated_memory_item_and_di
     dense = torch.cat([p.repeat(9, 1), q[None], far])
     saved = fedmodel.memory.clone()
     try:
-        fedmodel.set_memory(torch.cat([dense, torch.zeros_like(dense)], dim=1))  # the score reads the patch part
+        fedmodel.set_memory(dense)
         near_p, near_q = p.clone(), q.clone()
         near_p[2], near_q[2] = 3.0, 3.0  # distance 3 from p, and from q
         embeddings = torch.stack([near_p, near_q]).view(2, d, 1, 1)
@@ -95,7 +98,7 @@ def _two_pattern_images(n: int, seed: int, d: int, size: int = 16) -> torch.Tens
 def test_the_context_map_sees_a_broad_change_that_no_single_patch_shows():
     from feddymem.models.torch_model import FedDyMemModel
 
-    with_context = FedDyMemModel(weights="none", context_in_score=True)
+    with_context = FedDyMemModel(weights="none", context=9, context_in_score=True)
     patch_only = FedDyMemModel(weights="none", context=0)
     d = with_context.generator.out_channels
     train = _two_pattern_images(8, 0, d)
@@ -117,18 +120,22 @@ def test_the_context_map_sees_a_broad_change_that_no_single_patch_shows():
     assert abs(float(patch_scores[1] - patch_scores[0])) < 0.1 * float(patch_scores[0])
     # ... and the context map sets the broad change apart: in the map, and in the score when asked.
     assert float(scores[1]) > 1.5 * float(scores[0])
-    default = FedDyMemModel(weights="none").eval()
+    default = FedDyMemModel(weights="none", context=9).eval()  # the context map, not in the score
     default.set_memory(bank.items)
     both = torch.cat([normal, anomalous])
     maps, default_scores = default.score_embeddings(both, (64, 64))
     assert torch.equal(default_scores, patch_scores)  # the default score: the patch map's maximum, as before
     assert torch.equal(maps, with_context.score_embeddings(both, (64, 64))[0])  # the map: patch + context
+    # Scores alone (held-out statistics): the same scores; the context map is skipped unless it enters them.
+    patch_maps, same_scores = default.score_embeddings(both, (64, 64), maps=False)
+    assert torch.equal(same_scores, default_scores) and not torch.equal(patch_maps, maps)
+    assert torch.equal(with_context.score_embeddings(both, (64, 64), maps=False)[1], scores)
 
 
 def test_without_a_context_window_the_map_is_the_patch_map_as_before(fedmodel):
     from feddymem.models.torch_model import FedDyMemModel
 
-    model = FedDyMemModel(context=0, feature_extractor=fedmodel.feature_extractor)
+    model = FedDyMemModel(context=0, feature_extractor=fedmodel.feature_extractor)  # the default
     emb = model.embed(model.extract(torch.randn(2, 3, 96, 96))).detach()
     model.set_memory(model.build_memory(emb, "coreset", coreset_ratio=0.3).items)
     assert model.memory.shape[1] == model.generator.out_channels and torch.equal(model.part_scales, torch.ones(1))

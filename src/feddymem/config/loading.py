@@ -139,7 +139,7 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
         saved = Path(str(cli.resume)) / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"cannot resume: {saved} not found")
-        cfg = saved_config(load_yaml(saved), str(saved))
+        cfg = merge_checked(OmegaConf.structured(TrainConfig), load_yaml(saved), str(saved))
         cfg = merge_checked(cfg, cli, "command-line overrides")
         validate(cfg)
         return cfg
@@ -152,22 +152,6 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
     return cfg
 
 
-# Keys added after runs were first saved, with the value that reproduces those runs (their behaviour
-# before the key existed): a saved config without one gets this value, not today's default.
-LEGACY_VALUES = {"model.scoring.context": 0}
-
-
-def saved_config(node: Any, source: str) -> DictConfig:
-    """A saved run's config (``config.yaml``, a checkpoint's) over the schema, keys added since it was
-    saved set to what that run did (:data:`LEGACY_VALUES`); not validated."""
-    if isinstance(node, dict | DictConfig):  # anything else: merge_checked names what is wrong
-        node = OmegaConf.create(node) if isinstance(node, dict) else node.copy()
-        for key, value in LEGACY_VALUES.items():
-            if OmegaConf.select(node, key, default=None) is None:
-                OmegaConf.update(node, key, value, force_add=True)
-    return merge_checked(OmegaConf.structured(TrainConfig), node, source)
-
-
 def config_from_yaml(text: str, source: str) -> DictConfig:
     """A resolved config as a run writes it (``config.yaml``) or a server sends it, checked and validated;
     ``source`` names it in errors."""
@@ -175,7 +159,7 @@ def config_from_yaml(text: str, source: str) -> DictConfig:
         node = OmegaConf.create(text)
     except Exception as err:
         raise ConfigError(f"cannot parse the config from {source}: {err}") from None
-    cfg = saved_config(node, source)
+    cfg = merge_checked(OmegaConf.structured(TrainConfig), node, source)
     validate(cfg)
     return cfg
 

@@ -48,7 +48,9 @@ class Evaluator:
         """Raw image scores of ``dataset`` under the client's current model, and each image's product."""
         cached = self.loaders.cached(dataset, f"client {client.id} features")
         with torch.no_grad():
-            scores = [client.module.score_batch(b)[1].cpu() for b in self.loaders.loader(cached, shuffle=False)]
+            scores = [
+                client.module.score_batch(b, maps=False)[1].cpu() for b in self.loaders.loader(cached, shuffle=False)
+            ]
         return torch.cat(scores).double().numpy(), [s.product for s in dataset.samples]
 
     def held_out(self, client: Client) -> tuple[ClientEvaluation, ScoreNormalizer]:

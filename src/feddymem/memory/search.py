@@ -71,7 +71,7 @@ class MemoryIndex:
         return torch.from_numpy(dist).to(queries.device), torch.from_numpy(idx).to(queries.device)
 
 
-def nearest_neighbour_spread(items: torch.Tensor, sample: int = 2048, seed: int = 0) -> float:
+def nearest_neighbour_spread(items: torch.Tensor, sample: int = 512, seed: int = 0) -> float:
     """The standard deviation of the distance from memory items to their nearest other item.
 
     A memory's own scale, read without any image: how much "nearest distance" varies between normal

@@ -237,31 +237,34 @@ class FedDyMemModel(nn.Module):
         return self._nearest_scores(context, self.context_memory, self.context_index, use_index)
 
     def score_embeddings(
-        self, embeddings: torch.Tensor, image_size: tuple[int, int], use_index: bool = True
+        self, embeddings: torch.Tensor, image_size: tuple[int, int], use_index: bool = True, maps: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings → (anomaly maps (B, H_img, W_img), image scores (B,)). Without a context window: the
         patch map and its maximum. With one: the patch map plus the context map, each divided by its part's
         scale; the image score is the patch map's maximum as without one, or the summed map's
-        (``context_in_score``)."""
-        maps, image_scores = self.anomaly_map(self.patch_scores(embeddings, use_index), image_size)
-        if self.parts > 1:
-            context = self.context_scores(embeddings, use_index) / self.part_scales[1]
-            context_maps, _ = self.anomaly_map(context, image_size)
-            maps = maps / self.part_scales[0] + context_maps
-            if self.context_in_score:
-                image_scores = maps.flatten(1).amax(dim=1)
-        return maps, image_scores
+        (``context_in_score``). ``maps=False``: only the image scores are wanted, and the context map is
+        left out where it does not enter them (the maps returned are then the patch map's)."""
+        patch_maps, image_scores = self.anomaly_map(self.patch_scores(embeddings, use_index), image_size)
+        if self.parts == 1 or not (maps or self.context_in_score):
+            return patch_maps, image_scores
+        context = self.context_scores(embeddings, use_index) / self.part_scales[1]
+        context_maps, _ = self.anomaly_map(context, image_size)
+        summed = patch_maps / self.part_scales[0] + context_maps
+        if self.context_in_score:
+            image_scores = summed.flatten(1).amax(dim=1)
+        return summed, image_scores
 
     def score_features(
-        self, features: torch.Tensor, image_size: tuple[int, int], use_index: bool = True
+        self, features: torch.Tensor, image_size: tuple[int, int], use_index: bool = True, maps: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone features → (anomaly maps (B, H_img, W_img), image scores (B,))."""
+        """Backbone features → (anomaly maps (B, H_img, W_img), image scores (B,)); ``maps``: see
+        :meth:`score_embeddings`."""
         with torch.no_grad():
             embeddings = self.embed(features)
-            maps, image_scores = self.score_embeddings(embeddings, image_size, use_index)
+            anomaly_maps, image_scores = self.score_embeddings(embeddings, image_size, use_index, maps)
             if self.score_method == "patchcore":
                 image_scores = self.reweighted_max(embeddings, self.patch_scores(embeddings, use_index))
-            return maps, image_scores
+            return anomaly_maps, image_scores
 
     def reweighted_max(self, embeddings: torch.Tensor, patch_scores: torch.Tensor, neighbours: int = 9) -> torch.Tensor:
         """PatchCore's image score (Roth et al. 2022, eq. 7): the largest patch score times

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from feddymem.config import saved_config
-from feddymem.config.loading import LEGACY_VALUES
+from feddymem.config import TrainConfig
 from feddymem.errors import CheckpointError
 from feddymem.io import load_checkpoint
 from feddymem.lightning_model import FedDyMemModule
-
-# The model settings among the config keys added since checkpoints were first written (the model's
-# keyword argument is the key's last part, e.g. model.scoring.context → context).
-MODULE_LEGACY_VALUES = {k.rsplit(".", 1)[1]: value for k, value in LEGACY_VALUES.items() if k.startswith("model.")}
 
 
 @dataclass
@@ -36,7 +32,7 @@ def load_trained(checkpoint: str | Path, client_id: int | None = 0) -> Trained:
     else the last) and threshold; ``None``: the global model (the global memory with the untrained
     identity generator) and the global threshold."""
     payload = load_checkpoint(checkpoint)
-    config = saved_config(payload["config"], str(checkpoint))
+    config = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(TrainConfig), payload["config"]))
     if client_id is None:
         if payload.get("global_memory") is None:
             raise CheckpointError(
@@ -50,8 +46,7 @@ def load_trained(checkpoint: str | Path, client_id: int | None = 0) -> Trained:
         raise CheckpointError(f"{checkpoint} has no client {client_id}; it has {sorted(payload['clients'])}")
     saved = payload["clients"][client_id]
     if "module" in saved:  # the settings it was trained with, the method's own included
-        settings = {**MODULE_LEGACY_VALUES, **saved["module"]}  # settings added since it was written
-        module = FedDyMemModule(**settings, log_prefix=f"client/{client_id}/", sync_metrics=False)
+        module = FedDyMemModule(**saved["module"], log_prefix=f"client/{client_id}/", sync_metrics=False)
     else:  # checkpoints written before module settings were stored
         module = FedDyMemModule.from_config(config, client_id)
     module.load_trainable_state((saved.get("kept") or {}).get("model", saved["model"]))
