@@ -31,6 +31,7 @@ from feddymem.federation.upload import UploadRejected, payload_bytes
 from feddymem.metrics.threshold import normal_threshold
 from feddymem.models.backbone import feature_geometry
 from feddymem.models.generator import MemoryGenerator
+from feddymem.models.torch_model import memory_parts
 from feddymem.privacy.accountant import epsilon
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def server_limits(cfg: Any) -> ServerLimits:
     positions = (cfg.data.crop_size // geometry.stride) ** 2
     with torch.device("meta"):  # only names, shapes and dtypes matter
         generator = MemoryGenerator(geometry.channels, m.generator.reduction, m.generator.coord_channels, "random")
-    parts = 2 if m.scoring.context else 1  # a context window puts a context item beside each patch item
+    parts = memory_parts(m.scoring.context)  # a context window puts a context item beside each patch item
     return ServerLimits(
         memory_dim=parts * generator.out_channels,
         memory_parts=parts,

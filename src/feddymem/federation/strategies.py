@@ -19,7 +19,7 @@ from feddymem.federation.baselines import average_parameters
 from feddymem.federation.messages import ServerLimits, ServerReply, Upload
 from feddymem.federation.upload import validate_parameters, validate_upload
 from feddymem.memory.aggregate import GlobalMemory, aggregate, coreset_aggregate, mean_aggregate
-from feddymem.memory.reduce import MemoryBank, distinct_items, side_by_side, split_parts
+from feddymem.memory.reduce import MemoryBank, distinct_items, rows_side_by_side, split_parts
 
 
 class ClientSide(Protocol):
@@ -101,19 +101,17 @@ class Strategy:
         previous_parts = previous.chunk(parts, dim=1) if previous is not None else [None] * parts
         # Each part (patch items, context items) is aggregated on its own, then set side by side again; a
         # context part is aggregated without the repeats that pairing it with the patch items made.
+        by_part = zip(*(split_parts(b, parts) for b in banks), strict=True)
         results = [
             self._aggregate_part(
-                [distinct_items(part) if p else part for part in (split_parts(b, parts)[p] for b in banks)],
-                previous_parts[p],
-                round_idx,
-                limits,
+                [distinct_items(b) for b in part] if p else list(part), previous_parts[p], round_idx, limits
             )
-            for p in range(parts)
+            for p, part in enumerate(by_part)
         ]
         result = results[0]
         if parts > 1:
-            paired = side_by_side([MemoryBank(r.items, torch.ones(r.items.shape[0]), 0) for r in results])
-            result = GlobalMemory(paired.items, sum(r.objective for r in results), result.num_points, result.gpu)
+            items = rows_side_by_side([r.items for r in results])
+            result = GlobalMemory(items, sum(r.objective for r in results), result.num_points, result.gpu)
         return ServerReply(
             sorted(uploads),
             memory=result.items,

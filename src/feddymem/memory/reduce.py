@@ -59,22 +59,22 @@ class MemoryBank:
         return sum(t.element_size() * t.nelement() for t in self.tensors().values())
 
 
-def side_by_side(banks: Sequence[MemoryBank]) -> MemoryBank:
-    """One bank whose item i is every bank's item i side by side (M, D₁ + D₂ + …): a memory item's parts.
+def rows_side_by_side(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(M, D₁ + D₂ + …): row i of every part side by side, M the longest part's rows; a shorter part
+    repeats its rows cyclically (a repeated item changes no nearest distance)."""
+    count = max(p.shape[0] for p in parts)
+    return torch.cat([p[torch.arange(count) % p.shape[0]] for p in parts], dim=1).contiguous()
 
-    The parts are reduced on their own and may differ in count: a shorter part repeats its items
-    cyclically (a repeated item changes no nearest distance). Weights are the first part's, the
-    releases add up (each part is a release of its own).
+
+def side_by_side(banks: Sequence[MemoryBank]) -> MemoryBank:
+    """One bank whose item i is every bank's item i side by side (:func:`rows_side_by_side`): a memory
+    item's parts, reduced on their own. Weights are the first part's, the releases add up (each part is a
+    release of its own).
     """
-    count = max(b.items.shape[0] for b in banks)
-    parts = [b.items[torch.arange(count) % b.items.shape[0]] for b in banks]
+    items = rows_side_by_side([b.items for b in banks])
     first = banks[0]
-    return MemoryBank(
-        torch.cat(parts, dim=1).contiguous(),
-        first.weights[torch.arange(count) % first.weights.shape[0]],
-        first.num_images,
-        sum(b.releases for b in banks),
-    )
+    weights = first.weights[torch.arange(items.shape[0]) % first.weights.shape[0]]
+    return MemoryBank(items, weights, first.num_images, sum(b.releases for b in banks))
 
 
 def split_parts(bank: MemoryBank, parts: int) -> list[MemoryBank]:

@@ -34,6 +34,11 @@ def softmin_scores(distances: torch.Tensor, method: str = "softmin") -> torch.Te
 _D = TrainConfig()
 
 
+def memory_parts(context: int) -> int:
+    """Descriptors side by side in a memory item: the patch part, and a context part with a context window."""
+    return 2 if context else 1
+
+
 class FedDyMemModel(nn.Module):
     """Feature extractor → generator → (loss against memory | anomaly map and score).
 
@@ -86,7 +91,7 @@ class FedDyMemModel(nn.Module):
         self.context = int(context)
         if self.context and (self.context < 3 or self.context % 2 == 0):
             raise ValueError(f"context must be 0 (off) or an odd window of at least 3 patches, got {context}")
-        self.parts = 2 if self.context else 1
+        self.parts = memory_parts(self.context)
         self.context_in_score = bool(context_in_score)
         self.register_buffer("memory", torch.empty(0, self.parts * self.generator.out_channels))
         # Derived from the memory whenever it changes (not stored: checkpoints without it load the same).
@@ -237,14 +242,22 @@ class FedDyMemModel(nn.Module):
         return self._nearest_scores(context, self.context_memory, self.context_index, use_index)
 
     def score_embeddings(
-        self, embeddings: torch.Tensor, image_size: tuple[int, int], use_index: bool = True, maps: bool = True
+        self,
+        embeddings: torch.Tensor,
+        image_size: tuple[int, int],
+        use_index: bool = True,
+        maps: bool = True,
+        patch_scores: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings → (anomaly maps (B, H_img, W_img), image scores (B,)). Without a context window: the
         patch map and its maximum. With one: the patch map plus the context map, each divided by its part's
         scale; the image score is the patch map's maximum as without one, or the summed map's
         (``context_in_score``). ``maps=False``: only the image scores are wanted, and the context map is
-        left out where it does not enter them (the maps returned are then the patch map's)."""
-        patch_maps, image_scores = self.anomaly_map(self.patch_scores(embeddings, use_index), image_size)
+        left out where it does not enter them (the maps returned are then the patch map's). ``patch_scores``:
+        the embeddings' :meth:`patch_scores`, when the caller has them already."""
+        if patch_scores is None:
+            patch_scores = self.patch_scores(embeddings, use_index)
+        patch_maps, image_scores = self.anomaly_map(patch_scores, image_size)
         if self.parts == 1 or not (maps or self.context_in_score):
             return patch_maps, image_scores
         context = self.context_scores(embeddings, use_index) / self.part_scales[1]
@@ -261,9 +274,10 @@ class FedDyMemModel(nn.Module):
         :meth:`score_embeddings`."""
         with torch.no_grad():
             embeddings = self.embed(features)
-            anomaly_maps, image_scores = self.score_embeddings(embeddings, image_size, use_index, maps)
+            patch_scores = self.patch_scores(embeddings, use_index)  # searched once, for the map and the score
+            anomaly_maps, image_scores = self.score_embeddings(embeddings, image_size, use_index, maps, patch_scores)
             if self.score_method == "patchcore":
-                image_scores = self.reweighted_max(embeddings, self.patch_scores(embeddings, use_index))
+                image_scores = self.reweighted_max(embeddings, patch_scores)
             return anomaly_maps, image_scores
 
     def reweighted_max(self, embeddings: torch.Tensor, patch_scores: torch.Tensor, neighbours: int = 9) -> torch.Tensor:
