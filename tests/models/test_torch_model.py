@@ -104,6 +104,9 @@ def test_the_context_map_sees_a_broad_change_that_no_single_patch_shows():
     train = _two_pattern_images(8, 0, d)
     bank = with_context.build_memory(train, "coreset", coreset_ratio=0.5)
     assert bank.items.shape[1] == 2 * d  # patch and context items side by side
+    # As many context items as patch items, at the default ratio too (none repeated to fill the pairs).
+    default_ratio = with_context.build_memory(train, "coreset")
+    assert torch.unique(default_ratio.items[:, d:], dim=0).shape[0] == default_ratio.items.shape[0]
     # Every context item is one training image's context embedding (a raw coreset here).
     context_rows = with_context.context_embeddings(train).permute(0, 2, 3, 1).reshape(-1, d)
     assert torch.cdist(bank.items[:, d:], context_rows).min(1).values.max() < 1e-2  # cdist: float32 matmul

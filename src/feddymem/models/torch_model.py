@@ -7,6 +7,7 @@ federation wrap it; anything else (export, other projects) can use it directly.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -314,7 +315,8 @@ class FedDyMemModel(nn.Module):
         if self.parts == 1:
             return patch
         context = self.context_embeddings(embeddings)
-        if "coreset_ratio" in kwargs:
-            kwargs["coreset_ratio"] *= embeddings[0, 0].numel() / context[0, 0].numel()
+        # The default ratio too: without scaling, the context part would get a sixteenth of the items.
+        ratio = kwargs.get("coreset_ratio", inspect.signature(reduce_memory).parameters["coreset_ratio"].default)
+        kwargs["coreset_ratio"] = ratio * embeddings[0, 0].numel() / context[0, 0].numel()
         items = reduce_memory(context, method, global_memory=self.context_memory if self.has_memory else None, **kwargs)
         return side_by_side([patch, items])
