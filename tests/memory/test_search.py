@@ -26,6 +26,15 @@ def test_approximate_index_finds_nearly_the_exact_nearest_distances_with_far_few
     assert not MemoryIndex(memory[:100], approximate_above=4096).approximate
 
 
+def test_lists_trained_on_a_small_sample_still_find_the_nearest_items():
+    memory, queries = _clustered(20000, 32, 3), _clustered(1000, 32, 4)
+    small = MemoryIndex(memory, approximate_above=4096, train_per_list=32)
+    assert small.index.cp.max_points_per_centroid == 32
+    d_exact, _ = MemoryIndex(memory).search(queries, 1)
+    d_small, _ = small.search(queries, 1)
+    assert (d_small - d_exact).abs().le(1e-3).float().mean() > 0.8
+
+
 def test_approximate_index_answers_every_query_even_when_visited_lists_are_short():
     memory = _clustered(5000, 8, 2)
     index = MemoryIndex(memory, approximate_above=100, nprobe=1)

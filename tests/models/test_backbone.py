@@ -55,6 +55,17 @@ def test_feature_extractor_shapes_and_frozen():
     assert fe.mean == (0.5, 0.5, 0.5)
 
 
+def test_feature_extractor_runs_channels_last_and_returns_the_same_contiguous_descriptors():
+    fe = FeatureExtractor("tf_efficientnet_lite0", (2, 3), "imagenet-offline")
+    assert fe.body.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    out = fe(images)
+    assert out.is_contiguous()  # callers flatten it with view/reshape into patches
+    fe.body.to(memory_format=torch.contiguous_format)  # the plain layout: the same descriptors
+    reference = fe(images.contiguous())
+    assert torch.allclose(out, reference, atol=1e-4, rtol=1e-4) and not torch.equal(out, torch.zeros_like(out))
+
+
 def test_weights_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="weights file not found"):
         FeatureExtractor("tf_efficientnet_lite0", (2, 3), str(tmp_path / "missing.pth"))

@@ -260,7 +260,9 @@ def coreset_mean(
     # Every patch is a candidate: a random sample (tried at 16 patches per item) lost 0.002-0.02 AUROC.
     centres = greedy_coreset(p, size, seed=seed).numpy()
     # An approximate (IVF) search finds the neighbours of most centres; the rest get an exact, wider one.
-    index = MemoryIndex(p, approximate_above=4096)
+    # Its lists train on 32 patches each: 10x faster than FAISS's 256 on a client's 3·10⁵ patches, and
+    # 99 % of the centres get the same group (as many as between 256 and an exact search).
+    index = MemoryIndex(p, approximate_above=4096, train_per_list=32)
     _, neighbours = index.search(p[centres], min(p.shape[0], max(64, 16 * group)))
     groups = _first_distinct(neighbours.numpy(), images, group)
     short = [i for i, members in enumerate(groups) if members is None]

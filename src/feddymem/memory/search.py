@@ -33,11 +33,18 @@ class MemoryIndex:
     Exact (flat) by default. With ``approximate_above`` > 0, a memory larger than that is searched with
     an inverted-file index (√M lists, ``nprobe`` of them visited per query): about √M / nprobe times
     fewer distances, which is what makes memories of 10⁴ items and more affordable on a CPU. A query
-    whose visited lists hold fewer than k items is answered exactly.
+    whose visited lists hold fewer than k items is answered exactly. The lists come from a K-means over
+    at most ``train_per_list`` items per list (FAISS's default 256; fewer trains faster, places the lists
+    a little less well).
     """
 
     def __init__(
-        self, memory: torch.Tensor | np.ndarray, gpu: bool = False, approximate_above: int = 0, nprobe: int = 8
+        self,
+        memory: torch.Tensor | np.ndarray,
+        gpu: bool = False,
+        approximate_above: int = 0,
+        nprobe: int = 8,
+        train_per_list: int = 256,
     ) -> None:
         items = as_float32(memory)
         self.size, self.dim = items.shape
@@ -50,6 +57,7 @@ class MemoryIndex:
             index = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dim), self.dim, lists)
             index.cp.seed = 0  # the coarse K-means: same lists for the same memory
             index.cp.min_points_per_centroid = 1
+            index.cp.max_points_per_centroid = train_per_list  # the coarse K-means' sample: items per list
             index.train(items)
             index.add(items)
             index.nprobe = min(nprobe, lists)

@@ -180,7 +180,8 @@ class FeatureExtractor(nn.Module):
         # The features-only model is a truncated copy of the classifier: take the weights it has.
         body_state = self.body.state_dict()
         self.body.load_state_dict({k: v for k, v in classifier.state_dict().items() if k in body_state}, strict=True)
-        self.body.eval().requires_grad_(False)
+        # channels_last: oneDNN's convolutions run ~25 % faster on CPU in it (same values up to rounding).
+        self.body.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.pool = nn.AvgPool2d(pool_size, stride=1, padding=pool_size // 2) if pool_size > 1 else nn.Identity()
         if weights == "imagenet-offline":
             self.mean, self.std = _OFFLINE_MEAN_STD
@@ -205,7 +206,7 @@ class FeatureExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) → patch descriptors (B, C, H', W')."""
-        maps = self.body(images)
+        maps = self.body(images.contiguous(memory_format=torch.channels_last))
         size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
         maps = [
             F.interpolate(self.pool(m), size=size, mode="bilinear", align_corners=False)
@@ -213,4 +214,4 @@ class FeatureExtractor(nn.Module):
             else self.pool(m)
             for m in maps
         ]
-        return torch.cat(maps, dim=1)
+        return torch.cat(maps, dim=1).contiguous()
