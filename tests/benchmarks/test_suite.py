@@ -74,6 +74,7 @@ def test_plan_errors_name_the_key_and_the_choices(tmp_path, synthetic_yaml):
     with pytest.raises(ConfigError, match="not in the benchmark plan: nope; it has feddymem, fedavg"):
         run_suite(load_plan(_plan(tmp_path, synthetic_yaml)), tmp_path / "o", tmp_path / "r", methods=["nope"])
     assert load_plan().methods["fedprox"] == ["method=fedprox", "federation.prox_mu=0.01", "federation.eval_every=1"]
+    assert load_plan().seed == 0 and load_plan(seed=2).seed == 2  # --seed: the same rows at another seed
 
 
 def test_resume_keeps_the_finished_runs_and_runs_the_rest(tmp_path, synthetic_yaml):

@@ -42,27 +42,25 @@ def test_softmin_weighting():
 
 
 def test_patchcore_reweighting_keeps_a_patch_near_an_isolated_memory_item_and_discounts_a_dense_one(fedmodel):
+    from feddymem.models.torch_model import FedDyMemModel
+
+    # PatchCore's memory is patches alone (its strategy turns the context map off).
+    model = FedDyMemModel(context=0, feature_extractor=fedmodel.feature_extractor)
     # Memory: nine copies of p (a dense region), and q with its eight neighbours far away (isolated).
-    d = fedmodel.generator.out_channels
+    d = model.generator.out_channels
     p, q = torch.zeros(d), torch.zeros(d)
     q[0] = 100.0
     far = torch.zeros(8, d)
     far[:, 1] = torch.arange(8) * 10.0 + 500.0
-    dense = torch.cat([p.repeat(9, 1), q[None], far])
-    saved = fedmodel.memory.clone()
-    try:
-        fedmodel.set_memory(dense)
-        near_p, near_q = p.clone(), q.clone()
-        near_p[2], near_q[2] = 3.0, 3.0  # distance 3 from p, and from q
-        embeddings = torch.stack([near_p, near_q]).view(2, d, 1, 1)
-        patch_scores = torch.full((2, 1, 1), 3.0)
-        scores = fedmodel.reweighted_max(embeddings, patch_scores)
-        # Near p: m* and its eight neighbours are equally far, weight 1 − 1/9. Near the isolated q: its
-        # neighbours are far, the softmax weight of q vanishes and the score stays whole (eq. 7).
-        assert abs(float(scores[0]) - 3.0 * 8 / 9) < 1e-5
-        assert abs(float(scores[1]) - 3.0) < 1e-5
-    finally:
-        fedmodel.set_memory(saved)
+    model.set_memory(torch.cat([p.repeat(9, 1), q[None], far]))
+    near_p, near_q = p.clone(), q.clone()
+    near_p[2], near_q[2] = 3.0, 3.0  # distance 3 from p, and from q
+    embeddings = torch.stack([near_p, near_q]).view(2, d, 1, 1)
+    scores = model.reweighted_max(embeddings, torch.full((2, 1, 1), 3.0))
+    # Near p: m* and its eight neighbours are equally far, weight 1 − 1/9. Near the isolated q: its
+    # neighbours are far, the softmax weight of q vanishes and the score stays whole (eq. 7).
+    assert abs(float(scores[0]) - 3.0 * 8 / 9) < 1e-5
+    assert abs(float(scores[1]) - 3.0) < 1e-5
 
 
 def test_a_large_memory_is_searched_approximately_for_scores_and_loss_with_nearly_exact_results():
@@ -138,10 +136,27 @@ def test_the_context_map_sees_a_broad_change_that_no_single_patch_shows():
 def test_without_a_context_window_the_map_is_the_patch_map_as_before(fedmodel):
     from feddymem.models.torch_model import FedDyMemModel
 
-    model = FedDyMemModel(context=0, feature_extractor=fedmodel.feature_extractor)  # the default
+    model = FedDyMemModel(context=0, feature_extractor=fedmodel.feature_extractor)  # the patch map alone
     emb = model.embed(model.extract(torch.randn(2, 3, 96, 96))).detach()
     model.set_memory(model.build_memory(emb, "coreset", coreset_ratio=0.3).items)
     assert model.memory.shape[1] == model.generator.out_channels and torch.equal(model.part_scales, torch.ones(1))
     maps, scores = model.score_embeddings(emb + 0.5, (96, 96))
     expected_maps, expected_scores = model.anomaly_map(model.patch_scores(emb + 0.5), (96, 96))
     assert torch.equal(maps, expected_maps) and torch.equal(scores, expected_scores)
+
+
+def test_with_privacy_noise_the_context_part_is_released_and_counted_on_its_own(fedmodel):
+    from feddymem.models.torch_model import FedDyMemModel
+    from feddymem.privacy.mechanism import NoiseSettings
+
+    emb = torch.randn(6, fedmodel.generator.out_channels, 12, 12, generator=torch.Generator().manual_seed(0))
+    noise = NoiseSettings(1.0, 50.0, 0, 3)
+    banks = {
+        context: FedDyMemModel(context=context, feature_extractor=fedmodel.feature_extractor).build_memory(
+            emb, "cluster_mean", size=4, noise=noise, min_cluster_size=1
+        )
+        for context in (0, 9)
+    }
+    # Each part runs its own noisy Lloyd iterations: the accountant must see both.
+    assert banks[0].releases > 0 and banks[9].releases == 2 * banks[0].releases
+    assert banks[9].items.shape[1] == 2 * banks[0].items.shape[1]

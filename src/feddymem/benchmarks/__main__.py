@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     suite.add_argument("--runs", default="runs/bench", help="where the runs' folders go")
     suite.add_argument("--datasets", nargs="+", default=None, help="only these data sets of the plan")
     suite.add_argument("--methods", nargs="+", default=None, help="only these methods of the plan")
+    suite.add_argument("--seed", type=int, default=None, help="run the plan at this seed instead of its own")
     suite.add_argument(
         "--resume", action="store_true", help="keep the runs already in OUT/results.json; run only the others"
     )
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        results = run_suite(load_plan(args.plan), args.out, args.runs, args.datasets, args.methods, resume=args.resume)
+        plan = load_plan(args.plan, args.seed)
+        results = run_suite(plan, args.out, args.runs, args.datasets, args.methods, resume=args.resume)
     except FedDyMemError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

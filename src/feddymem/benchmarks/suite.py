@@ -76,12 +76,15 @@ class BenchPlan:
     notes: list[str] = field(default_factory=list)  # lines written under the heading
 
 
-def load_plan(path: str | Path | None = None) -> BenchPlan:
-    """The benchmark plan (default ``configs/bench.yaml``); unknown keys are errors."""
+def load_plan(path: str | Path | None = None, seed: int | None = None) -> BenchPlan:
+    """The benchmark plan (default ``configs/bench.yaml``); unknown keys are errors. ``seed`` replaces the
+    plan's (the same rows at another seed, without a copy of the plan)."""
     path = Path(path) if path else config_dir() / "bench.yaml"
     if not path.is_file():
         raise ConfigError(f"benchmark plan not found: {path}")
     merged = merge_checked(OmegaConf.structured(BenchPlan), load_yaml(path), str(path))
+    if seed is not None:
+        merged.seed = seed
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 

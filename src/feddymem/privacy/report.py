@@ -4,6 +4,8 @@ For one client of the run (its kept generator, its images, the run's memory sett
 what the client uploads and attacks it, next to two references: the client's per-image embeddings (the
 worst case) and the un-reduced bank (a greedy coreset of raw patches, ``memory.reduce=coreset``). More
 uploads to compare (``--variant size=784,min_cluster_size=10``) reuse the same decoder and images.
+It attacks the patch part of each item; a context part (``model.scoring.context``: means of whole windows of
+patches, of as many images) travels beside it and is not attacked here.
 
 Who plays which part: *members* are the client's training images (the memory is built from them);
 *non-members* are images of the same products the memory never saw (the client's held-out normals and
