@@ -1,6 +1,6 @@
 import pytest
 
-from feddymem.data.partition import hold_out, partition_clients
+from feddymem.data.partition import hold_out, partition_clients, per_product_sample
 from feddymem.data.products import ProductSplit, Sample
 from feddymem.errors import DataError
 
@@ -58,3 +58,12 @@ def test_hold_out_takes_a_seeded_share_of_every_product_and_never_all_of_it():
     unchanged = partition_clients(_products([20]), 2)
     hold_out(unchanged, 0.0)
     assert all(not c.holdout for c in unchanged) and sum(len(c.train) for c in unchanged) == 20
+
+
+def test_per_product_sample_takes_at_most_the_limit_of_each_product_seeded():
+    samples = [Sample(f"a{i}.png", 0, "a") for i in range(10)] + [Sample(f"b{i}.png", 0, "b") for i in range(2)]
+    sample = per_product_sample(samples, 4, seed=1)
+    assert sample == sorted(sample) and len(set(sample)) == 6
+    assert sum(samples[i].product == "a" for i in sample) == 4 and {10, 11} <= set(sample)  # b: both
+    assert per_product_sample(samples, 4, seed=1) == sample and per_product_sample(samples, 4, seed=2) != sample
+    assert per_product_sample(samples, 0) == list(range(12))  # 0: every sample

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import FAST
 from feddymem.config import load_config
+from feddymem.data.partition import per_product_sample
 from feddymem.federation.client_runner import ClientRunner
 from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.io import load_checkpoint
@@ -69,7 +72,7 @@ def test_keep_last_takes_the_last_round_and_the_run_goes_on(tmp_path, synthetic_
 
 
 def test_thresholds_and_normalisation_come_from_held_out_normal_images(tmp_path, synthetic_yaml):
-    orch, summary = _run(tmp_path, synthetic_yaml, "held", "federation.rounds=0")
+    orch, summary = _run(tmp_path, synthetic_yaml, "held", "federation.rounds=0", "model.scoring.normalize_images=3")
     ckpt = load_checkpoint(tmp_path / "held/checkpoints/last.ckpt")
     for client in orch.clients:
         held = {s.path for s in client.data.holdout}
@@ -81,8 +84,12 @@ def test_thresholds_and_normalisation_come_from_held_out_normal_images(tmp_path,
         for product in client.data.products:
             own = raw[np.asarray(products) == product]
             assert saved["product_thresholds"][product] == normal_threshold(own, 99.0)
-        train, train_products = orch.runner.evaluator.image_scores(client, client.own_train_set)
-        normalizer = ScoreNormalizer.fit(np.r_[raw, train], products + train_products)
+        # ... and from at most 3 training images per product (the same sample every round).
+        sample = per_product_sample(client.own_train_set.samples, 3, orch.cfg.seed + client.id)
+        counts = Counter(client.own_train_set.samples[i].product for i in sample)
+        assert counts == {p: min(3, n) for p, n in client.data.counts().items()} and len(sample) < len(train)
+        train_raw, train_products = orch.runner.evaluator.image_scores(client, client.own_train_set.subset(sample))
+        normalizer = ScoreNormalizer.fit(np.r_[raw, train_raw], products + train_products)
         assert saved["normalizer"] == normalizer.to_dict()
         # The client-level AUROC ranks the normalised test scores; the raw one is reported beside it.
         final = summary["final"]["clients"][client.id]

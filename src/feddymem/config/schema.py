@@ -196,6 +196,9 @@ class ScoringConfig:
     # The image score: the patch map's maximum (false: as without a context map), or the summed map's.
     context_in_score: bool = False
     normalize: Normalize = Normalize.product  # comparable scores across a client's products
+    # The normaliser's statistics: the held-out normal images and at most this many training images per
+    # product (0 = all; the sample was as good or better: benchmarks/quality/normalize_images).
+    normalize_images: int = ranged(64, 0)
     # Memories larger than this are searched with a FAISS inverted-file index (√M lists, nprobe visited)
     # for scoring and for the loss's neighbours; 0 = always exact.
     approximate_above: int = ranged(4096, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -103,6 +104,12 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def subset(self, indices: Sequence[int]) -> ImageDataset:
+        """The same pre-processing over the samples at ``indices``."""
+        subset = copy.copy(self)
+        subset.samples = [self.samples[i] for i in indices]
+        return subset
 
     @property
     def has_masks(self) -> bool:

@@ -98,6 +98,19 @@ def partition_clients(
     return clients
 
 
+def per_product_sample(samples: list[Sample], limit: int, seed: int = 0) -> list[int]:
+    """Indices of at most ``limit`` samples of each product (all of a product with fewer; every sample when
+    ``limit`` is 0), drawn without replacement with ``seed``, in their original order."""
+    if limit <= 0:
+        return list(range(len(samples)))
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for product in dict.fromkeys(s.product for s in samples):
+        positions = [i for i, s in enumerate(samples) if s.product == product]
+        chosen += positions if len(positions) <= limit else rng.choice(positions, size=limit, replace=False).tolist()
+    return sorted(chosen)
+
+
 def hold_out(clients: list[ClientData], fraction: float, seed: int = 0) -> None:
     """Move ``fraction`` of each client's normal training images of each product to ``holdout`` (in place).
 

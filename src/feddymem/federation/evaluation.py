@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Subset
 
 from feddymem.data.datasets import ImageDataset
+from feddymem.data.partition import per_product_sample
 from feddymem.federation.client import Client, Loaders
 from feddymem.federation.messages import ClientEvaluation, TestSetMetrics
 from feddymem.logging.experiment import heatmap_panel
@@ -59,8 +60,12 @@ class Evaluator:
         normal_scores, normal_products = self.image_scores(client, client.normal_set)
         normalizer = ScoreNormalizer()
         if self.cfg.model.scoring.normalize.value == "product":
-            # Statistics of all the client's normal images: the held-out ones alone are too few to be stable.
-            train_scores, train_products = self.image_scores(client, client.own_train_set)
+            # Statistics of the held-out normals and of training images: the held-out ones alone are too few
+            # to be stable; a sample of the training images (the same each round) is as stable as all of them.
+            sample = per_product_sample(
+                client.own_train_set.samples, self.cfg.model.scoring.normalize_images, self.cfg.seed + client.id
+            )
+            train_scores, train_products = self.image_scores(client, client.own_train_set.subset(sample))
             normalizer = ScoreNormalizer.fit(np.r_[normal_scores, train_scores], normal_products + train_products)
         q, k_sigma = self.cfg.threshold_percentile, (self.cfg.threshold_k_sigma or None)
         by_product = {p: normal_scores[np.asarray(normal_products) == p] for p in dict.fromkeys(normal_products)}

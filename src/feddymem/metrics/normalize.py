@@ -5,8 +5,9 @@ harness), so a client that holds several products cannot rank their images on on
 product's scores are z-normalised by the mean and standard deviation of its normal images' scores: a
 score then says how unusual an image is *for its product*.
 
-The orchestrator fits it on all of a client's normal images, training and held-out: with only the
-3–10 held-out images of a small client the estimates were too noisy (ELPV, one run, 2-product clients:
+The orchestrator fits it on a client's held-out normal images and a sample of its training images
+(``model.scoring.normalize_images`` per product): with only the 3–10 held-out images of a small client the
+estimates were too noisy (ELPV, one run, 2-product clients:
 0.918–0.933 pooled AUROC with held-out images only, 0.931–0.933 with all normal images, 0.923–0.925
 without normalisation; statistics of anomaly-map pixels instead of image scores: 0.916–0.928).
 """
