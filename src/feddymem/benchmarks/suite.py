@@ -35,6 +35,7 @@ from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.federation.server import server_limits
 from feddymem.io import atomic_write_json, atomic_write_text
 from feddymem.logging.console import Reporter
+from feddymem.memory.reduce import split_parts
 
 
 @dataclass
@@ -293,10 +294,10 @@ def measure_perf(plan: BenchPlan, orch: FederatedOrchestrator) -> dict[str, Any]
     p = plan.perf
     out: dict[str, Any] = {"dataset": orch.cfg.dataset}
     banks = [orch.runner.build_memory(c) for c in orch.clients]
+    limits = server_limits(orch.cfg)
     # The patch part of the uploads: K-means and the search run part by part on items of this width.
-    d = orch.clients[0].module.model.generator.out_channels
-    uploads = torch.cat([b.items[:, :d] for b in banks]).numpy()
-    k = server_limits(orch.cfg).patch_positions
+    uploads = torch.cat([split_parts(b, limits.memory_parts)[0].items for b in banks]).numpy()
+    k = limits.patch_positions
     out["kmeans"] = [
         {"scale": s, **perf.compare_kmeans(perf.replicate(uploads, s, plan.seed), k, orch.cfg.server.kmeans_iters)}
         for s in p.kmeans_scales

@@ -16,7 +16,15 @@ from typing import Any, get_args, get_origin, get_type_hints
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from feddymem.config.schema import Aggregation, Engine, Partition, Range, Reduce, TrainConfig
+from feddymem.config.schema import (
+    Aggregation,
+    Engine,
+    Partition,
+    Range,
+    Reduce,
+    TrainConfig,
+    context_window_problem,
+)
 from feddymem.errors import ConfigError
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
@@ -215,11 +223,8 @@ def validate(cfg: DictConfig) -> None:
     layers = list(cfg.model.backbone.layers)
     if len(set(layers)) != len(layers):
         raise ConfigError(f"'model.backbone.layers' lists a level twice: {layers}")
-    context = cfg.model.scoring.context
-    if context and (context < 3 or context % 2 == 0):
-        raise ConfigError(
-            f"'model.scoring.context' must be 0 (off) or an odd window of at least 3 patches, got {context}"
-        )
+    if problem := context_window_problem(cfg.model.scoring.context):
+        raise ConfigError(f"'model.scoring.context' {problem}")
     if cfg.data.crop_size > cfg.data.image_size:
         raise ConfigError(
             f"'data.crop_size' ({cfg.data.crop_size}) must not exceed 'data.image_size' ({cfg.data.image_size})"

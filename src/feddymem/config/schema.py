@@ -181,6 +181,13 @@ class LossConfig:
     radius_init: float = ranged(1e-5, 0.0)
 
 
+def context_window_problem(context: int) -> str | None:
+    """What is wrong with ``context`` as a context window (0 = off, else odd and at least 3), or ``None``."""
+    if context and (context < 3 or context % 2 == 0):
+        return f"must be 0 (off) or an odd window of at least 3 patches, got {context}"
+    return None
+
+
 @dataclass
 class ScoringConfig:
     """``model.scoring``: patch and image scores against the memory."""

@@ -7,7 +7,6 @@ federation wrap it; anything else (export, other projects) can use it directly.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from feddymem.config import TrainConfig
+from feddymem.config.schema import context_window_problem
 from feddymem.memory.reduce import MemoryBank, reduce_memory, side_by_side
 from feddymem.memory.search import MemoryIndex, nearest_neighbour_spread, squared_distances
 from feddymem.models.anomaly_map import AnomalyMapGenerator
@@ -90,8 +90,8 @@ class FedDyMemModel(nn.Module):
         self.anomaly_map = AnomalyMapGenerator(sigma)
         self.score_k, self.score_method = score_k, getattr(score_method, "value", score_method)
         self.context = int(context)
-        if self.context and (self.context < 3 or self.context % 2 == 0):
-            raise ValueError(f"context must be 0 (off) or an odd window of at least 3 patches, got {context}")
+        if problem := context_window_problem(self.context):
+            raise ValueError(f"context {problem}")
         self.parts = memory_parts(self.context)
         self.context_in_score = bool(context_in_score)
         self.register_buffer("memory", torch.empty(0, self.parts * self.generator.out_channels))
@@ -308,15 +308,15 @@ class FedDyMemModel(nn.Module):
     def build_memory(self, embeddings: torch.Tensor, method: str = "cluster_mean", **kwargs) -> MemoryBank:
         """Memory-reduce ``embeddings`` (N, D, H, W) with the current memory as the global one; with a
         context window, the context embeddings are reduced on their own into as many items per image
-        (``coreset_ratio`` scaled to their coarser grid) and set beside the patch items."""
+        (``coreset_ratio``, by default the config's, scaled to their coarser grid) and set beside the patch items."""
+        kwargs.setdefault("coreset_ratio", _D.memory.coreset_ratio)  # one value for both parts
         patch = reduce_memory(
             embeddings, method, global_memory=self.patch_memory if self.has_memory else None, **kwargs
         )
         if self.parts == 1:
             return patch
         context = self.context_embeddings(embeddings)
-        # The default ratio too: without scaling, the context part would get a sixteenth of the items.
-        ratio = kwargs.get("coreset_ratio", inspect.signature(reduce_memory).parameters["coreset_ratio"].default)
-        kwargs["coreset_ratio"] = ratio * embeddings[0, 0].numel() / context[0, 0].numel()
+        # Scaled to the coarser grid, or the context part would get a sixteenth of the items.
+        kwargs["coreset_ratio"] *= embeddings[0, 0].numel() / context[0, 0].numel()
         items = reduce_memory(context, method, global_memory=self.context_memory if self.has_memory else None, **kwargs)
         return side_by_side([patch, items])
