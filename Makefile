@@ -4,27 +4,37 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DATASET ?= elpv
 ARGS   ?=
+# The environment the suite last passed with, used as pip constraints (`make lock` refreshes it;
+# `make install LOCK=` installs the newest releases the package's ranges allow).
+LOCK   ?= requirements.lock
+PIP    := $(BIN)/python -m pip install --quiet $(if $(LOCK),-c $(LOCK))
 # faiss-gpu where an NVIDIA GPU answers, faiss-cpu otherwise: never both (they ship the same module).
 FAISS_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 FAISS_OTHER := $(if $(filter gpu,$(FAISS_EXTRA)),faiss-cpu,faiss-gpu)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test bench lint format clean flower-demo
+.PHONY: help install lock train test bench lint format clean flower-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  variables: DATASET=elpv|<name>|path/to.yaml  ARGS='key=value ...'"
 
-$(VENV)/.installed-$(FAISS_EXTRA): pyproject.toml
+$(VENV)/.installed-$(FAISS_EXTRA): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip uninstall --quiet --yes $(FAISS_OTHER) 2>/dev/null || true
-	$(BIN)/python -m pip install --quiet -e ".[$(FAISS_EXTRA),dev]"
+	$(PIP) -e ".[$(FAISS_EXTRA),dev]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-install: $(VENV)/.installed-$(FAISS_EXTRA)  ## create .venv and install feddymem (faiss-$(FAISS_EXTRA))
+install: $(VENV)/.installed-$(FAISS_EXTRA)  ## create .venv and install feddymem (faiss-$(FAISS_EXTRA)), pinned by $(LOCK)
+
+lock:  ## rebuild .venv from the newest allowed releases and write requirements.lock from it (then: make test)
+	rm -rf $(VENV)
+	$(MAKE) install LOCK= FAISS_EXTRA=cpu FAISS_OTHER=faiss-gpu
+	$(BIN)/python scripts/write_lock.py $(BIN)/python requirements.lock
+	touch $(VENV)/.installed-cpu
 
 train: install  ## run a federated experiment: make train DATASET=elpv ARGS='federation.rounds=3'
 	$(BIN)/feddymem train dataset=$(DATASET) $(ARGS)
@@ -39,13 +49,13 @@ bench: install  ## every method on ELPV + shared mixtures (hours on 2 cores; ARG
 	$(BIN)/python -m feddymem.benchmarks suite --out benchmarks $(ARGS)
 
 lint: install  ## ruff (style, docstrings of public API), format check, mypy on src/
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
 	$(BIN)/mypy
 
 format: install  ## apply ruff fixes and formatting
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests scripts
+	$(BIN)/ruff format src tests scripts
 
 clean:  ## remove caches (keeps .venv and runs/)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

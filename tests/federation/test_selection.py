@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from feddymem.io import load_checkpoint
 from feddymem.metrics import ScoreNormalizer
 from feddymem.metrics.threshold import normal_threshold
 from feddymem.models.trained import load_trained
+from synthetic import dataset_yaml, make_dataset
 
 
 def _run(tmp_path, yaml, name, *extra):
@@ -25,34 +27,41 @@ def _run(tmp_path, yaml, name, *extra):
     return orch, orch.run()
 
 
-def test_a_collapsed_generator_is_not_kept_and_patience_stops_the_run(tmp_path, synthetic_yaml, monkeypatch):
-    # Local training that collapses the generator onto one direction (rank 1, as over-fitting to a
-    # hypersphere can): the held-out criterion must fall and round 0 be kept.
+@pytest.fixture(scope="module")
+def many_held_out(tmp_path_factory) -> Path:
+    """32 training images per product; with half held out each client judges a round on ~16 normal images
+    and ~32 cut-pastes (~500 pairs), so one image moves the criterion by ~0.002 rather than 1/32."""
+    root = tmp_path_factory.mktemp("many_held_out")
+    folders = make_dataset(root, products=2, n_train=32)
+    return dataset_yaml(root, folders)
+
+
+def test_a_collapsed_generator_is_not_kept_and_patience_stops_the_run(tmp_path, many_held_out, monkeypatch):
+    # Local training that collapses the generator onto one point (the trivial minimum of a compactness
+    # loss): every patch, normal or not, gets the same embedding, so held-out scores carry no information
+    # and the criterion is exactly 0.5 (its tie rule) on every machine. Round 0 (the identity generator on
+    # ImageNet features) must beat that by a margin no single held-out image can close.
     extra = ["federation.rounds=4", "selection.patience=2"]
-    cfg = load_config([f"dataset={synthetic_yaml}", "data.num_clients=2", "data.holdout_fraction=0.25", *FAST, *extra])
+    cfg = load_config([f"dataset={many_held_out}", "data.num_clients=2", "data.holdout_fraction=0.5", *FAST, *extra])
     orch = FederatedOrchestrator(cfg, tmp_path / "wrecked")
     real_training = ClientRunner.local_training
 
     def collapsing_training(runner, client, round_idx, deadline):
         loss = real_training(runner, client, round_idx, deadline)
         with torch.no_grad():
-            weight = client.module.model.generator.conv.weight
-            g = torch.Generator().manual_seed(round_idx)
-            u, v = torch.randn(weight.shape[0], 1, generator=g), torch.randn(1, weight.shape[1], generator=g)
-            weight.copy_((u @ v).view_as(weight) / weight.shape[1] ** 0.5)
+            client.module.model.generator.conv.weight.zero_()  # output = the bias, wherever the patch
         return loss
 
     monkeypatch.setattr(ClientRunner, "local_training", collapsing_training)
     summary = orch.run()
+    assert all(len(c.normal_set) >= 12 for c in orch.clients)  # the margin below rests on this many
     rounds = summary["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]  # stopped: no client improved in rounds 1 and 2
-    drops = []
     for cid, final in summary["final"]["clients"].items():
         criteria = [r["clients"][cid]["criterion"] for r in rounds]
-        assert final["kept_round"] == int(np.argmax(criteria)) == 0  # ties keep the earlier round
-        drops.append(criteria[0] - max(criteria[1:]))
+        assert criteria[1:] == [0.5, 0.5] and criteria[0] > 0.6  # measured 0.79-0.90 (seeds 0-5)
+        assert final["kept_round"] == 0
         assert final["image_auroc"] == rounds[0]["clients"][cid]["image_auroc"]  # the kept round's metrics
-    assert min(drops) >= 0 and max(drops) > 0  # the collapsed rounds score worse on held-out data
     # What a user loads is the kept state (round 0's generator), not the wrecked one; resume gets the latter.
     ckpt = load_checkpoint(tmp_path / "wrecked/checkpoints/last.ckpt")
     saved = ckpt["clients"][0]
@@ -60,7 +69,7 @@ def test_a_collapsed_generator_is_not_kept_and_patience_stops_the_run(tmp_path, 
     module = load_trained(tmp_path / "wrecked/checkpoints/last.ckpt", 0).module
     weight = module.model.generator.conv.weight
     assert torch.equal(weight, saved["kept"]["model"]["generator.conv.weight"])
-    assert not torch.equal(weight, saved["model"]["generator.conv.weight"])
+    assert not saved["model"]["generator.conv.weight"].any()  # the last (collapsed) state, for resume
     c = weight.shape[0]
     assert torch.allclose(weight.view(c, -1)[:, :c], torch.eye(c))  # round 0: the identity generator
 

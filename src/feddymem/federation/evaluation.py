@@ -28,6 +28,22 @@ def test_set_scored(cfg: Any, round_idx: int) -> bool:
     return every > 0 and (round_idx % every == 0 or round_idx == cfg.federation.rounds)
 
 
+def scores_rank_nothing(scores: np.ndarray, memory: torch.Tensor) -> bool:
+    """Whether ``scores`` cannot rank images: all equal up to float rounding, or all zero up to the float32
+    rounding of a distance between embeddings as large as the ``memory`` items. A generator collapsed onto one
+    point puts every patch on the memory; its distances are then rounding noise of about sqrt(eps)·|item|
+    (the square root of a zero squared distance computed as |x|² + |m|² - 2x·m), which no relative tolerance
+    on the scores themselves can tell from a ranking. Real scores lie far above 16× that (ELPV and synthetic
+    textures: the smallest normal score is ~0.1 of the largest item's norm; the bound is 0.0055 of it)."""
+    largest = float(np.abs(scores).max(initial=0.0))
+    if np.ptp(scores) <= 1e-5 * max(largest, 1e-12):
+        return True
+    if memory.numel() == 0:
+        return False
+    radius = float(memory.detach().norm(dim=1).max())
+    return largest <= 16.0 * float(np.sqrt(np.finfo(np.float32).eps)) * radius
+
+
 def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     """A digest of a client's trainable state (generator, radius, memory): equal states, equal scores."""
     digest = hashlib.blake2b(digest_size=16)
@@ -83,13 +99,12 @@ class Evaluator:
         self, client: Client, normalizer: ScoreNormalizer, normal_raw: np.ndarray, normal_products: list[str]
     ) -> float:
         """Normal-only model-selection criterion: image AUROC of the held-out normal images against cut-paste
-        anomalies made from them (NaN without held-out images; 0.5 when every score is the same up to
-        float rounding, as from a collapsed generator, whose order would otherwise be noise)."""
+        anomalies made from them (NaN without held-out images; 0.5 when the scores rank nothing, as from a
+        collapsed generator, whose order would otherwise be noise: :func:`scores_rank_nothing`)."""
         if client.synthetic_set is None:
             return float("nan")
         raw, products = self.image_scores(client, client.synthetic_set)
-        every = np.r_[normal_raw, raw]
-        if np.ptp(every) <= 1e-5 * max(float(np.abs(every).max()), 1e-12):
+        if scores_rank_nothing(np.r_[normal_raw, raw], client.module.model.memory):
             return 0.5
         normal, synthetic = normalizer(normal_raw, normal_products), normalizer(raw, products)
         labels = np.r_[np.zeros(len(normal)), np.ones(len(synthetic))]
