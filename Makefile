@@ -13,7 +13,7 @@ FAISS_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 FAISS_OTHER := $(if $(filter gpu,$(FAISS_EXTRA)),faiss-cpu,faiss-gpu)
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock train test bench lint format clean flower-demo
+.PHONY: help install lock anomalib-env train test bench lint format clean flower-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,18 @@ $(VENV)/.installed-$(FAISS_EXTRA): pyproject.toml $(LOCK)
 
 install: $(VENV)/.installed-$(FAISS_EXTRA)  ## create .venv and install feddymem (faiss-$(FAISS_EXTRA)), pinned by $(LOCK)
 
+# anomalib's PatchCore, the reference row of make bench: its own environment, never the main install.
+ANOMALIB_VENV := .venv-anomalib
+ANOMALIB      := anomalib==2.7.0
+$(ANOMALIB_VENV)/.installed: pyproject.toml $(LOCK)
+	test -x $(ANOMALIB_VENV)/bin/python || $(PYTHON) -m venv $(ANOMALIB_VENV)
+	$(ANOMALIB_VENV)/bin/python -m pip install --quiet $(if $(LOCK),-c $(LOCK)) --upgrade pip
+	$(ANOMALIB_VENV)/bin/python -m pip install --quiet $(if $(LOCK),-c $(LOCK)) torch==2.14.1 torchvision==0.29.1
+	$(ANOMALIB_VENV)/bin/python -m pip install --quiet $(if $(LOCK),-c $(LOCK)) -e ".[cpu]" "$(ANOMALIB)"
+	touch $@
+
+anomalib-env: $(ANOMALIB_VENV)/.installed  ## .venv-anomalib: $(ANOMALIB) beside feddymem, for make bench's reference row
+
 lock:  ## rebuild .venv from the newest allowed releases and write requirements.lock from it (then: make test)
 	rm -rf $(VENV)
 	$(MAKE) install LOCK= FAISS_EXTRA=cpu FAISS_OTHER=faiss-gpu
@@ -42,10 +54,10 @@ train: install  ## run a federated experiment: make train DATASET=elpv ARGS='fed
 flower-demo: install  ## the experiment over Flower on loopback: SuperLink + a SuperNode per client, TLS, node auth
 	$(BIN)/feddymem train dataset=$(DATASET) federation.engine=flower $(ARGS)
 
-test: install  ## run the test suite
+test: install anomalib-env  ## run the test suite
 	$(BIN)/python -m pytest -q
 
-bench: install  ## every method on ELPV + shared mixtures (hours on 2 cores; ARGS=--resume goes on): benchmarks/results.md
+bench: install anomalib-env  ## every method on ELPV + shared mixtures (hours on 2 cores; ARGS=--resume goes on): benchmarks/results.md
 	$(BIN)/python -m feddymem.benchmarks suite --out benchmarks $(ARGS)
 
 lint: install  ## ruff (style, docstrings of public API), format check, mypy on src/

@@ -68,7 +68,7 @@ def test_pixel_metrics_skip_anomalous_images_without_masks():
     }
     out = module.test_step(batch, 0)
     assert out["pred_score"].shape == (3,)
-    assert module.pixel_auroc.scores[0].numel() == 2 * 48 * 48  # the unmasked anomaly is left out
+    assert module.test_metrics.pixel_auroc.scores[0].numel() == 2 * 48 * 48  # the unmasked anomaly is left out
     metrics = module.compute_test_metrics()
     assert metrics["image_auroc"] == 1.0 and metrics["pixel_auroc"] > 0.9
 

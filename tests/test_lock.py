@@ -1,7 +1,11 @@
 """requirements.lock (what `make install` pins) agrees with pyproject.toml's ranges."""
 
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name

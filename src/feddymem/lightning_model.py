@@ -19,8 +19,7 @@ from torchmetrics import MeanMetric
 
 from feddymem.config import TrainConfig
 from feddymem.memory.reduce import MemoryBank
-from feddymem.metrics.aupro import AUPRO
-from feddymem.metrics.auroc import AUROC
+from feddymem.metrics.test_set import TestSetMetrics
 from feddymem.models.backbone import FeatureExtractor
 from feddymem.models.torch_model import FedDyMemModel
 from feddymem.privacy.mechanism import NoiseSettings
@@ -108,10 +107,7 @@ class FedDyMemModule(L.LightningModule):
         # under a multi-GPU Trainer the default syncs them like any torchmetrics metric.
         sync = {"sync_on_compute": sync_metrics}
         self.train_loss = MeanMetric(**sync)
-        self.image_auroc = AUROC(**sync)
-        self.pixel_auroc = AUROC(**sync)
-        self.aupro = AUPRO(**sync)
-        self._has_masks = False
+        self.test_metrics = TestSetMetrics(**sync)
 
     @classmethod
     def from_config(
@@ -244,28 +240,12 @@ class FedDyMemModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         """Score a batch and update image AUROC, and pixel AUROC and AUPRO where masks exist."""
         maps, scores = self.score_batch(batch)
-        labels = torch.as_tensor(batch["label"], device=scores.device).long()
-        self.image_auroc.update(scores, labels)
-        masks = batch["mask"].to(maps.device)
-        # Pixel metrics only where the truth is known: normal images, and anomalous ones with a mask.
-        known = (labels == 0) | torch.as_tensor(batch.get("has_mask", masks.flatten(1).any(1)), device=maps.device)
-        if masks[known].any():
-            self._has_masks = True
-        if known.any():
-            self.pixel_auroc.update(maps[known], masks[known])
-            self.aupro.update(maps[known], masks[known])
+        self.test_metrics.update(scores, maps, batch["label"], batch["mask"], batch.get("has_mask"))
         return {"pred_score": scores.detach()}
 
     def compute_test_metrics(self) -> dict[str, float]:
         """Image AUROC, and pixel AUROC and AUPRO when the test set has masks; resets the metrics."""
-        results = {"image_auroc": float(self.image_auroc.compute())}
-        if self._has_masks:
-            results["pixel_auroc"] = float(self.pixel_auroc.compute())
-            results["aupro"] = float(self.aupro.compute())
-        for metric in (self.image_auroc, self.pixel_auroc, self.aupro):
-            metric.reset()
-        self._has_masks = False
-        return results
+        return self.test_metrics.compute()
 
     def on_test_epoch_end(self) -> None:
         """Log the test metrics (plain Trainer use)."""

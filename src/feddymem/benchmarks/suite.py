@@ -25,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Subset
 
-from feddymem.benchmarks import perf
+from feddymem.benchmarks import anomalib_patchcore, perf
 from feddymem.benchmarks.results import plot_convergence, render_markdown
 from feddymem.config import config_dir, load_config, load_yaml, merge_checked
 from feddymem.errors import ConfigError
@@ -63,6 +63,16 @@ class PrivacyPlan:
 
 
 @dataclass
+class ReferencePlan:
+    """anomalib's PatchCore as a row (``anomalib_patchcore``) on every data set of the plan, run in its own
+    environment; ``python`` empty: no such row."""
+
+    python: str = ""  # that environment's interpreter (make anomalib-env: .venv-anomalib/bin/python)
+    coreset_ratio: float = 0.1  # anomalib's defaults
+    num_neighbors: int = 9
+
+
+@dataclass
 class BenchPlan:
     """A committed bench plan (``configs/bench*.yaml``): data sets, methods, rounds and overrides."""
 
@@ -73,8 +83,21 @@ class BenchPlan:
     convergence: list[str] = field(default_factory=lambda: ["feddymem", "fedavg", "fedprox"])
     perf: PerfPlan = field(default_factory=PerfPlan)
     privacy: PrivacyPlan = field(default_factory=PrivacyPlan)
+    reference: ReferencePlan = field(default_factory=ReferencePlan)
     title: str = "FedDyMem benchmarks"  # the heading of results.md
     notes: list[str] = field(default_factory=list)  # lines written under the heading
+
+
+def plan_rows(plan: BenchPlan) -> dict[str, list[str]]:
+    """Every row of the plan (row name → its overrides): the methods, then the anomalib reference if any."""
+    rows = dict(plan.methods)
+    if plan.reference.python:
+        rows[anomalib_patchcore.METHOD] = _reference_settings(plan).overrides()
+    return rows
+
+
+def _reference_settings(plan: BenchPlan) -> anomalib_patchcore.AnomalibSettings:
+    return anomalib_patchcore.AnomalibSettings(plan.reference.coreset_ratio, plan.reference.num_neighbors)
 
 
 def load_plan(path: str | Path | None = None, seed: int | None = None) -> BenchPlan:
@@ -364,12 +387,13 @@ def run_suite(
     reporter = reporter or Reporter()
     out_dir, runs_dir = Path(out_dir), Path(runs_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, known in ((datasets, plan.datasets), (methods, plan.methods)):
+    rows = plan_rows(plan)
+    for name, known in ((datasets, plan.datasets), (methods, rows)):
         unknown = sorted(set(name or []) - set(known))
         if unknown:
             raise ConfigError(f"not in the benchmark plan: {', '.join(unknown)}; it has {', '.join(known)}")
     datasets = datasets or list(plan.datasets)
-    methods = methods or list(plan.methods)
+    methods = methods or list(rows)
     torch.manual_seed(plan.seed)
     results: dict[str, Any] = {
         "machine": machine(),
@@ -387,7 +411,7 @@ def run_suite(
     # Checked before anything runs: a privacy plan's rows must share one generator.
     variants = {d: privacy_variants(plan, d, methods, runs_dir) for d in datasets} if plan.privacy.client >= 0 else {}
     start = time.perf_counter()
-    order = {key: i for i, key in enumerate(itertools.product(plan.datasets, plan.methods))}  # the plan's order
+    order = {key: i for i, key in enumerate(itertools.product(plan.datasets, rows))}  # the plan's order
 
     def save() -> None:
         results["total_s"] = earlier_s + time.perf_counter() - start
@@ -412,7 +436,13 @@ def run_suite(
         save()
         for method in todo:
             reporter.print(f"[bench] {dataset}: {method}")
-            run = run_method(plan, dataset, method, runs_dir, features)
+            if method == anomalib_patchcore.METHOD:
+                base = _base_overrides(plan, dataset, runs_dir)
+                settings = _reference_settings(plan)
+                row = anomalib_patchcore.run_in_environment(plan.reference.python, base, settings, runs_dir / dataset)
+                run = {**row, "dataset": dataset}  # the plan's name for the data set, as the other rows
+            else:
+                run = run_method(plan, dataset, method, runs_dir, features)
             results["runs"].append(run)
             reporter.print(
                 f"[bench] {dataset}: {method}: mean image AUROC {run['mean_image_auroc']:.4f}, "
@@ -448,7 +478,7 @@ def _resume_from(results: dict[str, Any], plan: BenchPlan, path: Path) -> float:
     results["runs"] = [
         r
         for r in earlier.get("runs", [])
-        if r["dataset"] in plan.datasets and plan.methods.get(r["method"]) == r["overrides"]
+        if r["dataset"] in plan.datasets and plan_rows(plan).get(r["method"]) == r["overrides"]
     ]
     # A resume with fewer data sets (``--datasets``) still reports the kept runs of the others.
     kept = {r["dataset"] for r in results["runs"]}
@@ -477,7 +507,7 @@ def privacy_variants(plan: BenchPlan, dataset: str, methods: list[str], runs_dir
     from feddymem.privacy.report import UploadVariant
 
     variants = []
-    for method in methods:
+    for method in (m for m in methods if m in plan.methods):  # the anomalib row uploads nothing
         cfg = load_config([*_base_overrides(plan, dataset, runs_dir), *plan.methods[method]])
         if cfg.federation.rounds != 0:
             raise ConfigError(

@@ -136,6 +136,14 @@ def load_imagenet_classifier(name: str, weights: str) -> nn.Module:
     return model
 
 
+def input_normalisation(classifier: nn.Module, weights: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) the backbone's weights expect its input normalised with."""
+    if weights == "imagenet-offline":
+        return _OFFLINE_MEAN_STD
+    cfg = getattr(classifier, "pretrained_cfg", {}) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
 def _features_only(name: str, layers: tuple[int, ...]) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False, features_only=True, out_indices=layers)
@@ -183,12 +191,7 @@ class FeatureExtractor(nn.Module):
         # channels_last: oneDNN's convolutions run ~25 % faster on CPU in it (same values up to rounding).
         self.body.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.pool = nn.AvgPool2d(pool_size, stride=1, padding=pool_size // 2) if pool_size > 1 else nn.Identity()
-        if weights == "imagenet-offline":
-            self.mean, self.std = _OFFLINE_MEAN_STD
-        else:
-            cfg = getattr(classifier, "pretrained_cfg", {}) or {}
-            self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-            self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        self.mean, self.std = input_normalisation(classifier, weights)
 
     @property
     def out_channels(self) -> int:
