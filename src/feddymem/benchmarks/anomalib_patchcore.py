@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from feddymem.benchmarks.measure import PeakMemory
 from feddymem.data.check import plan_data
 from feddymem.data.datasets import ImageDataset
 from feddymem.data.partition import per_product_sample
@@ -183,7 +184,6 @@ def run(overrides: list[str], settings: AnomalibSettings) -> dict[str, Any]:
     config keys) and measure it per client; the row in the suite's format."""
     from anomalib import __version__ as anomalib_version
 
-    from feddymem.benchmarks.suite import PeakMemory
     from feddymem.config import load_config
 
     cfg = load_config(overrides)

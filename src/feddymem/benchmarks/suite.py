@@ -8,13 +8,9 @@ every run ``results.json`` and ``results.md`` are rewritten, so a stopped suite 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-import os
-import platform
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +22,10 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 from feddymem.benchmarks import anomalib_patchcore, perf
+from feddymem.benchmarks.measure import PeakMemory, machine
 from feddymem.benchmarks.results import plot_convergence, render_markdown
 from feddymem.config import config_dir, load_config, load_yaml, merge_checked
 from feddymem.errors import ConfigError
-from feddymem.federation.checkpointing import library_versions
 from feddymem.federation.client import Client
 from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.federation.server import server_limits
@@ -110,70 +106,6 @@ def load_plan(path: str | Path | None = None, seed: int | None = None) -> BenchP
     if seed is not None:
         merged.seed = seed
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
-
-
-class PeakMemory:
-    """Peak resident memory (MB) of this process inside the ``with`` block (Linux: VmHWM reset by
-    ``/proc/self/clear_refs``), and peak CUDA memory when a GPU is used."""
-
-    def __enter__(self) -> PeakMemory:
-        self.resettable = True
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.resettable = False  # the process-lifetime peak is all we can report
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.rss_mb = _vm_hwm_kb() / 1024
-        self.cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-
-
-def _vm_hwm_kb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1])
-    except OSError:
-        pass
-    import resource
-
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
-def machine() -> dict[str, Any]:
-    """Where the numbers come from: CPU, cores, memory, GPU, library versions, commit."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    try:
-        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem_gb = float("nan")
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "configs"], capture_output=True, text=True)
-        commit += " (modified)" if dirty.stdout.strip() else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "memory_gb": round(mem_gb, 1),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "os": platform.platform(),
-        "commit": commit,
-        "versions": library_versions(),
-    }
 
 
 # --- per data set ---------------------------------------------------------------------------------
