@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 
 from feddymem.config import TrainConfig
 from feddymem.memory.reduce import MemoryBank
-from feddymem.metrics.test_set import TestSetMetrics
+from feddymem.metrics.anomaly_metrics import AnomalyMetrics
 from feddymem.models.backbone import FeatureExtractor
 from feddymem.models.torch_model import FedDyMemModel
 from feddymem.privacy.mechanism import NoiseSettings
@@ -107,7 +107,7 @@ class FedDyMemModule(L.LightningModule):
         # under a multi-GPU Trainer the default syncs them like any torchmetrics metric.
         sync = {"sync_on_compute": sync_metrics}
         self.train_loss = MeanMetric(**sync)
-        self.test_metrics = TestSetMetrics(**sync)
+        self.test_metrics = AnomalyMetrics(**sync)
 
     @classmethod
     def from_config(

@@ -8,7 +8,7 @@ package, never in the main install); ``make bench`` calls it as a subprocess::
 The same as our rows: the data plan (products, partition, and the held-out normals removed from training),
 the pre-processing (``data.image_size`` / ``crop_size``, the backbone's mean and std), the backbone with its
 offline ImageNet weights (anomalib builds its ``TimmFeatureExtractor`` without weights; ours are loaded into
-it after construction) and feature levels, and the metrics (:class:`~feddymem.metrics.TestSetMetrics` per
+it after construction) and feature levels, and the metrics (:class:`~feddymem.metrics.AnomalyMetrics` per
 client over its own test set and per product; the client-level image AUROC after the same per-product
 normaliser, fitted on the client's held-out normals and a sample of its training images).
 anomalib's own: everything else at its defaults (``Patchcore(coreset_sampling_ratio=0.1, num_neighbors=9)``:
@@ -37,7 +37,7 @@ from feddymem.data.check import plan_data
 from feddymem.data.datasets import ImageDataset
 from feddymem.data.partition import per_product_sample
 from feddymem.errors import ConfigError
-from feddymem.metrics import ScoreNormalizer, TestSetMetrics, auroc_score
+from feddymem.metrics import AnomalyMetrics, ScoreNormalizer, auroc_score
 from feddymem.models.backbone import input_normalisation, load_imagenet_classifier
 
 METHOD = "anomalib_patchcore"
@@ -162,7 +162,7 @@ def client_metrics(test: ScoredImages, normal: ScoredImages) -> dict[str, Any]:
     products: dict[str, dict[str, float]] = {}
     for product in dict.fromkeys(test.products):
         part = test.product(product)
-        metrics = TestSetMetrics()
+        metrics = AnomalyMetrics()
         metrics.update(part.scores, part.maps, part.labels, part.masks, part.has_mask)
         products[product] = metrics.compute()
     normalizer = ScoreNormalizer.fit(normal.scores.double().numpy(), normal.products)

@@ -13,14 +13,12 @@ from feddymem.metrics.aupro import AUPRO
 from feddymem.metrics.auroc import AUROC
 
 
-class TestSetMetrics(nn.Module):
+class AnomalyMetrics(nn.Module):
     """Accumulates image scores, anomaly maps and masks batch by batch; ``compute`` gives the metrics and resets.
 
     ``metric_kwargs`` go to each torchmetrics metric (``sync_on_compute=False`` for a federated client that
     must not merge its metrics with other processes' clients).
     """
-
-    __test__ = False  # not a pytest class
 
     def __init__(self, **metric_kwargs) -> None:
         super().__init__()
