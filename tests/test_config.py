@@ -11,6 +11,14 @@ def test_defaults_and_overrides():
     assert cfg.data.name == "elpv" and [p.name for p in cfg.data.products] == ["mono", "poly"]
 
 
+@pytest.mark.parametrize(("given", "read"), [("false", "false"), ("True", "true"), ("auto", "auto")])
+def test_server_gpu_reads_a_yes_or_no_however_it_is_spelled(given, read):
+    # On the command line `false` arrives as a bool, which the string field would spell "False".
+    assert load_config([f"server.gpu={given}"]).server.gpu == read
+    with pytest.raises(ConfigError, match="'server.gpu' must be one of auto, true, false; got 'sometimes'"):
+        load_config(["server.gpu=sometimes"])
+
+
 def test_unknown_key_names_key_and_lists_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown config key 'federation\.roundz'.*valid keys here: .*rounds"):
         load_config(["federation.roundz=3"])

@@ -229,6 +229,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"'data.crop_size' ({cfg.data.crop_size}) must not exceed 'data.image_size' ({cfg.data.image_size})"
         )
+    # `server.gpu=false` on the command line arrives as the bool False, which the str field spells "False".
+    cfg.server.gpu = str(cfg.server.gpu).lower()
     if cfg.server.gpu not in ("auto", "true", "false"):
         raise ConfigError(f"'server.gpu' must be one of auto, true, false; got '{cfg.server.gpu}'")
     if not cfg.model.backbone.layers:

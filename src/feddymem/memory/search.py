@@ -61,9 +61,13 @@ class MemoryIndex:
             index.train(items)
             index.add(items)
             index.nprobe = min(nprobe, lists)
-        if gpu and faiss_gpu_available():
+        self.on_gpu = gpu and faiss_gpu_available()
+        if self.on_gpu:
             resources = faiss.StandardGpuResources()
+            probes = getattr(index, "nprobe", 0)
             index = faiss.index_cpu_to_gpu(resources, 0, index)
+            if probes:  # on the copy too: the GPU visits as many lists as the CPU index would
+                index.nprobe = probes
             self.flat = faiss.index_cpu_to_gpu(resources, 0, self.flat) if self.approximate else index
         self.index = index
 

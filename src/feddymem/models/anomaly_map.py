@@ -29,26 +29,29 @@ class AnomalyMapGenerator(nn.Module):
         super().__init__()
         self.sigma = sigma
         self.register_buffer("kernel", gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1), persistent=False)
-        self._operators: dict[tuple[int, int], torch.Tensor] = {}
+        self._operators: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
-    def operator(self, grid: int, size: int) -> torch.Tensor:
-        """(size × grid) matrix: 1-D bilinear upsampling (align_corners=False) then edge-padded blur."""
-        key = (grid, size)
+    def operator(self, grid: int, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(size × grid) matrix on ``device``: 1-D bilinear upsampling (align_corners=False) then edge-padded blur."""
+        key = (grid, size, torch.device(device))
         if key not in self._operators:
+            # Made once on the CPU in float64 (whatever device the kernel buffer has moved to), kept per device.
             basis = torch.eye(grid, dtype=torch.float64).unsqueeze(1)  # grid unit signals of length grid
             up = F.interpolate(basis, size=size, mode="linear", align_corners=False)
             if self.sigma > 0:
                 pad = self.kernel.numel() // 2
-                up = F.conv1d(F.pad(up, (pad, pad), mode="replicate"), self.kernel.double().view(1, 1, -1))
-            self._operators[key] = up.squeeze(1).T.contiguous().float()
+                kernel = self.kernel.detach().cpu().double().view(1, 1, -1)
+                up = F.conv1d(F.pad(up, (pad, pad), mode="replicate"), kernel)
+            self._operators[key] = up.squeeze(1).T.contiguous().float().to(key[2])
         return self._operators[key]
 
     def forward(self, patch_scores: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, h, w) → (anomaly maps (B, H, W), image scores = each map's maximum (B,))."""
         # int(): under ONNX tracing sizes are traced values; the grid is fixed there (export resizes its
         # input), so the operators made beforehand are found and enter the graph as constants.
-        a_h = self.operator(int(patch_scores.shape[-2]), int(image_size[0])).to(patch_scores)
-        a_w = self.operator(int(patch_scores.shape[-1]), int(image_size[1])).to(patch_scores)
+        device = patch_scores.device
+        a_h = self.operator(int(patch_scores.shape[-2]), int(image_size[0]), device).to(patch_scores)
+        a_w = self.operator(int(patch_scores.shape[-1]), int(image_size[1]), device).to(patch_scores)
         return apply_operators(patch_scores, a_h, a_w)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from feddymem.config import TrainConfig
 from feddymem.config.schema import context_window_problem
 from feddymem.memory.reduce import MemoryBank, reduce_memory, side_by_side
-from feddymem.memory.search import MemoryIndex, nearest_neighbour_spread, squared_distances
+from feddymem.memory.search import MemoryIndex, faiss_gpu_available, nearest_neighbour_spread, squared_distances
 from feddymem.models.anomaly_map import AnomalyMapGenerator
 from feddymem.models.backbone import FeatureExtractor
 from feddymem.models.generator import MemoryGenerator
@@ -174,20 +174,24 @@ class FedDyMemModel(nn.Module):
         """The context part of the memory (M, D); empty without a context window."""
         return self.memory[:, self.generator.out_channels :]
 
+    def _index_on_gpu(self) -> bool:
+        """Where an index over the memory belongs: on the GPU when the memory is and FAISS has one."""
+        return self.memory.is_cuda and faiss_gpu_available()
+
     def _make_index(self, items: torch.Tensor) -> MemoryIndex:
         return MemoryIndex(
             items.contiguous(), gpu=items.is_cuda, approximate_above=self.approximate_above, nprobe=self.nprobe
         )
 
     def memory_index(self) -> MemoryIndex:
-        """The FAISS index over the patch memory (rebuilt when the memory changes)."""
-        if self._index is None:
+        """The FAISS index over the patch memory (rebuilt when the memory changes or moves to or from the GPU)."""
+        if self._index is None or self._index.on_gpu != self._index_on_gpu():
             self._index = self._make_index(self.patch_memory)
         return self._index
 
     def context_index(self) -> MemoryIndex:
-        """The FAISS index over the context memory (rebuilt when the memory changes)."""
-        if self._context_index is None:
+        """The FAISS index over the context memory (rebuilt when the memory changes or moves to or from the GPU)."""
+        if self._context_index is None or self._context_index.on_gpu != self._index_on_gpu():
             self._context_index = self._make_index(self.context_memory)
         return self._context_index
 
@@ -291,7 +295,7 @@ class FedDyMemModel(nn.Module):
         b, d, h, w = embeddings.shape
         flat = patch_scores.flatten(1)
         top = flat.argmax(dim=1)
-        worst = embeddings.permute(0, 2, 3, 1).reshape(b, h * w, d)[torch.arange(b), top]  # (B, D)
+        worst = embeddings.permute(0, 2, 3, 1).reshape(b, h * w, d)[torch.arange(b, device=top.device), top]  # (B, D)
         memory = self.patch_memory
         nearest = squared_distances(worst, memory).argmin(dim=1)
         k = min(neighbours, memory.shape[0])
