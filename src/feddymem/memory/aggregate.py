@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from feddymem.memory.coreset import greedy_coreset
 from feddymem.memory.kmeans import kmeans
-from feddymem.memory.reduce import MemoryBank, greedy_coreset
+from feddymem.memory.reduce import MemoryBank
 from feddymem.memory.search import squared_distances
 
 
