@@ -28,7 +28,7 @@ def _runner(yaml, *extra):
 
 
 def test_two_rounds_without_an_engine(synthetic_yaml):
-    cfg, runner, server = _runner(synthetic_yaml, "federation.min_clients=2")
+    _, runner, server = _runner(synthetic_yaml, "federation.min_clients=2")
     for round_idx in (0, 1):
         before = [c.module.model.generator.conv.weight.detach().clone() for c in runner.clients]
         results = [runner.run_round(c, round_idx) for c in runner.training_clients()]
@@ -45,13 +45,12 @@ def test_two_rounds_without_an_engine(synthetic_yaml):
             assert torch.equal(client.module.model.memory, reply.memory)  # every client scores with it
             ev = runner.evaluate(client, round_idx, tested=True)
             assert 0 <= ev.criterion <= 1 and ev.test is not None and 0 <= ev.test.image_auroc <= 1
-            assert len(ev.normal_scores) == len(client.normal_set) and client.kept is not None
+            assert ev.normal.count == len(client.normal_set) and client.kept is not None
         record = server.record(
             round_idx,
             reply,
             results,
             [runner.evaluate(c, round_idx, True) for c in runner.clients],
-            cfg.threshold_percentile,
             None,
         )
         assert record.bytes_up == sum(r.upload.payload.nbytes for r in results) > 0

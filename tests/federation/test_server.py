@@ -14,7 +14,7 @@ from feddymem.federation.messages import ClientEvaluation, ClientResult, ServerL
 from feddymem.federation.server import Server, server_limits
 from feddymem.federation.strategies import make_strategy
 from feddymem.memory.reduce import MemoryBank
-from feddymem.metrics.threshold import normal_threshold
+from feddymem.metrics.threshold import NormalScores, normal_threshold
 from feddymem.models.backbone import FeatureExtractor
 from feddymem.models.generator import MemoryGenerator
 from feddymem.privacy.accountant import epsilon
@@ -120,10 +120,12 @@ def test_the_round_record_holds_every_client_bytes_and_thresholds():
     normal = [np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0]), np.array([6.0])]
     test = TestSetMetrics(0.75, {"p": {"image_auroc": 0.75}}, 0.2, pixel_auroc=0.9)
     evaluations = [
-        ClientEvaluation(k, 0.5 + 0.1 * k, normal[k], {"p": 1.0}, {}, 0.01, kept_round=k, test=test if k else None)
+        ClientEvaluation(
+            k, 0.5 + 0.1 * k, NormalScores.of(normal[k]), {"p": 1.0}, {}, 0.01, kept_round=k, test=test if k else None
+        )
         for k in range(3)
     ]
-    record = server.record(2, reply, results, evaluations, 99.0, None).to_dict()
+    record = server.record(2, reply, results, evaluations, None).to_dict()
     c0, c1, c2 = (record["clients"][k] for k in range(3))
     assert c0["uploaded"] and c0["bytes_up"] == 40 * DIM * 4 + 40 * 4 and c0["train_loss"] == 1.5
     assert c0["memory_items"] == 40 and c0["memory_patches"] == 3 * 4
@@ -133,7 +135,9 @@ def test_the_round_record_holds_every_client_bytes_and_thresholds():
     assert {c["bytes_down"] for c in record["clients"].values()} == {down} and record["bytes_down"] == 3 * down
     assert record["bytes_up"] == c0["bytes_up"] and record["participants"] == [0]
     assert c1["threshold"] == normal_threshold(normal[1], 99.0)
-    assert record["threshold"] == normal_threshold(np.concatenate(normal), 99.0)
+    # One threshold for all from the sites' summaries (no site sends its scores): thresholds by count.
+    own = [normal_threshold(n, 99.0) for n in normal]
+    assert record["threshold"] == pytest.approx((3 * own[0] + 2 * own[1] + own[2]) / 6)
     assert "image_auroc" not in c0 and c1["image_auroc"] == 0.75 and c1["pixel_auroc"] == 0.9 and "aupro" not in c1
     assert np.isclose(record["mean_image_auroc"], np.nan, equal_nan=True)  # client 0 was not tested
     assert record["mean_criterion"] == pytest.approx(0.6)
@@ -151,8 +155,8 @@ def test_noisy_uploads_are_accounted_per_client_over_rounds_and_after_a_resume()
             results[1].upload.payload = MemoryBank(torch.full((40, DIM), float("nan")), torch.ones(40), 3)
             results[1].upload.releases = 3
         reply = server.step(results, round_idx=round_idx)
-        evaluations = [ClientEvaluation(k, 0.5, np.array([1.0, 2.0]), {}, {}, 0.0) for k in range(2)]
-        history.append(server.record(round_idx, reply, results, evaluations, 99.0, None).to_dict())
+        evaluations = [ClientEvaluation(k, 0.5, NormalScores.of([1.0, 2.0]), {}, {}, 0.0) for k in range(2)]
+        history.append(server.record(round_idx, reply, results, evaluations, None).to_dict())
     c0, c1 = history[1]["clients"][0], history[1]["clients"][1]
     assert c0["privacy_releases"] == 4 and c0["privacy_epsilon"] == pytest.approx(epsilon(2.0, 8, 1e-6))
     assert "rejected" in c1["error"] and c1["privacy_releases"] == 3

@@ -30,6 +30,7 @@ from feddymem.federation.wire import (
     encode_result,
 )
 from feddymem.memory.reduce import MemoryBank
+from feddymem.metrics.threshold import NormalScores
 
 DIM = 8
 
@@ -90,7 +91,7 @@ def test_an_evaluation_round_trips_with_its_test_scores_and_panel():
     ev = ClientEvaluation(
         3,
         criterion=float("nan"),
-        normal_scores=np.array([1.0, 2.0, 3.5]),
+        normal=NormalScores.of([1.0, 2.0, 3.5]),
         product_thresholds={"magnetic_tile": 3.4, "engine_wiring": 2.0},
         normalizer={"magnetic_tile": [1.5, 0.25], "engine_wiring": [2.0, 1.0]},
         held_out_time_s=0.1,
@@ -101,11 +102,11 @@ def test_an_evaluation_round_trips_with_its_test_scores_and_panel():
     )
     back = decode_evaluation(encode_evaluation(ev))
     assert back.client_id == 3 and math.isnan(back.criterion) and back.kept_round == 2
-    assert np.array_equal(back.normal_scores, ev.normal_scores)
+    assert back.normal == ev.normal and back.normal.count == 3
     assert back.product_thresholds == ev.product_thresholds and back.normalizer == ev.normalizer
     assert back.test.to_dict() == test.to_dict() and back.test.scores == test.scores
     assert back.panel[0][0] == "a/x.png" and np.array_equal(back.panel[0][1], ev.panel[0][1])
-    bare = ClientEvaluation(0, 0.9, np.array([1.0]), {"p": 1.0}, {"p": [0.0, 1.0]}, 0.1)
+    bare = ClientEvaluation(0, 0.9, NormalScores.of([1.0]), {"p": 1.0}, {"p": [0.0, 1.0]}, 0.1)
     plain = decode_evaluation(encode_evaluation(bare))
     assert (
         plain.test is None

@@ -80,3 +80,18 @@ def test_flower_over_tls_matches_fabric_and_refuses_an_unregistered_site(tmp_pat
         assert site.module.hparams == same.module.hparams
         for name, value in same.module.trainable_state().items():
             assert torch.allclose(site.module.trainable_state()[name], value, rtol=REL, atol=1e-5), name
+    # What left each site, from its own audit log (both directions, every message): memory items and
+    # numbers only, nothing image-shaped, no file paths, no per-image scores (the default egress policy).
+    for k in range(2):
+        lines = [json.loads(line) for line in (tmp_path / "sites" / f"site_{k}" / "messages.jsonl").open()]
+        sent = [line for line in lines if line["direction"] == "out"]
+        assert {line["direction"] for line in lines} == {"in", "out"}
+        assert {line["type"] for line in sent} >= {"query.identify", "train", "evaluate"}
+        for line in sent:
+            arrays = line["records"]["arrays"]
+            assert set(arrays) <= {"memory.items", "memory.weights"}, (line["type"], sorted(arrays))
+            assert all(len(a["shape"]) <= 2 and a["dtype"] != "uint8" for a in arrays.values())
+            strings = " ".join(line["records"]["config"].values())
+            assert "/" not in strings and ".png" not in strings, (line["type"], strings)
+            metrics = line["records"]["metrics"]
+            assert not any(key.startswith(("test_path", "panel")) for key in metrics)

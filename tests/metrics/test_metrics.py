@@ -53,6 +53,24 @@ def test_normal_threshold_from_normal_scores_only():
         normal_threshold([])
 
 
+def test_one_threshold_for_all_sites_from_their_summaries_alone():
+    from feddymem.metrics.threshold import NormalScores, normal_threshold, pooled_threshold
+
+    rng = np.random.default_rng(0)
+    sites = [rng.normal(m, s, n) for m, s, n in ((1.0, 0.2, 40), (1.5, 0.5, 10), (0.8, 0.1, 25))]
+    pooled = np.concatenate(sites)
+    # mean + k·std is exact from counts and moments: the same as over every score pooled.
+    summaries = [NormalScores.of(s, k_sigma=3.0) for s in sites]
+    assert summaries[1].count == 10 and summaries[1].threshold == pytest.approx(normal_threshold(sites[1], k_sigma=3.0))
+    assert pooled_threshold(summaries, k_sigma=3.0) == pytest.approx(normal_threshold(pooled, k_sigma=3.0))
+    # A percentile is not: the sites' own thresholds, averaged by count.
+    summaries = [NormalScores.of(s, 99.0) for s in sites]
+    expected = sum(len(s) * normal_threshold(s, 99.0) for s in sites) / len(pooled)
+    assert pooled_threshold(summaries) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="at least one normal score"):
+        pooled_threshold([NormalScores(0, 0.0, 0.0, 0.0)])
+
+
 def test_auroc_score_matches_scikit_learn_with_ties():
     from sklearn.metrics import roc_auc_score
 

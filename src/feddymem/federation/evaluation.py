@@ -18,7 +18,7 @@ from feddymem.federation.messages import ClientEvaluation, TestSetMetrics
 from feddymem.logging.experiment import heatmap_panel
 from feddymem.metrics.auroc import auroc_score
 from feddymem.metrics.normalize import ScoreNormalizer
-from feddymem.metrics.threshold import normal_threshold
+from feddymem.metrics.threshold import NormalScores, normal_threshold
 
 
 def test_set_scored(cfg: Any, round_idx: int) -> bool:
@@ -88,7 +88,7 @@ class Evaluator:
         evaluation = ClientEvaluation(
             client.id,
             criterion=self.criterion(client, normalizer, normal_scores, normal_products),
-            normal_scores=normal_scores,
+            normal=NormalScores.of(normal_scores, q, k_sigma),
             product_thresholds={p: normal_threshold(v, q, k_sigma) for p, v in by_product.items()},
             normalizer=normalizer.to_dict(),
             held_out_time_s=time.perf_counter() - t0,

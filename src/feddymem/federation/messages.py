@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from feddymem.memory.reduce import MemoryBank
+from feddymem.metrics.threshold import NormalScores
 
 Payload = MemoryBank | dict[str, torch.Tensor]  # a reduced memory, or generator parameters (FedAvg)
 
@@ -101,7 +102,7 @@ class ClientEvaluation:
 
     client_id: int
     criterion: float  # held-out normal images against cut-paste anomalies made from them (NaN without)
-    normal_scores: np.ndarray  # raw image scores of the held-out normal images (the server's thresholds)
+    normal: NormalScores  # the held-out normal images' scores, summarised at the site (thresholds)
     product_thresholds: dict[str, float]
     normalizer: dict[str, list[float]]
     held_out_time_s: float

@@ -169,8 +169,7 @@ class FederatedOrchestrator:
         if self.server is None or gathered_eval is None:
             return None
         evaluations = [e for rank_evals in gathered_eval for e in rank_evals]
-        q, k_sigma = self.cfg.threshold_percentile, (self.cfg.threshold_k_sigma or None)
-        record = self.server.record(round_idx, reply, results, evaluations, q, k_sigma)
+        record = self.server.record(round_idx, reply, results, evaluations, self.cfg.threshold_k_sigma or None)
         record.time_s = time.perf_counter() - start
         record.cache = {
             "extraction_s": self.cache.stats.extraction_seconds,

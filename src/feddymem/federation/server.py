@@ -13,7 +13,6 @@ import math
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
 
 from feddymem.errors import FedDyMemError
@@ -28,7 +27,7 @@ from feddymem.federation.messages import (
 )
 from feddymem.federation.strategies import Strategy
 from feddymem.federation.upload import UploadRejected, payload_bytes
-from feddymem.metrics.threshold import normal_threshold
+from feddymem.metrics.threshold import pooled_threshold
 from feddymem.models.backbone import feature_geometry
 from feddymem.models.generator import MemoryGenerator
 from feddymem.models.torch_model import memory_parts
@@ -132,11 +131,11 @@ class Server:
         reply: ServerReply,
         results: list[ClientResult],
         evaluations: list[ClientEvaluation],
-        quantile: float,
         k_sigma: float | None,
     ) -> RoundRecord:
-        """The round's record: every client's result and evaluation, thresholds from the held-out normal
-        scores (``quantile``, or mean + ``k_sigma``·std), bytes each way."""
+        """The round's record: every client's result and evaluation, bytes each way, each client's threshold
+        (its own, from its held-out normal scores) and one for all (:func:`pooled_threshold`: the sites send
+        summaries of their normal scores, never the scores)."""
         down = payload_bytes(reply.memory) + payload_bytes(reply.generator)
         by_id = {r.client_id: r for r in results}
         clients = {}
@@ -159,15 +158,14 @@ class Server:
             self.account(cid, clients[cid], upload)
         for ev in evaluations:
             clients[ev.client_id].evaluation = ev
-            clients[ev.client_id].threshold = normal_threshold(ev.normal_scores, quantile, k_sigma)
-        every_normal = np.concatenate([ev.normal_scores for ev in evaluations])
+            clients[ev.client_id].threshold = ev.normal.threshold
         return RoundRecord(
             round_idx,
             self.strategy.name,
             reply.participants,
             reply.stats,
             clients,
-            threshold=normal_threshold(every_normal, quantile, k_sigma),
+            threshold=pooled_threshold([ev.normal for ev in evaluations], k_sigma),
             privacy=self.privacy_spent(),
         )
 

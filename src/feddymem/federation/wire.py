@@ -18,6 +18,7 @@ import torch
 
 from feddymem.federation.messages import ClientEvaluation, ClientResult, ServerReply, TestSetMetrics, Upload
 from feddymem.memory.reduce import MemoryBank
+from feddymem.metrics.threshold import NormalScores
 
 Scalar = int | float
 _GENERATOR = "generator."
@@ -235,9 +236,11 @@ def decode_test_metrics(msg: WireMessage) -> tuple[int, TestSetMetrics]:
 
 
 def encode_evaluation(ev: ClientEvaluation) -> WireMessage:
-    """A client's evaluation: held-out scores as an array, every statistic as a metric, paths as strings."""
-    msg = WireMessage(arrays={"normal_scores": np.asarray(ev.normal_scores, dtype=np.float64)})
+    """A client's evaluation: every statistic as a metric; per-image test scores, their paths and anomaly-map
+    panels only where the evaluation holds them (what a site lets leave: :mod:`feddymem.federation.egress`)."""
+    msg = WireMessage()
     m = msg.metrics
+    _flat(f"normal{_SEP}", vars(ev.normal), m)
     m.update(
         client_id=ev.client_id,
         criterion=ev.criterion,
@@ -264,7 +267,12 @@ def decode_evaluation(msg: WireMessage) -> ClientEvaluation:
     return ClientEvaluation(
         client_id=_metric(m, "client_id", int),
         criterion=_metric(m, "criterion"),
-        normal_scores=np.array(msg.arrays["normal_scores"], dtype=np.float64),
+        normal=NormalScores(
+            count=_metric(m, f"normal{_SEP}count", int),
+            mean=_metric(m, f"normal{_SEP}mean"),
+            std=_metric(m, f"normal{_SEP}std"),
+            threshold=_metric(m, f"normal{_SEP}threshold"),
+        ),
         product_thresholds=_nested(m, f"threshold{_SEP}", 1),
         normalizer=normalizer,
         held_out_time_s=_metric(m, "held_out_time_s"),

@@ -29,6 +29,7 @@ from feddymem.errors import ConfigError, FedDyMemError
 from feddymem.federation.checkpointing import RunCheckpoints, provenance, round_payload
 from feddymem.federation.client import Client, Loaders, build_clients
 from feddymem.federation.client_runner import ClientRunner
+from feddymem.federation.egress import EgressPolicy
 from feddymem.federation.evaluation import Evaluator, test_set_scored
 from feddymem.federation.messages import ClientEvaluation, ClientResult
 from feddymem.federation.reporting import RunReporter, final_summary, kept_record
@@ -46,16 +47,39 @@ from feddymem.federation.wire import (
     encode_result,
     encode_test_metrics,
 )
-from feddymem.flower.records import from_records, load_client_state, save_client_state, to_records
+from feddymem.flower.records import describe, from_records, load_client_state, save_client_state, to_records
 from feddymem.io import atomic_write_json, atomic_write_text, claim_output_dir, save_checkpoint
 from feddymem.logging.console import Reporter
 from feddymem.logging.experiment import make_loggers
-from feddymem.metrics.threshold import normal_threshold
 
 log = logging.getLogger(__name__)
 
+
+def enforce_egress(message: Message, context: Context, call_next: Any) -> Message:
+    """Around every handler of a site: its reply checked against the site's :class:`EgressPolicy` (a reply
+    that breaks it is not sent: the server gets an error instead), and with ``out`` in the node config every
+    message in and out described in ``out/messages.jsonl`` (:func:`describe`), the site's own audit log."""
+    node_config = dict(context.node_config)
+    reply = call_next(message, context)
+    if out := node_config.get("out"):
+        folder = Path(str(out))
+        folder.mkdir(parents=True, exist_ok=True)
+        kind = message.metadata.message_type
+        with (folder / "messages.jsonl").open("a") as log_file:
+            log_file.write(json.dumps({"direction": "in", "type": kind, "records": describe(message.content)}) + "\n")
+            if reply.has_content():
+                log_file.write(
+                    json.dumps({"direction": "out", "type": kind, "records": describe(reply.content)}) + "\n"
+                )
+    if reply.has_content():
+        sent = from_records(reply.content)
+        if problems := EgressPolicy.from_node_config(node_config).problems(sent.arrays, sent.config):
+            raise FedDyMemError(f"this site's egress policy refuses its reply: {'; '.join(problems)}")
+    return reply
+
+
 server_app = ServerApp()
-client_app = ClientApp()
+client_app = ClientApp(mods=[enforce_egress])
 
 
 # --- the client side: one message at a time ---------------------------------------------------------------
@@ -130,7 +154,8 @@ def train(message: Message, context: Context) -> Message:
     round_idx, _ = _round(message)
     result = runner.run_round(runner.clients[0], round_idx)
     save_client_state(runner.clients[0], context.state)
-    return Message(to_records(encode_result(result)), reply_to=message)
+    policy = EgressPolicy.from_node_config(dict(context.node_config))
+    return Message(to_records(encode_result(policy.result(result))), reply_to=message)
 
 
 @client_app.evaluate()
@@ -145,7 +170,8 @@ def evaluate(message: Message, context: Context) -> Message:
     save_client_state(client, context.state)
     if out := context.node_config.get("out"):
         write_site_checkpoint(Path(str(out)), runner.cfg, client, evaluation, round_idx, context.state)
-    return Message(to_records(encode_evaluation(evaluation)), reply_to=message)
+    policy = EgressPolicy.from_node_config(dict(context.node_config))
+    return Message(to_records(encode_evaluation(policy.evaluation(evaluation))), reply_to=message)
 
 
 def write_site_checkpoint(
@@ -155,9 +181,8 @@ def write_site_checkpoint(
     thresholds of its kept round, the config), written atomically on the site after every round; it never
     leaves the site."""
     if evaluation.kept_round == round_idx:  # the kept state was just replaced: so are its thresholds
-        q, k_sigma = cfg.threshold_percentile, (cfg.threshold_k_sigma or None)
         kept = {
-            "threshold": normal_threshold(evaluation.normal_scores, q, k_sigma),
+            "threshold": evaluation.normal.threshold,
             "product_thresholds": evaluation.product_thresholds,
             "normalizer": evaluation.normalizer,
         }
@@ -191,7 +216,9 @@ def final(message: Message, context: Context) -> Message:
     """The test metrics of the client's kept state."""
     runner = _runner(message, context)
     client = runner.clients[0]
-    return Message(to_records(encode_test_metrics(client.id, runner.test_kept(client))), reply_to=message)
+    test = EgressPolicy.from_node_config(dict(context.node_config)).test(runner.test_kept(client))
+    assert test is not None  # test_kept always scores
+    return Message(to_records(encode_test_metrics(client.id, test)), reply_to=message)
 
 
 # --- the server side -----------------------------------------------------------------------------------
@@ -289,9 +316,8 @@ class FlowerServerRun:
                 unevaluated[client_id] = f"evaluation: {err}"
         if not evaluations:
             raise FedDyMemError(f"round {round_idx}: no site sent its evaluation ({unevaluated})")
-        q, k_sigma = self.cfg.threshold_percentile, (self.cfg.threshold_k_sigma or None)
         evaluations.sort(key=lambda e: e.client_id)
-        record = self.server.record(round_idx, reply, results, evaluations, q, k_sigma)
+        record = self.server.record(round_idx, reply, results, evaluations, self.cfg.threshold_k_sigma or None)
         for client_id, error in unevaluated.items():
             line = record.clients[client_id]
             line.error = f"{line.error}; {error}" if line.error else error

@@ -42,6 +42,22 @@ def from_records(content: RecordDict) -> WireMessage:
     )
 
 
+def describe(content: RecordDict) -> dict[str, Any]:
+    """What ``content`` holds, record by record, without its numbers: arrays' shapes and types, metrics'
+    names, configs' strings (long ones by their length). A site's audit log of its messages."""
+    out: dict[str, Any] = {}
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            out[name] = {k: {"shape": list(a.shape), "dtype": str(a.dtype)} for k, a in record.items()}
+        elif isinstance(record, MetricRecord):
+            out[name] = sorted(record.keys())
+        elif isinstance(record, ConfigRecord):
+            out[name] = {
+                k: v if isinstance(v, str) and len(v) <= 256 else f"<{len(str(v))} chars>" for k, v in record.items()
+            }
+    return out
+
+
 def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}
 
