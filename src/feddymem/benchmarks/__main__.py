@@ -1,8 +1,9 @@
-"""``python -m feddymem.benchmarks suite|render|kmeans``.
+"""``python -m feddymem.benchmarks suite|render|kmeans|frontier``.
 
 ``suite``: the whole benchmark (``make bench``). ``render``: results.md and convergence.png again from results.json.
 ``kmeans``: the server K-means timed alone on synthetic uploads, FAISS GPU/CPU vs scikit-learn
-(``scripts/gpu_check.sh``; needs no data).
+(``scripts/gpu_check.sh``; needs no data). ``frontier``: a privacy study's accuracy against membership AUC, as
+frontier.md and frontier.png, and its knee.
 """
 
 from __future__ import annotations
@@ -39,7 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     km.add_argument("--items", type=int, default=784)
     km.add_argument("--dim", type=int, default=152)
     km.add_argument("--scale", type=int, nargs="+", default=[1, 10], help="multiply the uploads by these")
+    front = sub.add_parser("frontier", help="image AUROC against membership AUC from a privacy study's results.json")
+    front.add_argument("--results", required=True, help="the study's results.json")
+    front.add_argument("--limit", type=float, default=0.70, help="the membership AUC a setting must stay under")
     args = parser.parse_args(argv)
+    if args.what == "frontier":
+        from pathlib import Path
+
+        from feddymem.benchmarks.frontier import frontier_points, frontier_table, knee, plot_frontier
+
+        source = Path(args.results)
+        found = frontier_points(json.loads(source.read_text()))
+        (source.parent / "frontier.md").write_text(frontier_table(found, args.limit))
+        plot_frontier(found, source.parent / "frontier.png", args.limit)
+        print(f"wrote {source.parent / 'frontier.md'} and frontier.png; knee: {knee(found, args.limit)}")
+        return 0
     if args.what == "kmeans":
         for scale in args.scale:
             points = perf.synthetic_uploads(args.clients * scale, args.items, args.dim)
