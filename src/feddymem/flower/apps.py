@@ -17,11 +17,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from feddymem.config import config_from_yaml, dataset_config_path, load_yaml, merge_checked, to_container, to_yaml
+from feddymem.config import (
+    ACCELERATORS,
+    config_from_yaml,
+    dataset_config_path,
+    load_yaml,
+    merge_checked,
+    to_container,
+    to_yaml,
+)
 from feddymem.data.check import DataPlan, plan_data, verify_plan
 from feddymem.data.feature_cache import FeatureCache
 from feddymem.data.partition import ClientData
@@ -51,6 +60,7 @@ from feddymem.flower.records import describe, from_records, load_client_state, s
 from feddymem.io import atomic_write_json, atomic_write_text, claim_output_dir, save_checkpoint
 from feddymem.logging.console import Reporter
 from feddymem.logging.experiment import make_loggers
+from feddymem.memory.kmeans import resolve_gpu
 
 log = logging.getLogger(__name__)
 
@@ -108,19 +118,33 @@ def site_setup(content: RecordDict, node_config: dict[str, Any]) -> tuple[Any, i
     return cfg, client_id, plan, share
 
 
+def site_fabric(node_config: dict[str, Any], cfg: Any) -> L.Fabric:
+    """The site's own device, one process: ``accelerator`` of its node config (``auto``: its GPU where it has
+    one), else the coordinator's ``federation.accelerator``."""
+    accelerator = str(node_config.get("accelerator", cfg.federation.accelerator))
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"node config 'accelerator' must be one of {', '.join(ACCELERATORS)}; got '{accelerator}'")
+    return L.Fabric(accelerator=accelerator, devices=1)
+
+
 def _runner(message: Message, context: Context) -> ClientRunner:
-    cfg, client_id, plan, share = site_setup(message.content, dict(context.node_config))
+    node_config = dict(context.node_config)
+    cfg, client_id, plan, share = site_setup(message.content, node_config)
     strategy = make_strategy(cfg)
     if "verified" not in context.state:  # decode every image once per site and run
         verify_plan(plan, [share])
         context.state["verified"] = MetricRecord({"at": time.time()})
-    clients = build_clients(cfg, {client_id: plan.clients[share]}, [client_id], strategy)
-    loaders = Loaders(
-        cfg,
-        FeatureCache(clients[0].module.model.extract, batch_size=cfg.optim.eval_batch_size),
+    fabric = site_fabric(node_config, cfg)
+    clients = build_clients(cfg, {client_id: plan.clients[share]}, [client_id], strategy, fabric.setup)
+    cache = FeatureCache(
+        clients[0].module.model.extract,
+        batch_size=cfg.optim.eval_batch_size,
+        device=fabric.device,
+        num_workers=cfg.optim.num_workers,
     )
+    loaders = Loaders(cfg, cache)
     load_client_state(clients[0], context.state)
-    return ClientRunner(cfg, strategy, clients, loaders, Evaluator(cfg, loaders))
+    return ClientRunner(cfg, strategy, clients, loaders, Evaluator(cfg, loaders, fabric.device), fabric.backward)
 
 
 def _number(record: Any, key: str) -> float:
@@ -232,7 +256,7 @@ class FlowerServerRun:
         self.grid, self.yaml = grid, str(run_config["config-yaml"])
         self.cfg = config_from_yaml(self.yaml, "run config 'config-yaml'")
         self.run_dir = Path(str(run_config["run-dir"]))
-        self.strategy = make_strategy(self.cfg)
+        self.strategy = make_strategy(self.cfg, server_gpu=resolve_gpu(self.cfg.server.gpu))
         if self.strategy.pooled:
             raise ConfigError(f"method={self.strategy.name} pools every site's images: it cannot run across sites")
         f = self.cfg.federation

@@ -159,7 +159,7 @@ class FedDyMemModel(nn.Module):
         # The memory's size changes with the data: resize the buffer before loading into it.
         key = prefix + "memory"
         if key in state_dict:
-            self.memory = torch.empty_like(state_dict[key])
+            self.memory = torch.empty_like(state_dict[key], device=self.memory.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if key in state_dict:
             self._memory_changed()
