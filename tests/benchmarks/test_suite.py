@@ -126,6 +126,13 @@ def test_privacy_study_attacks_every_rows_upload_and_links_into_results_md(tmp_p
     assert "## Privacy: what each upload leaks" in md
     assert "| noisy | `memory.reduce=cluster_mean privacy.noise_multiplier=1" in md
     assert "## Convergence" not in md and not (out / "privacy" / "convergence.png").exists()
+    # A resume on another data set attacks that one and keeps the first one's attacks.
+    twice = load_plan(plan)
+    twice.datasets["synthetic_again"] = twice.datasets["synthetic"]
+    saved = json.loads((out / "privacy" / "results.json").read_text())["privacy"]["synthetic"]
+    resumed = run_suite(twice, out / "privacy", tmp_path / "runs", datasets=["synthetic_again"], resume=True)
+    assert resumed["privacy"]["synthetic"] == saved
+    assert [r["upload"] for r in resumed["privacy"]["synthetic_again"]["rows"]] == list(rows)
     # The main results.md links the study in: rendered again from its results.json.
     (out / "results.json").write_text((out / "privacy" / "results.json").read_text().replace('"privacy": {', '"x": {'))
     assert main(["render", "--out", str(out), "--plan", str(plan)]) == 0

@@ -417,6 +417,8 @@ def _resume_from(results: dict[str, Any], plan: BenchPlan, path: Path) -> float:
     results["datasets"] = {d: o for d, o in plan.datasets.items() if d in results["datasets"] or d in kept}
     results["cache"] = {d: c for d, c in earlier.get("cache", {}).items() if d in plan.datasets}
     results["perf"] = earlier.get("perf")
+    # A data set's attacks run again when the data set runs; the others' are kept.
+    results["privacy"] = {d: p for d, p in (earlier.get("privacy") or {}).items() if d in plan.datasets}
     commit = earlier.get("machine", {}).get("commit")
     if results["runs"] and commit and commit != results["machine"]["commit"]:
         results["machine"]["commit"] += f", resumed from {commit}"
