@@ -68,11 +68,14 @@ def plot_bytes(metrics: dict, out: Path) -> Path:
 
 
 def plot_roc(run_dir: Path, out: Path) -> Path | None:
-    """ROC curves per client from ``scores.csv`` (``None`` without it)."""
+    """ROC curves per client from ``scores.csv`` (``None`` without it, or when it holds no rows: over Flower
+    only the sites that share their per-image scores have rows)."""
     path = run_dir / "scores.csv"
     if not path.is_file():
         return None
     rows = list(csv.DictReader(path.open()))
+    if not rows:
+        return None
     fig, ax = plt.subplots(figsize=(5, 5))
     for cid in sorted({r["client"] for r in rows}, key=int):
         labels = np.array([int(r["label"]) for r in rows if r["client"] == cid])
