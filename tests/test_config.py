@@ -1,6 +1,6 @@
 import pytest
 
-from feddymem.config import Reduce, load_config
+from feddymem.config import PrivacyProfile, Reduce, load_config
 from feddymem.errors import ConfigError
 
 
@@ -17,6 +17,26 @@ def test_server_gpu_reads_a_yes_or_no_however_it_is_spelled(given, read):
     assert load_config([f"server.gpu={given}"]).server.gpu == read
     with pytest.raises(ConfigError, match="'server.gpu' must be one of auto, true, false; got 'sometimes'"):
         load_config(["server.gpu=sometimes"])
+
+
+def test_the_strict_privacy_profile_sets_its_upload_settings_and_refuses_looser_ones():
+    from feddymem.config.schema import PRIVACY_PROFILES
+
+    group, images, ratio = PRIVACY_PROFILES[PrivacyProfile.strict]
+    standard, strict = load_config([]), load_config(["privacy.profile=strict"])
+    assert standard.memory.min_cluster_size < group.value  # the standard profile changes nothing
+    assert (strict.memory.min_cluster_size, strict.memory.min_images_per_item) == (group.value, images.value)
+    assert strict.memory.coreset_ratio == ratio.value < standard.memory.coreset_ratio
+    stricter = load_config(["privacy.profile=strict", f"memory.min_cluster_size={group.value + 5}"])
+    assert stricter.memory.min_cluster_size == group.value + 5
+    with pytest.raises(ConfigError, match=r"'memory.coreset_ratio=0.02' would make uploads less private"):
+        load_config(["privacy.profile=strict", "memory.coreset_ratio=0.02"])
+    with pytest.raises(ConfigError, match=r"privacy.profile=strict sets 'memory.min_cluster_size'.*less private"):
+        load_config(["privacy.profile=strict", "memory.min_cluster_size=3"])
+    with pytest.raises(ConfigError, match="cannot upload raw patches"):
+        load_config(["privacy.profile=strict", "memory.reduce=coreset"])
+    with pytest.raises(ConfigError, match="privacy.profile"):
+        load_config(["privacy.profile=paranoid"])
 
 
 def test_unknown_key_names_key_and_lists_valid_ones():

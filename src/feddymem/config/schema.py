@@ -71,6 +71,35 @@ class Reduce(str, enum.Enum):
     coreset = "coreset"  # ablation "no memory-reduce": a greedy coreset of the full bank (raw patches)
 
 
+class PrivacyProfile(str, enum.Enum):
+    """A named upload setting on the privacy–accuracy frontier (``benchmarks/privacy/frontier``)."""
+
+    standard = "standard"  # the defaults: the accurate end within the privacy rule
+    strict = "strict"  # the knee: membership inference near chance, for a measured AUROC cost (README "Privacy")
+
+
+@dataclass(frozen=True)
+class ProfileSetting:
+    """One upload setting a privacy profile fixes: the dotted key, its value, and which way is more private."""
+
+    key: str
+    value: Any
+    more_private: str  # "higher" or "lower": an explicit value on this side of ``value`` is allowed
+
+
+# strict: the knee of benchmarks/privacy/frontier, the most accurate setting measured there whose membership
+# AUC stays <= 0.70 on ELPV, industrial and medical: each item the mean of 15 patches of 15 distinct images
+# (also for cluster_mean: min_images_per_item), half the items (coreset_ratio 0.02 -> 0.01).
+PRIVACY_PROFILES: dict[PrivacyProfile, tuple[ProfileSetting, ...]] = {
+    PrivacyProfile.standard: (),
+    PrivacyProfile.strict: (
+        ProfileSetting("memory.min_cluster_size", 15, "higher"),
+        ProfileSetting("memory.min_images_per_item", 15, "higher"),
+        ProfileSetting("memory.coreset_ratio", 0.01, "lower"),
+    ),
+}
+
+
 class Method(str, enum.Enum):
     """What crosses the client boundary: the method and the baselines of the benchmarks."""
 
@@ -246,6 +275,7 @@ class MemoryConfig:
 class PrivacyConfig:
     """``privacy``: Gaussian noise on the uploads (differential privacy per image; off by default)."""
 
+    profile: PrivacyProfile = PrivacyProfile.standard  # strict: the upload settings of PRIVACY_PROFILES
     noise_multiplier: float = ranged(0.0, 0.0)  # σ: noise std / one image's sensitivity; 0 = no noise
     clip_norm: float = ranged(50.0, 0.0, lo_open=True)  # C: patch embeddings scaled to at most this L2 norm
     delta: float = ranged(1e-5, 0.0, 1.0, lo_open=True, hi_open=True)  # the δ that ε is reported at
