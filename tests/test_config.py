@@ -20,7 +20,7 @@ def test_server_gpu_reads_a_yes_or_no_however_it_is_spelled(given, read):
 
 
 def test_the_strict_privacy_profile_sets_its_upload_settings_and_refuses_looser_ones():
-    from feddymem.config.schema import PRIVACY_PROFILES
+    from feddymem.config.profiles import PRIVACY_PROFILES
 
     group, images, ratio = PRIVACY_PROFILES[PrivacyProfile.strict]
     standard, strict = load_config([]), load_config(["privacy.profile=strict"])

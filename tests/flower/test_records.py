@@ -71,7 +71,7 @@ def test_client_state_survives_between_messages(synthetic_yaml):
 
 def test_a_site_with_its_own_data_description_takes_all_of_it(synthetic_root, synthetic_yaml, tmp_path):
     from feddymem.config import to_yaml
-    from feddymem.flower.apps import site_setup
+    from feddymem.flower.site import site_setup
     from synthetic import dataset_yaml, make_product
 
     server = load_config([f"dataset={synthetic_yaml}", "data.num_clients=3", *FAST])

@@ -109,7 +109,7 @@ def test_a_federated_run_trains_on_cuda_and_clusters_on_the_faiss_gpu(tmp_path, 
 def test_a_flower_site_takes_its_gpu_from_its_node_config():
     pytest.importorskip("flwr")
     from feddymem.config import load_config
-    from feddymem.flower.apps import site_fabric
+    from feddymem.flower.site import site_fabric
 
     cfg = load_config(["federation.accelerator=cpu"])  # the coordinator has no GPU; the site does
     assert site_fabric({"accelerator": "cuda"}, cfg).device.type == "cuda"

@@ -16,12 +16,11 @@ from typing import Any, get_args, get_origin, get_type_hints
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from feddymem.config.profiles import apply_privacy_profile
 from feddymem.config.schema import (
-    PRIVACY_PROFILES,
     Aggregation,
     Engine,
     Partition,
-    PrivacyProfile,
     Range,
     Reduce,
     TrainConfig,
@@ -162,24 +161,6 @@ def load_config(overrides: list[str] | None = None, base: Path | None = None) ->
     apply_privacy_profile(cfg, cli)
     validate(cfg)
     return cfg
-
-
-def apply_privacy_profile(cfg: DictConfig, overrides: DictConfig) -> None:
-    """Set the upload settings of ``privacy.profile`` (:data:`PRIVACY_PROFILES`). An override in
-    ``overrides`` may make one more private, never less: that is a ConfigError naming the key."""
-    profile = PrivacyProfile(cfg.privacy.profile)
-    for setting in PRIVACY_PROFILES[profile]:
-        given = OmegaConf.select(overrides, setting.key)
-        if given is None:
-            OmegaConf.update(cfg, setting.key, setting.value)
-            continue
-        if (given < setting.value) if setting.more_private == "higher" else (given > setting.value):
-            raise ConfigError(
-                f"privacy.profile={profile.value} sets '{setting.key}' to {setting.value}; "
-                f"'{setting.key}={given}' would make uploads less private"
-            )
-    if profile is not PrivacyProfile.standard and cfg.memory.reduce == Reduce.coreset:
-        raise ConfigError(f"privacy.profile={profile.value} cannot upload raw patches (memory.reduce=coreset)")
 
 
 def config_from_yaml(text: str, source: str) -> DictConfig:

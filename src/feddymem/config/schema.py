@@ -78,28 +78,6 @@ class PrivacyProfile(str, enum.Enum):
     strict = "strict"  # the knee: membership inference near chance, for a measured AUROC cost (README "Privacy")
 
 
-@dataclass(frozen=True)
-class ProfileSetting:
-    """One upload setting a privacy profile fixes: the dotted key, its value, and which way is more private."""
-
-    key: str
-    value: Any
-    more_private: str  # "higher" or "lower": an explicit value on this side of ``value`` is allowed
-
-
-# strict: the knee of benchmarks/privacy/frontier, the most accurate setting measured there whose membership
-# AUC stays <= 0.70 on ELPV, industrial and medical: each item the mean of 15 patches of 15 distinct images
-# (also for cluster_mean: min_images_per_item), half the items (coreset_ratio 0.02 -> 0.01).
-PRIVACY_PROFILES: dict[PrivacyProfile, tuple[ProfileSetting, ...]] = {
-    PrivacyProfile.standard: (),
-    PrivacyProfile.strict: (
-        ProfileSetting("memory.min_cluster_size", 15, "higher"),
-        ProfileSetting("memory.min_images_per_item", 15, "higher"),
-        ProfileSetting("memory.coreset_ratio", 0.01, "lower"),
-    ),
-}
-
-
 class Method(str, enum.Enum):
     """What crosses the client boundary: the method and the baselines of the benchmarks."""
 

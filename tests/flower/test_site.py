@@ -4,7 +4,7 @@ pytest.importorskip("flwr")
 
 from feddymem.config import load_config
 from feddymem.errors import ConfigError
-from feddymem.flower.apps import site_fabric
+from feddymem.flower.site import site_fabric
 
 
 def test_a_site_trains_on_the_accelerator_of_its_own_node_config():

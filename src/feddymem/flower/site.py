@@ -1,0 +1,149 @@
+"""A site's side of the Flower engine, around the ClientApp's handlers (:mod:`feddymem.flower.apps`): what
+config, data and device a message runs with, its own checkpoint, and the egress policy every reply obeys."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from feddymem.config import (
+    ACCELERATORS,
+    config_from_yaml,
+    dataset_config_path,
+    load_yaml,
+    merge_checked,
+    to_container,
+)
+from feddymem.data.check import DataPlan, plan_data, verify_plan
+from feddymem.data.feature_cache import FeatureCache
+from feddymem.errors import ConfigError, FedDyMemError
+from feddymem.federation.checkpointing import provenance
+from feddymem.federation.client import Client, Loaders, build_clients
+from feddymem.federation.client_runner import ClientRunner
+from feddymem.federation.egress import EgressPolicy
+from feddymem.federation.evaluation import Evaluator
+from feddymem.federation.messages import ClientEvaluation
+from feddymem.federation.strategies import make_strategy
+from feddymem.federation.wire import MalformedMessage
+from feddymem.flower.records import describe, from_records, load_client_state
+from feddymem.io import save_checkpoint
+
+
+def enforce_egress(message: Message, context: Context, call_next: Any) -> Message:
+    """Around every handler of a site: its reply checked against the site's :class:`EgressPolicy` (a reply
+    that breaks it is not sent: the server gets an error instead), and with ``out`` in the node config every
+    message in and out described in ``out/messages.jsonl`` (:func:`describe`), the site's own audit log."""
+    node_config = dict(context.node_config)
+    reply = call_next(message, context)
+    if out := node_config.get("out"):
+        folder = Path(str(out))
+        folder.mkdir(parents=True, exist_ok=True)
+        kind = message.metadata.message_type
+        with (folder / "messages.jsonl").open("a") as log_file:
+            log_file.write(json.dumps({"direction": "in", "type": kind, "records": describe(message.content)}) + "\n")
+            if reply.has_content():
+                log_file.write(
+                    json.dumps({"direction": "out", "type": kind, "records": describe(reply.content)}) + "\n"
+                )
+    if reply.has_content():
+        sent = from_records(reply.content)
+        if problems := EgressPolicy.from_node_config(node_config).problems(sent.arrays, sent.config):
+            raise FedDyMemError(f"this site's egress policy refuses its reply: {'; '.join(problems)}")
+    return reply
+
+
+def site_setup(content: RecordDict, node_config: dict[str, Any]) -> tuple[Any, int, DataPlan, int]:
+    """The server's config, this site's client id, its data plan and the index of its share in the plan.
+
+    With ``dataset=/path/site.yaml`` in the node config the site's own images (all of them) are its share;
+    without, the server's ``data`` node is partitioned as in the Fabric engine and the site takes share K
+    (one machine, or sites that all see the same files)."""
+    if "client-id" not in node_config:
+        raise ConfigError("this SuperNode has no client id: start it with --node-config 'client-id=K'")
+    client_id = int(node_config["client-id"])
+    setup = content.get("setup")
+    if not isinstance(setup, ConfigRecord) or not isinstance(setup.get("config-yaml"), str):
+        raise MalformedMessage("the server's message has no 'config-yaml'")
+    cfg = config_from_yaml(str(setup["config-yaml"]), "the server's config")
+    share = client_id
+    if dataset := node_config.get("dataset"):
+        path = dataset_config_path(str(dataset))
+        cfg.data = merge_checked(cfg, {"data": load_yaml(path)}, str(path)).data
+        cfg.data.num_clients, share = 1, 0
+    plan = plan_data(cfg)
+    if share >= len(plan.clients):
+        raise ConfigError(f"client-id {client_id}: the data plan has {len(plan.clients)} clients")
+    plan.clients[share].client_id = client_id
+    return cfg, client_id, plan, share
+
+
+def site_fabric(node_config: dict[str, Any], cfg: Any) -> L.Fabric:
+    """The site's own device, one process: ``accelerator`` of its node config (``auto``: its GPU where it has
+    one), else the coordinator's ``federation.accelerator``."""
+    accelerator = str(node_config.get("accelerator", cfg.federation.accelerator))
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"node config 'accelerator' must be one of {', '.join(ACCELERATORS)}; got '{accelerator}'")
+    return L.Fabric(accelerator=accelerator, devices=1)
+
+
+def site_runner(message: Message, context: Context) -> ClientRunner:
+    """This site's client runner for one message: the server's config, the site's data, device and state."""
+    node_config = dict(context.node_config)
+    cfg, client_id, plan, share = site_setup(message.content, node_config)
+    strategy = make_strategy(cfg)
+    if "verified" not in context.state:  # decode every image once per site and run
+        verify_plan(plan, [share])
+        context.state["verified"] = MetricRecord({"at": time.time()})
+    fabric = site_fabric(node_config, cfg)
+    clients = build_clients(cfg, {client_id: plan.clients[share]}, [client_id], strategy, fabric.setup)
+    cache = FeatureCache(
+        clients[0].module.model.extract,
+        batch_size=cfg.optim.eval_batch_size,
+        device=fabric.device,
+        num_workers=cfg.optim.num_workers,
+    )
+    loaders = Loaders(cfg, cache)
+    load_client_state(clients[0], context.state)
+    return ClientRunner(cfg, strategy, clients, loaders, Evaluator(cfg, loaders, fabric.device), fabric.backward)
+
+
+def write_site_checkpoint(
+    folder: Path, cfg: Any, client: Client, evaluation: ClientEvaluation, round_idx: int, state: RecordDict
+) -> Path:
+    """``folder/client_K.ckpt``: the site's model as ``feddymem predict/export`` load it (its kept state, the
+    thresholds of its kept round, the config), written atomically on the site after every round; it never
+    leaves the site."""
+    if evaluation.kept_round == round_idx:  # the kept state was just replaced: so are its thresholds
+        kept = {
+            "threshold": evaluation.normal.threshold,
+            "product_thresholds": evaluation.product_thresholds,
+            "normalizer": evaluation.normalizer,
+        }
+        state["kept_thresholds"] = ConfigRecord({"json": json.dumps(kept)})
+    kept = json.loads(str(state["kept_thresholds"]["json"]))
+    saved = {
+        "module": dict(client.module.hparams),
+        "model": client.module.trainable_state(),
+        "kept": None if client.kept is None else vars(client.kept),
+        "train": [s.path for s in client.data.train],
+        "products": list(client.data.products),
+        **kept,
+    }
+    payload = {
+        "round": round_idx,
+        "method": cfg.method.value,
+        "engine": "flower",
+        "global_memory": None,
+        "clients": {client.id: saved},
+        "threshold": kept["threshold"],
+        "config": to_container(cfg),
+        "provenance": provenance(cfg),
+    }
+    path = folder / f"client_{client.id}.ckpt"
+    save_checkpoint(path, payload)
+    return path
