@@ -13,7 +13,7 @@ FAISS_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 FAISS_OTHER := $(if $(filter gpu,$(FAISS_EXTRA)),faiss-cpu,faiss-gpu)
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock anomalib-env train test bench lint format clean flower-demo
+.PHONY: help install lock anomalib-env train test test-fast bench lint format clean flower-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ flower-demo: install  ## the experiment over Flower on loopback: SuperLink + a S
 
 test: install anomalib-env  ## run the test suite
 	$(BIN)/python -m pytest -q
+
+test-fast: install  ## the edit loop: the unit tests, without the e2e and slow ones (about a minute on 2 cores)
+	$(BIN)/python -m pytest -q -m "not e2e and not slow"
 
 bench: install anomalib-env  ## every method on ELPV + shared mixtures (hours on 2 cores; ARGS=--resume goes on): benchmarks/results.md
 	$(BIN)/python -m feddymem.benchmarks suite --out benchmarks $(ARGS)

@@ -234,6 +234,7 @@ def test_output_dir_that_is_a_file(small, tmp_path, capsys):
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.slow
 def test_read_only_output_folder(small, tmp_path):
     out = tmp_path / "ro"
     out.mkdir()
@@ -266,6 +267,7 @@ def test_resume_without_checkpoint(trained, tmp_path, capsys):
     cli(capsys, "train", f"resume={tmp_path / 'never'}", says=f"cannot resume: {tmp_path / 'never' / 'config.yaml'}")
 
 
+@pytest.mark.slow
 def test_full_disk_while_checkpointing_keeps_the_last_round_resumable(small, trained, tmp_path):
     """Round 1's checkpoint does not fit: one line, and round 0 stays resumable (then resumes)."""
     size = (trained / "checkpoints" / "last.ckpt").stat().st_size
@@ -371,6 +373,7 @@ def test_predict_empty_folder_and_missing_input(trained, tmp_path, capsys):
     cli(capsys, "predict", ckpt, str(tmp_path / "nope.png"), says=f"no such image or folder: {tmp_path / 'nope.png'}")
 
 
+@pytest.mark.slow
 def test_predict_into_a_read_only_folder(trained, small, tmp_path):
     out = tmp_path / "ro"
     out.mkdir()
@@ -427,6 +430,7 @@ def test_metrics_json_is_strict(trained):
 
 
 # --- 4. an error on one process of several ------------------------------------------------------------
+@pytest.mark.slow
 def test_error_on_one_rank_is_the_last_line_and_the_others_are_quiet(tmp_path):
     import socket
 

@@ -126,6 +126,7 @@ def _cli(*args, cwd):
     )
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_without_traceback(tmp_path, synthetic_root):
     from synthetic import dataset_yaml, make_product
 
@@ -157,6 +158,7 @@ def test_data_check_passes_on_shared_mixtures(name, capsys):
     assert "data check passed" in out and "clients (training images per product)" in out
 
 
+@pytest.mark.slow
 def test_data_check_without_data_names_path_and_download(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDDYMEM_DATA_ROOT", str(tmp_path / "nowhere"))
     result = _cli("data", "check", "medical", cwd=tmp_path)

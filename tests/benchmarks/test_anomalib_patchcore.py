@@ -17,9 +17,12 @@ from feddymem.data.check import plan_data
 from feddymem.logging.console import Reporter
 
 ANOMALIB_PYTHON = Path(__file__).resolve().parents[2] / ".venv-anomalib" / "bin" / "python"
-pytestmark = pytest.mark.skipif(
-    not ANOMALIB_PYTHON.is_file(), reason="anomalib's environment is missing: `make anomalib-env` builds it"
-)
+pytestmark = [
+    pytest.mark.slow,  # each starts anomalib's environment
+    pytest.mark.skipif(
+        not ANOMALIB_PYTHON.is_file(), reason="anomalib's environment is missing: `make anomalib-env` builds it"
+    ),
+]
 
 
 def test_anomalib_row_on_generated_data_uses_our_backbone_split_and_metrics(tmp_path, synthetic_yaml):

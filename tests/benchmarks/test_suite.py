@@ -26,6 +26,7 @@ def _plan(tmp_path, synthetic_yaml):
     return path
 
 
+@pytest.mark.slow
 def test_suite_writes_results_for_every_method(tmp_path, synthetic_yaml, synthetic_root):
     out = tmp_path / "bench"
     assert (
@@ -77,6 +78,7 @@ def test_plan_errors_name_the_key_and_the_choices(tmp_path, synthetic_yaml):
     assert load_plan().seed == 0 and load_plan(seed=2).seed == 2  # --seed: the same rows at another seed
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_finished_runs_and_runs_the_rest(tmp_path, synthetic_yaml):
     plan = load_plan(_plan(tmp_path, synthetic_yaml))
     plan.perf.dataset = "none"  # the timings are tested above
@@ -104,6 +106,7 @@ def test_resume_keeps_the_finished_runs_and_runs_the_rest(tmp_path, synthetic_ya
         run_suite(plan, out, runs, resume=True)
 
 
+@pytest.mark.slow
 def test_privacy_study_attacks_every_rows_upload_and_links_into_results_md(tmp_path, synthetic_yaml):
     plan = tmp_path / "privacy.yaml"
     plan.write_text(

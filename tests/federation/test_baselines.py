@@ -73,6 +73,7 @@ def test_fedavg_averages_generators_and_keeps_local_memories(tmp_path, synthetic
     assert load_trained(tmp_path / "fedavg/checkpoints/last.ckpt", 1).module.model.has_memory
 
 
+@pytest.mark.slow
 def test_fedprox_term_pulls_towards_the_global_generator_and_survives_resume(tmp_path, synthetic_yaml):
     lr = "optim.lr=1e-2"
     avg, _ = _run(tmp_path, synthetic_yaml, "avg", "method=fedavg", "federation.rounds=2", lr)

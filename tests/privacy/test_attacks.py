@@ -51,6 +51,7 @@ def test_windows_tile_back_into_the_image():
     assert torch.equal(tile(windows[1], (12, 12)), images[1])
 
 
+@pytest.mark.slow
 def test_inversion_of_per_image_embeddings_beats_the_unrelated_image_floor(embedded, decoder):
     (members, member_emb), (others, _) = embedded["members"], embedded["others"]
     result, reconstructions = invert_images(decoder, member_emb, members, others)

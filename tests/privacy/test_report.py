@@ -36,6 +36,7 @@ def test_members_and_non_members_are_matched_product_by_product():
     assert len(chosen) == len(unrelated) <= 6 and {s.path for s in chosen} <= {s.path for s in members}
 
 
+@pytest.mark.slow
 def test_privacy_report_attacks_a_finished_run(tmp_path, synthetic_yaml, capsys):
     run = tmp_path / "run"
     overrides = [*FAST, "federation.rounds=0", "memory.min_cluster_size=3", "data.num_clients=2"]
