@@ -61,7 +61,7 @@ test-fast: install  ## the edit loop: the unit tests, without the e2e and slow o
 	$(BIN)/python -m pytest -q -m "not e2e and not slow"
 
 bench: install anomalib-env  ## every method on ELPV + shared mixtures (hours on 2 cores; ARGS=--resume goes on): benchmarks/results.md
-	$(BIN)/python -m feddymem.benchmarks suite --out benchmarks $(ARGS)
+	$(BIN)/feddymem bench suite --out benchmarks $(ARGS)
 
 lint: install  ## ruff (style, docstrings of public API), format check, mypy on src/
 	$(BIN)/ruff check src tests scripts

@@ -19,13 +19,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from synthetic import dataset_yaml, make_dataset  # noqa: E402
+from feddymem.cli import main
+from synthetic import dataset_yaml, make_dataset
 
-from feddymem.cli import main  # noqa: E402
-
-COMMON = ["federation.rounds=2", "data.num_clients=3", "federation.local_epochs=1", "federation.eval_every=1",
-          "memory.kmeans_iters=5", "server.kmeans_iters=5", "optim.eval_batch_size=8", "logger=none", "quiet=true",
-          "seed=0"]
+COMMON = [
+    "federation.rounds=2",
+    "data.num_clients=3",
+    "federation.local_epochs=1",
+    "federation.eval_every=1",
+    "memory.kmeans_iters=5",
+    "server.kmeans_iters=5",
+    "optim.eval_batch_size=8",
+    "logger=none",
+    "quiet=true",
+    "seed=0",
+]
 # Every method at the defaults, plus the settings whose code paths the defaults skip.
 RUNS = {
     "feddymem": [],
@@ -72,7 +80,9 @@ def run_all(out: Path, only: list[str] | None) -> dict[str, dict[str, float]]:
         for name, overrides in RUNS.items():
             if only and name not in only:
                 continue
-            code = main(["train", f"dataset={data}", f"name={name}", f"output_dir={root / 'runs'}", *COMMON, *overrides])
+            code = main(
+                ["train", f"dataset={data}", f"name={name}", f"output_dir={root / 'runs'}", *COMMON, *overrides]
+            )
             if code != 0:
                 raise SystemExit(f"{name}: feddymem train exited {code}")
             results[name] = numbers(json.loads((root / "runs" / name / "metrics.json").read_text()))

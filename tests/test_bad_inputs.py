@@ -127,6 +127,9 @@ CONFIG_CASES = [
     ("model.backbone.layers=[2,2]", "'model.backbone.layers' lists a level twice"),
     ("data.products=3", "'data.products' in command-line overrides must be a list, got the value 3"),
     ("federation.rounds", "override 'federation.rounds' is not of the form key=value"),
+    ("data.products[5].root=/x", "cannot set 'data.products[5].root' from the command line: 'data.products' has 2"),
+    ("data.products[0].rot=/x", "cannot set 'data.products[0].rot' from the command line: Key 'rot' not in"),
+    ("data.num_clients[0]=3", "'data.num_clients' is not a list"),
 ]
 
 
@@ -214,6 +217,27 @@ def test_missing_data_folder_is_named(tmp_path, capsys):
     path.write_text(f"name: d\nproducts: [{{name: a, root: '{tmp_path / 'absent'}'}}]\n")
     cli(capsys, "train", f"dataset={path}", f"output_dir={tmp_path}", says=str(tmp_path / "absent"))
     assert not any(p.name != "d.yaml" for p in tmp_path.iterdir())  # no run folder left behind
+
+
+def test_data_check_lists_every_problem_at_once(tmp_path, capsys):
+    """Two missing folders and, in a third product, a corrupt image and a mask of another size: one run of
+    ``data check`` names them all, so that a user fixes them in one go."""
+    good = make_product(tmp_path, "good", n_train=6)
+    path = tmp_path / "d.yaml"
+    path.write_text(
+        "name: d\nproducts:\n"
+        f"  - {{name: a, layout: mvtec, root: '{tmp_path / 'absent_a'}'}}\n"
+        f"  - {{name: b, layout: mvtec, root: '{tmp_path / 'absent_b'}'}}\n"
+        f"  - {{name: good, layout: mvtec, root: '{good}'}}\n"
+    )
+    err = cli(capsys, "data", "check", str(path), says="2 problems with the data set")
+    assert "product 'a'" in err and str(tmp_path / "absent_a") in err
+    assert "product 'b'" in err and str(tmp_path / "absent_b") in err
+    (good / "test/good/000.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (good / "train/good/001.png").write_bytes(b"not an image")
+    only_good = dataset_yaml(tmp_path, [good], num_clients=1)
+    err = cli(capsys, "data", "check", str(only_good), says="2 problems with")
+    assert str(good / "test/good/000.png") in err and str(good / "train/good/001.png") in err
 
 
 # --- 8. test sets that cannot give a metric ---------------------------------------------------------
@@ -418,6 +442,34 @@ def test_checkpoint_missing_truncated_or_malicious(trained, small, tmp_path, cap
 
 def test_report_on_a_folder_that_is_not_a_run(tmp_path, capsys):
     cli(capsys, "report", str(tmp_path), says=f"no metrics.json in {tmp_path}")
+
+
+def test_report_on_a_truncated_metrics_json(trained, tmp_path, capsys):
+    run = tmp_path / "cut"
+    shutil.copytree(trained, run)
+    text = (run / "metrics.json").read_text()
+    (run / "metrics.json").write_text(text[: len(text) // 2])
+    cli(capsys, "report", str(run), says=f"the run's metrics {run / 'metrics.json'} is not valid JSON")
+
+
+def test_resume_with_model_settings_that_do_not_fit_the_checkpoint(trained, tmp_path, capsys):
+    run = tmp_path / "resumed"
+    shutil.copytree(trained, run)
+    before = snapshot(run)
+    cli(capsys, "train", f"resume={run}", "model.backbone.layers=[1,2]", says="cannot resume client 0: the saved state")
+    assert snapshot(run) == before
+
+
+def test_flower_certificates_where_they_cannot_be_written(tmp_path, capsys):
+    pytest.importorskip("cryptography")
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    cli(capsys, "flower", "certificates", "--host", "localhost", "--out", str(blocker), says=str(blocker))
+    assert blocker.read_text() == "mine"
+
+
+def test_bench_render_without_results(tmp_path, capsys):
+    cli(capsys, "bench", "render", "--out", str(tmp_path), says=f"{tmp_path / 'results.json'} not found")
 
 
 # --- 7. logs after resume, strict JSON --------------------------------------------------------------

@@ -3,10 +3,12 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import FAST
 from feddymem.cli import main
@@ -83,11 +85,11 @@ def test_train_two_rounds_three_clients(tmp_path, synthetic_yaml, capsys):
     import onnxruntime
 
     from feddymem.export import InferenceModel
-    from feddymem.models.trained import load_trained
+    from feddymem.trained import load_trained
 
     trained = load_trained(run / "checkpoints" / "last.ckpt", 1)
     assert trained.threshold == ckpt["clients"][1]["threshold"]
-    eager = InferenceModel(trained.module.model, 96, trained.threshold).eval()
+    eager = InferenceModel(trained.model, 96, trained.threshold).eval()
     images = torch.rand(3, 3, 120, 100)
     with torch.no_grad():
         ref_maps, ref_scores, ref_labels = eager(images)
@@ -164,3 +166,32 @@ def test_data_check_without_data_names_path_and_download(tmp_path, monkeypatch):
     result = _cli("data", "check", "medical", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "nowhere/Brain_AD" in result.stderr and "github.com/DorisBao/BMAD" in result.stderr
+
+
+def test_config_file_reruns_a_saved_config_with_overrides_on_top(tmp_path, synthetic_yaml, capsys):
+    """``--config FILE``: a run's saved config.yaml (here printed by ``feddymem config``, which writes the
+    same) is a whole config; overrides, list items included, apply on top of it."""
+    assert main(["config", f"dataset={synthetic_yaml}", "data.num_clients=2", "federation.rounds=3"]) == 0
+    saved = tmp_path / "config.yaml"
+    saved.write_text(capsys.readouterr().out)
+    assert main(["config", "--config", str(saved)]) == 0
+    assert capsys.readouterr().out == saved.read_text()
+    assert main(["config", "--config", str(saved), "federation.rounds=1", "data.products[1].root=/elsewhere"]) == 0
+    again = OmegaConf.create(capsys.readouterr().out)
+    assert (again.federation.rounds, again.data.num_clients, again.data.products[1].root) == (1, 2, "/elsewhere")
+    assert again.data.products[0].root == OmegaConf.load(saved).data.products[0].root
+    args = ["train", "--config", str(saved), f"output_dir={tmp_path}", "name=rerun", *FAST, "federation.rounds=0"]
+    assert main(args) == 0
+    rerun = OmegaConf.load(tmp_path / "rerun" / "config.yaml")
+    assert rerun.data.num_clients == 2 and rerun.federation.rounds == 0
+
+
+def test_one_entry_point_for_every_command(capsys):
+    """``feddymem bench ...`` and ``feddymem flower ...``; the ``python -m`` forms are the same commands."""
+    assert main(["flower", "app-dir"]) == 0
+    app_dir = capsys.readouterr().out.strip()
+    assert (Path(app_dir) / "pyproject.toml").is_file()
+    same = subprocess.run([sys.executable, "-m", "feddymem.flower", "app-dir"], capture_output=True, text=True)
+    assert same.returncode == 0 and same.stdout.strip() == app_dir
+    bench = subprocess.run([sys.executable, "-m", "feddymem.benchmarks", "--help"], capture_output=True, text=True)
+    assert bench.returncode == 0 and all(c in bench.stdout for c in ("suite", "render", "kmeans", "frontier"))

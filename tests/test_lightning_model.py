@@ -7,6 +7,8 @@ from torch.utils.data import DataLoader
 
 from feddymem import FedDyMemModule
 from feddymem.data import ImageDataset, load_product
+from feddymem.memory.reduce import MemoryReduceSettings
+from feddymem.models.settings import ModelSettings
 
 
 def _loaders(root):
@@ -19,7 +21,7 @@ def _loaders(root):
 
 def test_plain_trainer_fit_test_predict(synthetic_root):
     train, test = _loaders(synthetic_root)
-    module = FedDyMemModule(kmeans_iters=5, min_cluster_size=1, memory_size=64)
+    module = FedDyMemModule(memory=MemoryReduceSettings("cluster_mean", size=64, kmeans_iters=5, min_cluster_size=1))
     trainer = L.Trainer(
         max_epochs=2,
         accelerator="cpu",
@@ -40,12 +42,12 @@ def test_plain_trainer_fit_test_predict(synthetic_root):
 
 
 def test_given_global_memory_is_used_and_state_round_trips(synthetic_root):
-    module = FedDyMemModule(context=9)
+    module = FedDyMemModule(ModelSettings(context=9))
     memory = torch.randn(10, module.model.memory_dim)  # patch and context items side by side
     module.set_global_memory(memory)
     state = module.trainable_state()
     assert not any(k.startswith("feature_extractor.") for k in state)
-    other = FedDyMemModule(context=9)
+    other = FedDyMemModule(ModelSettings(context=9))
     other.load_trainable_state(state)
     assert torch.equal(other.model.memory, memory)
     assert torch.equal(other.model.part_scales, module.model.part_scales)  # derived again from the memory
@@ -78,13 +80,20 @@ def test_default_module_is_the_trained_default_model():
     from feddymem.config import load_config
     from feddymem.federation.strategies import make_strategy
 
-    default = FedDyMemModule(weights="none")
+    default = FedDyMemModule(ModelSettings(weights="none"))
     from_config = FedDyMemModule.from_config(load_config(["model.backbone.weights=none"]))
     assert dict(default.hparams) == dict(from_config.hparams)
-    assert default.hparams.score_method == "nearest" and default.hparams.lr == pytest.approx(1e-4)
+    assert default.hparams.model["score_method"] == "nearest" and default.hparams.optim["lr"] == pytest.approx(1e-4)
+    assert default.hparams.memory["noise"]["noise_multiplier"] == 0.0  # nested: the settings classes' fields
     cfg = load_config(["method=patchcore", "model.backbone.weights=none"])
-    patchcore = FedDyMemModule.from_config(cfg, 2, **make_strategy(cfg).module_overrides)
-    assert (patchcore.hparams.score_method, patchcore.hparams.approximate_above) == ("patchcore", 0)
-    assert patchcore.hparams.memory_reduce == "coreset" and patchcore.hparams.seed == 2
-    with pytest.raises(TypeError, match=r"unknown settings \['backbon'\]; the model's are \['approximate_above'"):
-        FedDyMemModule(backbon="resnet18")
+    strategy = make_strategy(cfg)
+    patchcore = FedDyMemModule.from_config(cfg, 2, model=strategy.model_settings(), memory=strategy.memory_settings())
+    assert (patchcore.model_settings.score_method, patchcore.model_settings.approximate_above) == ("patchcore", 0)
+    assert patchcore.hparams.memory["method"] == "coreset" and patchcore.hparams.seed == 2
+    # Rebuilt from its hparams (as load_from_checkpoint does): the same settings, typed again.
+    again = FedDyMemModule(**dict(patchcore.hparams))
+    assert again.model_settings == patchcore.model_settings and again.memory_settings == patchcore.memory_settings
+    with pytest.raises(
+        TypeError, match=r"ModelSettings got unknown settings \['backbon'\]; it has \['approximate_above'"
+    ):
+        FedDyMemModule({"backbon": "resnet18"})

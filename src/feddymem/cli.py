@@ -1,4 +1,8 @@
-"""``feddymem`` command line: ``feddymem train [key=value ...]``, ``feddymem config [key=value ...]``."""
+"""``feddymem`` command line: one entry point, every sub-command behind the same error handling.
+
+``feddymem train [--config FILE] [key=value ...]``, ``config``, ``data check``, ``predict``, ``export``,
+``report``, ``privacy-report``, ``bench ...`` and ``flower ...``: a user's mistake is one line on stderr
+and exit code 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from feddymem.benchmarks.commands import add_bench_parser
 from feddymem.errors import FedDyMemError, PeerFailure
+from feddymem.flower.commands import add_flower_parser
 
 
 def _run_dir(cfg) -> Path:
@@ -23,7 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from feddymem.config import load_config
 
     overrides = list(args.overrides) + (["quiet=true"] if args.quiet else [])
-    cfg = load_config(overrides)
+    cfg = load_config(overrides, config_file=args.config)
     run_dir = Path(cfg.resume) if cfg.resume else _run_dir(cfg)
     from feddymem.data.check import plan_data
 
@@ -59,7 +65,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         for key, allowed in schema_ranges():
             print(f"{key:<40} {allowed.describe()}")
         return 0
-    print(to_yaml(load_config(list(args.overrides))), end="")
+    print(to_yaml(load_config(list(args.overrides), config_file=args.config)), end="")
     return 0
 
 
@@ -73,7 +79,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     if overrides and "=" not in overrides[0]:
         overrides[0] = f"dataset={overrides[0]}"
     reporter = Reporter(quiet=args.quiet)
-    plan = plan_data(load_config(overrides))
+    plan = plan_data(load_config(overrides, config_file=args.config))
     for table in plan_tables(plan):
         reporter.table(table.title, table.columns, table.rows)
     with reporter.bars():
@@ -117,7 +123,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from feddymem.errors import OutputError
     from feddymem.export import InferenceModel, export_onnx, export_torchscript
     from feddymem.io import claim_output_dir
-    from feddymem.models.trained import load_trained
+    from feddymem.trained import load_trained
 
     trained = load_trained(args.checkpoint, args.client)
     out = Path(args.out or Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".pt"))
@@ -125,7 +131,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise OutputError(f"export --out {out} is a folder; give a file name")
     claim_output_dir(out.parent, "export --out folder")  # before the (slow) export, not after
     crop = trained.config.data.crop_size
-    model = InferenceModel(trained.module.model, crop, trained.threshold).eval()
+    model = InferenceModel(trained.model, crop, trained.threshold).eval()
     path = export_onnx(model, out) if args.format == "onnx" else export_torchscript(model, out)
     print(f"{path}  (client {args.client}, input {crop} px, threshold {trained.threshold:.4g})")
     return 0
@@ -172,10 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a federated experiment. Overrides: dataset=elpv federation.rounds=3 ...",
     )
     train.add_argument("overrides", nargs="*", help="config overrides key=value")
+    _config_file_option(train)
     train.add_argument("--quiet", action="store_true", help="no progress bars or round lines")
     train.set_defaults(func=cmd_train)
     config = sub.add_parser("config", help="print the resolved config")
     config.add_argument("overrides", nargs="*", help="config overrides key=value")
+    _config_file_option(config)
     config.add_argument("--ranges", action="store_true", help="list every numeric key and the values it accepts")
     config.set_defaults(func=cmd_config)
     report = sub.add_parser("report", help="draw PNG plots of a run")
@@ -243,9 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="feddymem data check DATASET [key=value ...]",
     )
     check.add_argument("overrides", nargs="*", help="DATASET (name or .yaml), then config overrides")
+    _config_file_option(check)
     check.add_argument("--quiet", action="store_true")
     check.set_defaults(func=cmd_data_check)
+    add_bench_parser(sub)
+    add_flower_parser(sub)
     return parser
+
+
+def _config_file_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a whole config (a run's config.yaml) instead of configs/train.yaml and the data set file; "
+        "overrides apply on top",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,7 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     except PeerFailure:
         return 2  # another process of the run failed and printed why: its line stays the last one
     except FedDyMemError as err:
-        print(f"error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # several problems found at once: one line each
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:  # an optional part that is not installed
+        extra = {"flwr": "flower", "onnx": "export", "onnxruntime": "export"}.get(str(err.name).split(".")[0])
+        hint = f": pip install 'feddymem[{extra}]'" if extra else ""
+        print(f"error: {err.name} is not installed{hint}", file=sys.stderr)
         return 2
     except OSError as err:  # the filesystem or the network refused, outside the places that name the path
         where = f" ({err.filename})" if err.filename else ""

@@ -13,6 +13,16 @@ class DataError(FedDyMemError):
     """An image folder, file or partition is unusable."""
 
 
+def every_problem(problems: list[str], what: str, shown: int = 20) -> DataError:
+    """One error that lists every problem found (the first ``shown`` of them), so that a user fixes them all
+    in one go; a single problem reads as it is."""
+    if len(problems) == 1:
+        return DataError(problems[0])
+    lines = "\n".join(problems[:shown])  # one line each: the command line prints each as an error line
+    more = f"\n… and {len(problems) - shown} more" if len(problems) > shown else ""
+    return DataError(f"{len(problems)} problems with {what}:\n{lines}{more}")
+
+
 class CheckpointError(FedDyMemError):
     """A checkpoint is missing, truncated or unsafe."""
 

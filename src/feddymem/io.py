@@ -138,6 +138,21 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
+def read_json(path: str | Path, what: str = "") -> Any:
+    """A JSON file FedDyMem wrote; missing, unreadable or truncated: a one-line error naming the file
+    (``what``: what it should be, for the message)."""
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OutputError(f"{label} not found") from None
+    except OSError as err:
+        raise OutputError(f"cannot read {label}: {_reason(err)}") from None
+    except ValueError as err:  # JSONDecodeError, or bytes that are not text
+        raise OutputError(f"{label} is not valid JSON ({err}): truncated or edited?") from None
+
+
 def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     """A matplotlib figure as a PNG, written atomically; the figure is closed."""
     import matplotlib.pyplot as plt

@@ -23,7 +23,7 @@ from feddymem.errors import DataError, FedDyMemError, OutputError
 from feddymem.io import atomic_write_bytes, atomic_write_text, claim_output_dir
 from feddymem.logging.console import Reporter
 from feddymem.logging.experiment import heatmap_panel
-from feddymem.models.trained import load_trained
+from feddymem.trained import load_trained
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -88,7 +88,7 @@ def predict(
     if not images:
         raise DataError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(inputs)}")
     trained = load_trained(checkpoint, client_id)
-    module, cfg, threshold = trained.module, trained.config, trained.threshold
+    model, cfg, threshold = trained.model, trained.config, trained.threshold
     window = window or product_window(cfg)
     paths, skipped = [], []
     for path in images:
@@ -102,7 +102,7 @@ def predict(
         raise DataError(f"none of the {len(images)} input image(s) could be decoded; nothing was scored")
     # Only now, with a model and images that decode, are earlier predictions replaced (--overwrite).
     out_dir = claim_predictions_dir(out_dir, overwrite)
-    extractor = module.model.feature_extractor
+    extractor = model.feature_extractor
     dataset = ImageDataset(
         [Sample(str(p), 0, "predict", window=window) for p in paths],
         cfg.data.image_size,
@@ -115,7 +115,7 @@ def predict(
         advance = reporter.task("scoring images", len(dataset))
         for batch in DataLoader(dataset, batch_size=batch_size):
             with torch.no_grad():
-                maps, scores = module.model(batch["image"])
+                maps, scores = model(batch["image"])
             vmax = max(float(maps.max()), threshold if np.isfinite(threshold) else 0.0)
             for index, path, image, amap, score in zip(
                 batch["index"].tolist(), batch["path"], batch["image"], maps, scores, strict=True

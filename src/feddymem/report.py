@@ -8,7 +8,6 @@ Writes into ``runs/<name>/report/``: ``auroc_per_round.png`` (image AUROC per ro
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import matplotlib
@@ -20,7 +19,7 @@ import torch
 from sklearn.metrics import roc_curve
 
 from feddymem.errors import FedDyMemError
-from feddymem.io import claim_output_dir, save_figure
+from feddymem.io import claim_output_dir, read_json, save_figure
 from feddymem.metrics.auroc import auroc_score
 
 
@@ -28,7 +27,7 @@ def _read_metrics(run_dir: Path) -> dict:
     path = run_dir / "metrics.json"
     if not path.is_file():
         raise FedDyMemError(f"no metrics.json in {run_dir}: is it a FedDyMem run folder?")
-    return json.loads(path.read_text())
+    return read_json(path, "the run's metrics")
 
 
 def plot_auroc(metrics: dict, out: Path) -> Path:
@@ -95,21 +94,21 @@ def plot_anomaly_maps(run_dir: Path, out: Path, client_id: int = 0, count: int =
     from feddymem.data.check import plan_data
     from feddymem.data.datasets import ImageDataset
     from feddymem.logging.experiment import heatmap_panel
-    from feddymem.models.trained import load_trained
+    from feddymem.trained import load_trained
 
     ckpt_path = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt_path.is_file():
         return None
     trained = load_trained(ckpt_path, client_id)
-    module, cfg = trained.module, trained.config
+    model, cfg = trained.model, trained.config
     test = plan_data(cfg).clients[client_id].test
     normal = [s for s in test if s.label == 0][: count // 2]
     anomalous = [s for s in test if s.label == 1][: count - len(normal)]
-    extractor = module.model.feature_extractor
+    extractor = model.feature_extractor
     ds = ImageDataset(normal + anomalous, cfg.data.image_size, cfg.data.crop_size, extractor.mean, extractor.std)
     items = [ds[i] for i in range(len(ds))]
     with torch.no_grad():
-        maps, scores = module.model(torch.stack([it["image"] for it in items]))
+        maps, scores = model(torch.stack([it["image"] for it in items]))
     vmax = float(maps.max())
     fig, axes = plt.subplots(len(items), 1, figsize=(7, 2.4 * len(items)))
     for ax, item, amap, score in zip(np.atleast_1d(axes), items, maps, scores, strict=True):

@@ -10,11 +10,13 @@ from torch.utils.data import DataLoader
 
 from conftest import FAST, SHARED_DATA
 from feddymem.benchmarks.anomalib_patchcore import AnomalibSettings, aupro_in_environment, run_in_environment
-from feddymem.benchmarks.suite import load_plan, run_suite
+from feddymem.benchmarks.plan import load_plan
+from feddymem.benchmarks.suite import run_suite
 from feddymem.config import load_config
 from feddymem.data import ImageDataset, load_product
 from feddymem.data.check import plan_data
 from feddymem.logging.console import Reporter
+from feddymem.memory.reduce import MemoryReduceSettings
 
 ANOMALIB_PYTHON = Path(__file__).resolve().parents[2] / ".venv-anomalib" / "bin" / "python"
 pytestmark = [
@@ -56,7 +58,7 @@ def test_our_aupro_matches_anomalibs_on_real_maps(tmp_path, fedmodel):
 
     with torch.no_grad():
         train = torch.cat([model.embed(model.extract(b["image"])) for b in batches(split.train[:24])])
-        model.set_memory(model.build_memory(train, "coreset", coreset_ratio=0.1).items)
+        model.set_memory(model.build_memory(train, MemoryReduceSettings("coreset", coreset_ratio=0.1)).items)
         scored = [(model(b["image"])[0], b["mask"]) for b in batches(defects + good)]
     maps, masks = (torch.cat([pair[i] for pair in scored]).numpy() for i in (0, 1))
     result = aupro_in_environment(str(ANOMALIB_PYTHON), maps, masks, tmp_path)

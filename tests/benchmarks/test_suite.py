@@ -7,8 +7,9 @@ import json
 import pytest
 
 from conftest import FAST
-from feddymem.benchmarks.__main__ import main
-from feddymem.benchmarks.suite import load_plan, run_suite
+from feddymem.benchmarks.plan import load_plan
+from feddymem.benchmarks.suite import run_suite
+from feddymem.cli import main
 from feddymem.errors import ConfigError
 
 
@@ -32,6 +33,7 @@ def test_suite_writes_results_for_every_method(tmp_path, synthetic_yaml, synthet
     assert (
         main(
             [
+                "bench",
                 "suite",
                 "--plan",
                 str(_plan(tmp_path, synthetic_yaml)),
@@ -63,7 +65,7 @@ def test_suite_writes_results_for_every_method(tmp_path, synthetic_yaml, synthet
     # render draws both again from results.json alone
     (out / "convergence.png").unlink()
     (out / "results.md").unlink()
-    assert main(["render", "--out", str(out), "--plan", str(_plan(tmp_path, synthetic_yaml))]) == 0
+    assert main(["bench", "render", "--out", str(out), "--plan", str(_plan(tmp_path, synthetic_yaml))]) == 0
     assert (out / "results.md").read_text() == md and (out / "convergence.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -138,7 +140,7 @@ def test_privacy_study_attacks_every_rows_upload_and_links_into_results_md(tmp_p
     assert [r["upload"] for r in resumed["privacy"]["synthetic_again"]["rows"]] == list(rows)
     # The main results.md links the study in: rendered again from its results.json.
     (out / "results.json").write_text((out / "privacy" / "results.json").read_text().replace('"privacy": {', '"x": {'))
-    assert main(["render", "--out", str(out), "--plan", str(plan)]) == 0
+    assert main(["bench", "render", "--out", str(out), "--plan", str(plan)]) == 0
     assert "From the privacy study ([`privacy/results.md`]" in (out / "results.md").read_text()
     trained = tmp_path / "trained.yaml"
     trained.write_text(plan.read_text().replace("federation.rounds=0", "federation.rounds=1"))

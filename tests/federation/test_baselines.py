@@ -12,7 +12,7 @@ from feddymem.federation.baselines import average_parameters, proximal_term
 from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.federation.upload import payload_bytes
 from feddymem.io import load_checkpoint
-from feddymem.models.trained import load_trained
+from feddymem.trained import load_trained
 
 
 def _run(tmp_path, yaml, name, *extra):
@@ -70,7 +70,7 @@ def test_fedavg_averages_generators_and_keeps_local_memories(tmp_path, synthetic
     assert orch.global_memory is None
     with pytest.raises(FedDyMemError, match="has no global memory .method=fedavg.*--client K"):
         load_trained(tmp_path / "fedavg/checkpoints/last.ckpt", None)
-    assert load_trained(tmp_path / "fedavg/checkpoints/last.ckpt", 1).module.model.has_memory
+    assert load_trained(tmp_path / "fedavg/checkpoints/last.ckpt", 1).model.has_memory
 
 
 @pytest.mark.slow

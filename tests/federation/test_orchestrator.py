@@ -21,7 +21,7 @@ from feddymem.federation.client_runner import ClientRunner
 from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.federation.server import TooFewClients
 from feddymem.io import load_checkpoint
-from feddymem.memory.reduce import MemoryBank, reduce_memory
+from feddymem.memory.reduce import MemoryBank, MemoryReduceSettings, reduce_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -141,11 +141,11 @@ def test_default_coreset_mean_uploads_items_of_three_images_and_refuses_clients_
     assert min(client.data.counts().values()) >= 3  # a client with both products, each large enough
     loader = split.runner.loaders.loader(split.runner.loaders.cached(client.memory_set, "t"), shuffle=False)
     embeddings, products = client.module.embed_batches(loader), [s.product for s in client.memory_set.samples]
-    settings = {"coreset_ratio": 0.05, "min_cluster_size": 3, "seed": split_cfg.seed}
-    per_product = reduce_memory(embeddings, "coreset_mean", image_groups=products, **settings).items
+    settings = MemoryReduceSettings("coreset_mean", coreset_ratio=0.05, min_cluster_size=3)
+    per_product = reduce_memory(embeddings, settings, seed=split_cfg.seed, image_groups=products).items
     d = embeddings.shape[1]  # the patch part (the context part beside it is reduced the same way)
     assert torch.equal(split.runner.build_memory(client).items[:, :d], per_product)
-    assert not torch.equal(reduce_memory(embeddings, "coreset_mean", **settings).items, per_product)
+    assert not torch.equal(reduce_memory(embeddings, settings, seed=split_cfg.seed).items, per_product)
 
 
 @pytest.mark.parametrize("method", ["centralized", "patchcore"])

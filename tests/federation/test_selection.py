@@ -17,7 +17,7 @@ from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.io import load_checkpoint
 from feddymem.metrics import ScoreNormalizer
 from feddymem.metrics.threshold import normal_threshold
-from feddymem.models.trained import load_trained
+from feddymem.trained import load_trained
 from synthetic import dataset_yaml, make_dataset
 
 
@@ -66,8 +66,8 @@ def test_a_collapsed_generator_is_not_kept_and_patience_stops_the_run(tmp_path, 
     ckpt = load_checkpoint(tmp_path / "wrecked/checkpoints/last.ckpt")
     saved = ckpt["clients"][0]
     assert saved["kept"]["round"] == 0
-    module = load_trained(tmp_path / "wrecked/checkpoints/last.ckpt", 0).module
-    weight = module.model.generator.conv.weight
+    model = load_trained(tmp_path / "wrecked/checkpoints/last.ckpt", 0).model
+    weight = model.generator.conv.weight
     assert torch.equal(weight, saved["kept"]["model"]["generator.conv.weight"])
     assert not saved["model"]["generator.conv.weight"].any()  # the last (collapsed) state, for resume
     c = weight.shape[0]

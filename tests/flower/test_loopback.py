@@ -17,7 +17,7 @@ from feddymem.config import load_config
 from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.flower.local import free_port, loopback_federation, make_node_keys, submit
 from feddymem.io import load_checkpoint
-from feddymem.models.trained import load_trained
+from feddymem.trained import load_trained
 
 REL = 1e-5  # float32 features extracted in other batches on each site: equal up to rounding
 
@@ -77,9 +77,9 @@ def test_flower_over_tls_matches_fabric_and_refuses_an_unregistered_site(tmp_pat
         site = load_trained(tmp_path / "sites" / f"site_{k}" / f"client_{k}.ckpt", k)
         same = load_trained(tmp_path / "fabric" / "checkpoints" / "last.ckpt", k)
         assert site.threshold == pytest.approx(same.threshold, rel=REL)
-        assert site.module.hparams == same.module.hparams
-        for name, value in same.module.trainable_state().items():
-            assert torch.allclose(site.module.trainable_state()[name], value, rtol=REL, atol=1e-5), name
+        assert site.model.settings == same.model.settings
+        for name, value in same.model.trainable_state().items():
+            assert torch.allclose(site.model.trainable_state()[name], value, rtol=REL, atol=1e-5), name
     # What left each site, from its own audit log (both directions, every message): memory items and
     # numbers only, nothing image-shaped, no file paths, no per-image scores (the default egress policy).
     for k in range(2):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from feddymem.memory.coreset import coreset_mean, greedy_coreset
-from feddymem.memory.reduce import cluster_mean, reduce_memory
+from feddymem.memory.reduce import MemoryReduceSettings, cluster_mean, reduce_memory
 
 
 def test_greedy_coreset_picks_the_farthest_points_first():
@@ -33,13 +33,15 @@ def test_coreset_mean_items_average_one_patch_of_each_of_group_distinct_images()
     # non-zero coordinates count the images it averages.
     n = 6
     emb = 10.0 * torch.eye(n)[:, :, None, None].expand(n, n, 2, 2).clone()
-    bank = reduce_memory(emb, "coreset_mean", coreset_ratio=0.5, min_cluster_size=3)
+    bank = reduce_memory(emb, MemoryReduceSettings("coreset_mean", coreset_ratio=0.5, min_cluster_size=3))
     assert bank.items.shape == (8, n) and bank.num_images == n  # 12 asked, capped at 24 patches / 3
     assert torch.all(bank.weights == 3)
     for item in bank.items:
         assert (item > 1e-6).sum() == 3 and torch.allclose(item[item > 1e-6], torch.full((3,), 10 / 3))
     # min_images_per_item raises the group: every item then averages four images.
-    bank = reduce_memory(emb, "coreset_mean", coreset_ratio=0.5, min_cluster_size=3, min_images_per_item=4)
+    bank = reduce_memory(
+        emb, MemoryReduceSettings("coreset_mean", coreset_ratio=0.5, min_cluster_size=3, min_images_per_item=4)
+    )
     assert torch.all(bank.weights == 4) and all((item > 1e-6).sum() == 4 for item in bank.items)
 
 
@@ -54,7 +56,9 @@ def test_coreset_mean_keeps_a_rare_normal_pattern_that_kmeans_averages_away():
         emb = torch.randn(8, 4, 4, 4, generator=g)
         emb[:4, :, 0, 0] = torch.tensor([5.0, 0, 0, 0]) + 0.1 * torch.randn(4, 4, generator=g)
         rare = emb[:4, :, 0, 0]
-        bank = reduce_memory(emb, "coreset_mean", coreset_ratio=4 / 128, min_cluster_size=3, seed=seed)
+        bank = reduce_memory(
+            emb, MemoryReduceSettings("coreset_mean", coreset_ratio=4 / 128, min_cluster_size=3), seed=seed
+        )
         assert bank.items.shape[0] == 4
         kept += int(torch.cdist(rare, bank.items).min(1).values.max() < 0.5)
         items, _ = cluster_mean(emb.permute(0, 2, 3, 1).reshape(-1, 4), 4, iters=10, min_cluster_size=3, seed=seed)

@@ -3,6 +3,7 @@ import torch
 
 from feddymem.memory.reduce import (
     MemoryBank,
+    MemoryReduceSettings,
     cluster_mean,
     distinct_items,
     fit_weights,
@@ -17,7 +18,7 @@ from feddymem.memory.reduce import (
 
 def test_reduce_of_copies_of_one_image_returns_that_image():
     image = torch.randn(1, 6, 4, 5)
-    bank = reduce_memory(image.repeat(7, 1, 1, 1), "position_mean")
+    bank = reduce_memory(image.repeat(7, 1, 1, 1), MemoryReduceSettings("position_mean"))
     assert bank.items.shape == (20, 6) and bank.num_images == 7
     assert torch.allclose(bank.items, image[0].flatten(1).T, atol=1e-6)
     assert torch.all(bank.weights == 7)
@@ -57,22 +58,25 @@ def test_position_weighted_ignores_outlier_given_global_memory():
     normal = torch.zeros(4, 3, 2, 2)
     outlier = torch.full((1, 3, 2, 2), 10.0)
     emb = torch.cat([normal, outlier])
-    plain = reduce_memory(emb, "position_mean")
-    weighted = reduce_memory(emb, "position_weighted", global_memory=torch.zeros(1, 3))
+    plain = reduce_memory(emb, MemoryReduceSettings("position_mean"))
+    weighted = reduce_memory(emb, MemoryReduceSettings("position_weighted"), global_memory=torch.zeros(1, 3))
     assert plain.items.abs().mean() > 1.0 > 1e-3 > weighted.items.abs().mean()
 
 
 def test_second_stage_and_size_shrink_the_upload():
     emb = torch.randn(5, 4, 6, 6)
-    assert reduce_memory(emb, "position_mean", local_kmeans_ratio=4, iters=5).items.shape[0] == 9
-    bank = reduce_memory(emb, "cluster_mean", size=10, iters=5)
+    assert (
+        reduce_memory(emb, MemoryReduceSettings("position_mean", local_kmeans_ratio=4, kmeans_iters=5)).items.shape[0]
+        == 9
+    )
+    bank = reduce_memory(emb, MemoryReduceSettings("cluster_mean", size=10, kmeans_iters=5))
     assert bank.items.shape[0] <= 10 and bank.weights.sum() == 5 * 36
     assert bank.nbytes == bank.items.nelement() * 4 + bank.weights.nelement() * 4
 
 
 def test_coreset_reduce_uploads_real_patches_at_the_ratio():
     emb = torch.randn(4, 8, 5, 5)
-    bank = reduce_memory(emb, "coreset", coreset_ratio=0.1)
+    bank = reduce_memory(emb, MemoryReduceSettings("coreset", coreset_ratio=0.1))
     patches = emb.permute(0, 2, 3, 1).reshape(-1, 8)
     assert bank.items.shape == (10, 8) and torch.all(bank.weights == 1) and bank.num_images == 4
     assert all((patches == item).all(1).any() for item in bank.items)  # raw patches, not averages
@@ -112,7 +116,7 @@ def test_a_memory_larger_than_the_patches_never_uploads_raw_patches():
     # 2 images × 16 positions = 32 patches, asked for 100 items: capped so every item averages >= 4 patches.
     torch.manual_seed(0)
     emb = torch.randn(2, 8, 4, 4)
-    bank = reduce_memory(emb, "cluster_mean", size=100, min_cluster_size=4, iters=10)
+    bank = reduce_memory(emb, MemoryReduceSettings("cluster_mean", size=100, min_cluster_size=4, kmeans_iters=10))
     assert 1 <= bank.items.shape[0] <= 8
     assert torch.all(bank.weights >= 4) and bank.weights.sum() <= 32
     patches = emb.permute(0, 2, 3, 1).reshape(-1, 8)
@@ -134,13 +138,15 @@ def test_min_images_per_item_drops_items_made_of_one_images_patches():
     emb = 0.01 * torch.randn(8, 4, 2, 2, generator=g)
     emb[1:, 0] += torch.tensor([0.0, 5.0]).repeat(4)[:7, None, None]  # two groups among images 1-7
     emb[0] += 50.0
-    kept = reduce_memory(emb, "cluster_mean", size=3, min_cluster_size=3, iters=10)
+    kept = reduce_memory(emb, MemoryReduceSettings("cluster_mean", size=3, min_cluster_size=3, kmeans_iters=10))
     assert (kept.items.mean(dim=1) > 40).any()  # image 0's patches make an item of their own
-    private = reduce_memory(emb, "cluster_mean", size=3, min_cluster_size=3, iters=10, min_images_per_item=2)
+    private = reduce_memory(
+        emb, MemoryReduceSettings("cluster_mean", size=3, min_cluster_size=3, kmeans_iters=10, min_images_per_item=2)
+    )
     assert not (private.items.mean(dim=1) > 40).any() and private.items.shape[0] >= 1
     assert private.weights.sum() == 28  # the other seven images' patches, all kept
     with pytest.raises(ValueError, match="of 9 or more images"):
-        reduce_memory(emb, "cluster_mean", size=3, min_cluster_size=3, min_images_per_item=9)
+        reduce_memory(emb, MemoryReduceSettings("cluster_mean", size=3, min_cluster_size=3, min_images_per_item=9))
 
 
 def test_per_product_coreset_mean_shares_the_items_by_patches_not_by_spread():
@@ -149,25 +155,29 @@ def test_per_product_coreset_mean_shares_the_items_by_patches_not_by_spread():
     g = torch.Generator().manual_seed(0)
     emb = torch.cat([0.01 * torch.randn(6, 4, 4, 4, generator=g), 100.0 + 5.0 * torch.randn(3, 4, 4, 4, generator=g)])
     products = ["a"] * 6 + ["b"] * 3
-    whole = reduce_memory(emb, "coreset_mean", coreset_ratio=9 / 144, min_cluster_size=3)
-    split = reduce_memory(emb, "coreset_mean", coreset_ratio=9 / 144, min_cluster_size=3, image_groups=products)
+    whole = reduce_memory(emb, MemoryReduceSettings("coreset_mean", coreset_ratio=9 / 144, min_cluster_size=3))
+    split = reduce_memory(
+        emb, MemoryReduceSettings("coreset_mean", coreset_ratio=9 / 144, min_cluster_size=3), image_groups=products
+    )
     near_a = [int((bank.items.norm(dim=1) < 1).sum()) for bank in (whole, split)]
     assert whole.items.shape[0] == split.items.shape[0] == 9 and near_a == [1, 6]
     assert torch.all(split.weights == 3) and split.num_images == 9
     assert all(item.norm() < 1 or bool((item > 80).all()) for item in split.items)  # no item mixes a and b
     # The raw coreset splits the same way.
-    raw = reduce_memory(emb, "coreset", coreset_ratio=9 / 144, image_groups=products)
+    raw = reduce_memory(emb, MemoryReduceSettings("coreset", coreset_ratio=9 / 144), image_groups=products)
     assert int((raw.items.norm(dim=1) < 1).sum()) == 6
 
 
 def test_a_product_with_fewer_images_than_an_item_averages_joins_the_largest():
     emb = torch.randn(11, 4, 4, 4)
     products = ["a"] * 6 + ["b"] * 3 + ["c"] * 2  # c's 2 images cannot make an item of 3 images on their own
-    bank = reduce_memory(emb, "coreset_mean", coreset_ratio=0.05, min_cluster_size=3, image_groups=products)
+    bank = reduce_memory(
+        emb, MemoryReduceSettings("coreset_mean", coreset_ratio=0.05, min_cluster_size=3), image_groups=products
+    )
     assert bank.items.shape[0] == round(0.05 * 176) and torch.all(bank.weights == 3)
     assert [len(i) for i in image_groups_of(products, 11, 3)] == [8, 3]
     with pytest.raises(ValueError, match="image_groups has 2 labels for 11 images"):
-        reduce_memory(emb, "coreset_mean", image_groups=["a", "b"])
+        reduce_memory(emb, MemoryReduceSettings("coreset_mean"), image_groups=["a", "b"])
 
 
 def test_parts_side_by_side_repeat_the_shorter_part_and_split_back():

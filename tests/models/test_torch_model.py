@@ -1,5 +1,7 @@
 import torch
 
+from feddymem.memory.reduce import MemoryReduceSettings
+from feddymem.models.settings import ModelSettings
 from feddymem.models.torch_model import softmin_scores
 
 
@@ -7,7 +9,7 @@ def test_image_from_memory_scores_lower_than_perturbed(fedmodel):
     torch.manual_seed(0)
     images = torch.randn(3, 3, 96, 96)
     embeddings = fedmodel.embed(fedmodel.extract(images)).detach()
-    bank = fedmodel.build_memory(embeddings, "position_mean")
+    bank = fedmodel.build_memory(embeddings, MemoryReduceSettings("position_mean"))
     fedmodel.set_memory(bank.items)
     # Image 0's patches rebuilt from the patch items: the per-position mean itself.
     from_memory = bank.items[:, : embeddings.shape[1]].T.reshape(1, *embeddings.shape[1:])
@@ -21,9 +23,9 @@ def test_faiss_and_torch_scoring_agree(fedmodel):
     from feddymem.models.torch_model import FedDyMemModel
 
     torch.manual_seed(1)
-    model = FedDyMemModel(context=9, feature_extractor=fedmodel.feature_extractor)
+    model = FedDyMemModel(ModelSettings(context=9), feature_extractor=fedmodel.feature_extractor)
     emb = model.embed(model.extract(torch.randn(2, 3, 96, 96))).detach()
-    model.set_memory(model.build_memory(emb, "coreset", coreset_ratio=0.3).items)
+    model.set_memory(model.build_memory(emb, MemoryReduceSettings("coreset", coreset_ratio=0.3)).items)
     # Far enough from the items that float32 distances (|q|² + |m|² − 2q·m, in FAISS and in torch) agree.
     probe = emb + torch.randn_like(emb)
     for scores in (model.patch_scores, model.context_scores):
@@ -45,7 +47,7 @@ def test_patchcore_reweighting_keeps_a_patch_near_an_isolated_memory_item_and_di
     from feddymem.models.torch_model import FedDyMemModel
 
     # PatchCore's memory is patches alone (its strategy turns the context map off).
-    model = FedDyMemModel(context=0, feature_extractor=fedmodel.feature_extractor)
+    model = FedDyMemModel(ModelSettings(context=0), feature_extractor=fedmodel.feature_extractor)
     # Memory: nine copies of p (a dense region), and q with its eight neighbours far away (isolated).
     d = model.generator.out_channels
     p, q = torch.zeros(d), torch.zeros(d)
@@ -67,8 +69,8 @@ def test_a_large_memory_is_searched_approximately_for_scores_and_loss_with_nearl
     from feddymem.models.torch_model import FedDyMemModel
 
     torch.manual_seed(0)
-    exact = FedDyMemModel(weights="none", context=0)
-    approx = FedDyMemModel(weights="none", context=0, approximate_above=1000, nprobe=8)
+    exact = FedDyMemModel(ModelSettings(weights="none", context=0))
+    approx = FedDyMemModel(ModelSettings(weights="none", context=0, approximate_above=1000, nprobe=8))
     d = exact.generator.out_channels
     centres = torch.randn(30, d) * 3
     memory = centres[torch.randint(30, (4000,))] + torch.randn(4000, d)
@@ -96,14 +98,14 @@ def _two_pattern_images(n: int, seed: int, d: int, size: int = 16) -> torch.Tens
 def test_the_context_map_sees_a_broad_change_that_no_single_patch_shows():
     from feddymem.models.torch_model import FedDyMemModel
 
-    with_context = FedDyMemModel(weights="none", context=9, context_in_score=True)
-    patch_only = FedDyMemModel(weights="none", context=0)
+    with_context = FedDyMemModel(ModelSettings(weights="none", context=9, context_in_score=True))
+    patch_only = FedDyMemModel(ModelSettings(weights="none", context=0))
     d = with_context.generator.out_channels
     train = _two_pattern_images(8, 0, d)
-    bank = with_context.build_memory(train, "coreset", coreset_ratio=0.5)
+    bank = with_context.build_memory(train, MemoryReduceSettings("coreset", coreset_ratio=0.5))
     assert bank.items.shape[1] == 2 * d  # patch and context items side by side
     # As many context items as patch items, at the default ratio too (none repeated to fill the pairs).
-    default_ratio = with_context.build_memory(train, "coreset")
+    default_ratio = with_context.build_memory(train, MemoryReduceSettings("coreset"))
     assert torch.unique(default_ratio.items[:, d:], dim=0).shape[0] == default_ratio.items.shape[0]
     # Every context item is one training image's context embedding (a raw coreset here).
     context_rows = with_context.context_embeddings(train).permute(0, 2, 3, 1).reshape(-1, d)
@@ -121,7 +123,7 @@ def test_the_context_map_sees_a_broad_change_that_no_single_patch_shows():
     assert abs(float(patch_scores[1] - patch_scores[0])) < 0.1 * float(patch_scores[0])
     # ... and the context map sets the broad change apart: in the map, and in the score when asked.
     assert float(scores[1]) > 1.5 * float(scores[0])
-    default = FedDyMemModel(weights="none", context=9).eval()  # the context map, not in the score
+    default = FedDyMemModel(ModelSettings(weights="none", context=9)).eval()  # the context map, not in the score
     default.set_memory(bank.items)
     both = torch.cat([normal, anomalous])
     maps, default_scores = default.score_embeddings(both, (64, 64))
@@ -136,9 +138,9 @@ def test_the_context_map_sees_a_broad_change_that_no_single_patch_shows():
 def test_without_a_context_window_the_map_is_the_patch_map_as_before(fedmodel):
     from feddymem.models.torch_model import FedDyMemModel
 
-    model = FedDyMemModel(context=0, feature_extractor=fedmodel.feature_extractor)  # the patch map alone
+    model = FedDyMemModel(ModelSettings(context=0), feature_extractor=fedmodel.feature_extractor)  # the patch map alone
     emb = model.embed(model.extract(torch.randn(2, 3, 96, 96))).detach()
-    model.set_memory(model.build_memory(emb, "coreset", coreset_ratio=0.3).items)
+    model.set_memory(model.build_memory(emb, MemoryReduceSettings("coreset", coreset_ratio=0.3)).items)
     assert model.memory.shape[1] == model.generator.out_channels and torch.equal(model.part_scales, torch.ones(1))
     maps, scores = model.score_embeddings(emb + 0.5, (96, 96))
     expected_maps, expected_scores = model.anomaly_map(model.patch_scores(emb + 0.5), (96, 96))
@@ -146,15 +148,15 @@ def test_without_a_context_window_the_map_is_the_patch_map_as_before(fedmodel):
 
 
 def test_with_privacy_noise_the_context_part_is_released_and_counted_on_its_own(fedmodel):
+    from feddymem.memory.noise import NoiseSettings
     from feddymem.models.torch_model import FedDyMemModel
-    from feddymem.privacy.mechanism import NoiseSettings
 
     emb = torch.randn(6, fedmodel.generator.out_channels, 12, 12, generator=torch.Generator().manual_seed(0))
     noise = NoiseSettings(0.01, 50.0, 0, 3)  # real noise, small enough that no DP-Lloyd iteration stops early
     banks = {
-        context: FedDyMemModel(context=context, feature_extractor=fedmodel.feature_extractor).build_memory(
-            emb, "cluster_mean", size=4, noise=noise, min_cluster_size=1
-        )
+        context: FedDyMemModel(
+            ModelSettings(context=context), feature_extractor=fedmodel.feature_extractor
+        ).build_memory(emb, MemoryReduceSettings("cluster_mean", size=4, noise=noise, min_cluster_size=1))
         for context in (0, 9)
     }
     # Each part runs its own noisy Lloyd iterations (a noisy start and 3 iterations): the accountant sees both.

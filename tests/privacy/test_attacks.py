@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from feddymem.memory.reduce import reduce_memory
+from feddymem.memory.reduce import MemoryReduceSettings, reduce_memory
 from feddymem.privacy.attacks import image_windows, invert_images, invert_items, membership_auc, tile, train_decoder
 from synthetic import texture
 
@@ -63,7 +63,7 @@ def test_inversion_of_per_image_embeddings_beats_the_unrelated_image_floor(embed
 
 def test_raw_patches_leak_membership_and_their_reconstructions_match_the_client(embedded, decoder):
     (members, member_emb), (others, other_emb) = embedded["members"], embedded["others"]
-    bank = reduce_memory(member_emb, "coreset", coreset_ratio=0.1)
+    bank = reduce_memory(member_emb, MemoryReduceSettings("coreset", coreset_ratio=0.1))
     _, member_windows = _pairs(members, member_emb)
     _, other_windows = _pairs(others, other_emb)
     result, reconstructions, matches = invert_items(decoder, bank.items, member_windows, other_windows)
@@ -73,5 +73,5 @@ def test_raw_patches_leak_membership_and_their_reconstructions_match_the_client(
     products = ["p"] * 8
     assert membership_auc(bank.items, member_emb, other_emb, products, products) > 0.9
     # A memory of cluster means averaging many patches of every image: far less to tell members by.
-    means = reduce_memory(member_emb, "cluster_mean", size=8, min_cluster_size=50)
+    means = reduce_memory(member_emb, MemoryReduceSettings("cluster_mean", size=8, min_cluster_size=50))
     assert membership_auc(means.items, member_emb, other_emb, products, products) < 0.9

@@ -19,12 +19,12 @@ import torch
 from feddymem.data.datasets import ImageDataset
 from feddymem.data.products import load_mvtec
 from feddymem.metrics import aupro_score, auroc_score
-from feddymem.models.trained import load_trained
+from feddymem.trained import load_trained
 
 checkpoint, who = sys.argv[1], sys.argv[2]
 root = Path(sys.argv[3]) if len(sys.argv) > 3 else Path("../shared/data/industrial/magnetic_tile")
 trained = load_trained(checkpoint, None if who == "global" else int(who))
-model, cfg = trained.module.model, trained.config
+model, cfg = trained.model, trained.config
 if model.parts < 2:
     sys.exit(f"{checkpoint} was trained without a context map (model.scoring.context=0)")
 split = load_mvtec("magnetic_tile", root)

@@ -1,6 +1,6 @@
 """Benchmarks: every method and ablation on the benchmark data sets, and side-by-side timings.
 
-``make bench`` (``python -m feddymem.benchmarks suite``) runs :mod:`.suite` with the plan in
+``make bench`` (``feddymem bench suite``) runs :mod:`.suite` with the plan in
 ``configs/bench.yaml`` and writes ``benchmarks/results.md``, ``benchmarks/results.json`` and the
 convergence plot; :mod:`.perf` holds the timing comparisons (K-means, scoring, cache, throughput).
 """

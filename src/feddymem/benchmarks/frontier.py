@@ -2,7 +2,7 @@
 membership AUC of the attack on it, per data set, as a table and a plot, and the knee — the most accurate
 setting whose membership AUC stays at or under a limit on every data set (``privacy.profile=strict``).
 
-``python -m feddymem.benchmarks frontier --results benchmarks/privacy/frontier/results.json``
+``feddymem bench frontier --results benchmarks/privacy/frontier/results.json``
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ def timed(fn: Callable[[], Any], repeat: int = 1) -> float:
 
 
 def synthetic_uploads(clients: int, items: int, dim: int, seed: int = 0) -> np.ndarray:
-    """Clustered points shaped like uploads, for timing without data (``python -m feddymem.benchmarks kmeans``)."""
+    """Clustered points shaped like uploads, for timing without data (``feddymem bench kmeans``)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(64, dim)).astype(np.float32)
     points = centres[rng.integers(0, 64, clients * items)] + 0.3 * rng.normal(size=(clients * items, dim))

@@ -58,7 +58,7 @@ def render_markdown(
         f"# {results.get('title', 'FedDyMem benchmarks')}",
         "",
         *[line for note in results.get("notes", []) for line in (note, "")],
-        "Written by `python -m feddymem.benchmarks suite` (`make bench` for `configs/bench.yaml`); "
+        "Written by `feddymem bench suite` (`make bench` for `configs/bench.yaml`); "
         "`results.json` holds every number below and more.",
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['memory_gb']} GB RAM, "

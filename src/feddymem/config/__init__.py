@@ -1,6 +1,20 @@
 """Typed configuration: the schema (:mod:`~feddymem.config.schema`) and its loading and checks
 (:mod:`~feddymem.config.loading`). Import from here."""
 
+from feddymem.config.choices import (
+    Aggregation,
+    Engine,
+    GeneratorInit,
+    Keep,
+    Logger,
+    Method,
+    Normalize,
+    Partition,
+    PrivacyProfile,
+    Rebuild,
+    Reduce,
+    Scoring,
+)
 from feddymem.config.loading import (
     ACCELERATORS,
     check_ranges,
@@ -17,30 +31,18 @@ from feddymem.config.loading import (
     validate,
 )
 from feddymem.config.schema import (
-    Aggregation,
     BackboneConfig,
     CacheConfig,
     DataConfig,
-    Engine,
     FederationConfig,
     GeneratorConfig,
-    GeneratorInit,
-    Keep,
-    Logger,
     LossConfig,
     MemoryConfig,
-    Method,
     ModelConfig,
-    Normalize,
     OptimConfig,
-    Partition,
     PrivacyConfig,
-    PrivacyProfile,
     ProductConfig,
     Range,
-    Rebuild,
-    Reduce,
-    Scoring,
     ScoringConfig,
     SelectionConfig,
     ServerConfig,

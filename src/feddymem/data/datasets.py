@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from feddymem.data.products import IMAGE_SUFFIXES, Sample
-from feddymem.errors import DataError
+from feddymem.errors import DataError, every_problem
 
 # Pillow modes whose values do not fit 0..255: 16-bit and 32-bit integer, 32-bit float greyscale.
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -142,28 +142,35 @@ class ImageDataset(Dataset):
 
 
 def verify_samples(samples: Sequence[Sample], progress=None) -> list[str]:
-    """Decode every image and mask once; masks must have their image's size. Raises :class:`DataError`.
+    """Decode every image and mask once; masks must have their image's size. Raises one :class:`DataError`
+    that lists every file that failed.
 
     Returns the wide (16-bit or float) images read without a product ``window``: each is scaled by its
     own range, which the caller should say."""
     seen: set[str] = set()
     wide: list[str] = []
+    problems: list[str] = []
     for sample in samples:
         if sample.path in seen:
             continue
         seen.add(sample.path)
-        img, file_mode = _decode(sample.path, "RGB", "image", sample.window)
-        if sample.window is None and file_mode in WIDE_MODES:
-            wide.append(sample.path)
-        if sample.mask is not None:
-            mask = read_mask(sample.mask)
-            if mask.size != img.size:
-                raise DataError(
-                    f"mask {sample.mask} is {mask.size[0]}×{mask.size[1]} but its image "
-                    f"{sample.path} is {img.size[0]}×{img.size[1]}"
-                )
+        try:
+            img, file_mode = _decode(sample.path, "RGB", "image", sample.window)
+            if sample.window is None and file_mode in WIDE_MODES:
+                wide.append(sample.path)
+            if sample.mask is not None:
+                mask = read_mask(sample.mask)
+                if mask.size != img.size:
+                    raise DataError(
+                        f"mask {sample.mask} is {mask.size[0]}×{mask.size[1]} but its image "
+                        f"{sample.path} is {img.size[0]}×{img.size[1]}"
+                    )
+        except DataError as err:
+            problems.append(str(err))
         if progress is not None:
             progress()
+    if problems:
+        raise every_problem(problems, f"{len(seen)} images")
     return wide
 
 

@@ -97,7 +97,8 @@ def build_clients(
             torch.manual_seed(cfg.seed + client_id)
             # One frozen backbone per process, shared by its clients (it never trains).
             shared = clients[0].module.model.feature_extractor if clients else None
-            module = FedDyMemModule.from_config(cfg, client_id, shared, **strategy.module_overrides)
+            model, memory = strategy.model_settings(), strategy.memory_settings()
+            module = FedDyMemModule.from_config(cfg, client_id, shared, model=model, memory=memory)
             optimizer = module.configure_optimizers()
             if setup is not None:
                 module, optimizer = setup(module, optimizer)

@@ -187,7 +187,12 @@ class ClientRunner:
                     f"checkpoint does not match client {client.id}'s data partition; "
                     "was the data or the data config changed?"
                 )
-            client.module.load_trainable_state(saved["model"])  # includes the client's memory
+            try:
+                client.module.load_trainable_state(saved["model"])  # includes the client's memory
+            except ValueError as err:
+                raise CheckpointError(
+                    f"cannot resume client {client.id}: {err}; resume with the run's own model.* settings"
+                ) from None
             client.optimizer.load_state_dict(saved["optimizer"])
             client.kept = KeptState(**saved["kept"]) if saved.get("kept") else None
             if payload["global_memory"] is not None:

@@ -124,7 +124,7 @@ class FederatedOrchestrator:
         for warning in verified.warnings:
             self.reporter.warn(warning)
         # After the images (a broken file is the first thing to fix), with the reduce the strategy really uses.
-        reduce = self.strategy.module_overrides.get("memory_reduce", self.cfg.memory.reduce.value)
+        reduce = self.strategy.memory_settings().method
         check_memory_images(self.cfg, plan, reduce, pooled=self.strategy.pooled)
         if self.is_server:
             claim_output_dir(self.run_dir, "run folder")

@@ -10,16 +10,19 @@ tested on small synthetic tensors without a backbone or a data set.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, ClassVar, Protocol
 
 import torch
 
+from feddymem.config.settings import memory_reduce_settings, model_settings
 from feddymem.errors import ConfigError
 from feddymem.federation.baselines import average_parameters
 from feddymem.federation.messages import ServerLimits, ServerReply, Upload
 from feddymem.federation.upload import validate_parameters, validate_upload
 from feddymem.memory.aggregate import GlobalMemory, aggregate, coreset_aggregate, mean_aggregate
-from feddymem.memory.reduce import MemoryBank, distinct_items, rows_side_by_side, split_parts
+from feddymem.memory.reduce import MemoryBank, MemoryReduceSettings, distinct_items, rows_side_by_side, split_parts
+from feddymem.models.settings import ModelSettings
 
 
 class ClientSide(Protocol):
@@ -47,12 +50,19 @@ class Strategy:
     trains: ClassVar[bool] = True  # the generator learns (after round 0)
     single_round: ClassVar[bool] = False  # the round-0 state is the model: stop after it
     shares_memory: ClassVar[bool] = True  # what leaves a client is its reduced memory (privacy noise applies)
-    module_overrides: ClassVar[dict[str, Any]] = {}  # FedDyMemModule settings the method fixes, over the config's
 
     def __init__(self, cfg: Any, server_gpu: bool = False) -> None:
         self.cfg, self.server_gpu = cfg, server_gpu  # server_gpu: the server's K-means runs on the GPU
 
     # --- client side ---------------------------------------------------------------------------
+    def model_settings(self) -> ModelSettings:
+        """The model every client builds: the config's, or what the method fixes over it."""
+        return model_settings(self.cfg)
+
+    def memory_settings(self) -> MemoryReduceSettings:
+        """Every client's memory-reduce: the config's, or what the method fixes over it."""
+        return memory_reduce_settings(self.cfg)
+
     @property
     def prox_mu(self) -> float:
         """Weight of the proximal term added to the local loss (FedProx); 0 for the others."""
@@ -174,14 +184,14 @@ class PatchCore(Centralized):
     name = "patchcore"
     trains = False
     single_round = True
-    # One greedy coreset of all the raw patches, searched exactly, with PatchCore's reweighted image score.
-    module_overrides: ClassVar[dict[str, Any]] = {
-        "score_method": "patchcore",
-        "approximate_above": 0,
-        "memory_reduce": "coreset",
-        "reduce_per_product": False,
-        "context": 0,
-    }
+
+    def model_settings(self) -> ModelSettings:
+        """Searched exactly, with PatchCore's reweighted image score and no context map."""
+        return replace(super().model_settings(), score_method="patchcore", approximate_above=0, context=0)
+
+    def memory_settings(self) -> MemoryReduceSettings:
+        """One greedy coreset of all the raw patches."""
+        return replace(super().memory_settings(), method="coreset", per_product=False)
 
 
 class FedAvg(Strategy):

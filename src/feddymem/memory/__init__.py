@@ -1,1 +1,2 @@
-"""Memory: nearest-item search, K-means, memory-reduce and server aggregation (pure torch + FAISS)."""
+"""Memory: nearest-item search, K-means, memory-reduce (with its privacy noise) and server aggregation
+(pure torch + FAISS)."""

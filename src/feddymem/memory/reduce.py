@@ -19,15 +19,17 @@ its patches are next to another product's, and no item averages patches of two p
 product of fewer images than an item averages, which joins the client's largest).
 
 With ``noise`` (``privacy.noise_multiplier`` > 0) ``cluster_mean`` and ``position_mean`` release noisy sums
-instead (:mod:`feddymem.privacy.mechanism`). ``coreset`` uploads raw patches and ``position_weighted``
+instead (:mod:`feddymem.memory.noise`). ``coreset`` uploads raw patches and ``position_weighted``
 weighs each image by statistics of all the others: neither has a bounded sensitivity.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,10 +37,40 @@ import torch
 from feddymem.data.partition import split_counts
 from feddymem.memory.coreset import coreset_mean, greedy_coreset
 from feddymem.memory.kmeans import kmeans
+from feddymem.memory.noise import NoiseSettings, private_cluster_mean, private_position_mean
 from feddymem.memory.search import squared_distances
-from feddymem.privacy.mechanism import NoiseSettings, private_cluster_mean, private_position_mean
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MemoryReduceSettings:
+    """How a client reduces its patch bank to an upload (config ``memory.*`` and ``privacy.*``'s noise);
+    the defaults are ``feddymem train``'s."""
+
+    method: str = "coreset_mean"  # memory.reduce: see the module docstring
+    # method=cluster_mean / position_*: items (capped at patches / min_cluster_size); 0 = H·W
+    size: int = 3136
+    local_kmeans_ratio: int = 1  # γ_c: second-stage local K-means to size/γ_c items (position_* only)
+    coreset_ratio: float = 0.02  # method=coreset_mean / coreset: items as a fraction of the client's patches
+    # method=coreset_mean / coreset: one k-center per product of the client (within seed noise over 4 seeds:
+    # benchmarks/quality/per_product)
+    per_product: bool = False
+    kmeans_iters: int = 10
+    max_points_per_centroid: int = 16  # K-means subsamples above this; the final means use every patch
+    min_cluster_size: int = 3  # privacy: no item averages fewer patches
+    min_images_per_item: int = 1  # privacy: no item averages patches of fewer images
+    noise: NoiseSettings = field(default_factory=NoiseSettings)  # privacy.*: off by default
+
+    def __post_init__(self) -> None:
+        if isinstance(self.method, enum.Enum):  # the schema's Reduce
+            object.__setattr__(self, "method", self.method.value)
+        if isinstance(self.noise, dict):  # from hparams or JSON
+            object.__setattr__(self, "noise", NoiseSettings(**self.noise))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for hparams and JSON (the noise nested)."""
+        return asdict(self)
 
 
 @dataclass
@@ -174,93 +206,109 @@ def cluster_mean(
 
 def reduce_memory(
     embeddings: torch.Tensor,
-    method: str,
+    settings: MemoryReduceSettings | None = None,
     *,
-    size: int = 0,
-    local_kmeans_ratio: int = 1,
-    coreset_ratio: float = 0.02,
     global_memory: torch.Tensor | None = None,
-    iters: int = 20,
     seed: int = 0,
-    max_points_per_centroid: int = 64,
-    min_cluster_size: int = 1,
     gpu: bool = False,
-    noise: NoiseSettings | None = None,
-    min_images_per_item: int = 1,
     image_groups: Sequence[Hashable] | None = None,
 ) -> MemoryBank:
-    """Reduce a client's embeddings (N, D, H, W) to an upload with ``method`` (see module docstring).
+    """Reduce a client's embeddings (N, D, H, W) to an upload (see the module docstring); ``settings``:
+    the defaults when ``None``.
 
     ``image_groups``: each image's product (any hashable label); ``coreset_mean`` and ``coreset`` then
     reduce each product on its own (see :func:`image_groups_of`); the other methods reduce the whole bank.
     """
-    method = getattr(method, "value", method)
-    n, d, h, w = embeddings.shape
+    s = settings or MemoryReduceSettings()
+    n, _, h, w = embeddings.shape
     if n == 0:
         raise ValueError("memory-reduce needs at least one image")
-    size = size or h * w
+    size = s.size or h * w
     emb = embeddings.float()
-    if noise is not None and noise.enabled:
-        return _private_reduce(emb, method, size, noise, global_memory, local_kmeans_ratio, min_cluster_size)
-    if method == "cluster_mean":
-        patches = emb.permute(0, 2, 3, 1).reshape(-1, d)
-        # Privacy: a larger memory must never turn the upload into raw patches. At most one item per
-        # min_cluster_size patches, so that each item can average that many.
-        cap = max(1, patches.shape[0] // max(1, min_cluster_size))
-        if size > cap:
-            log.info(
-                "memory.size %d capped to %d items: %d patches, memory.min_cluster_size %d",
-                size,
-                cap,
-                patches.shape[0],
-                min_cluster_size,
-            )
-            size = cap
-        items, mass = cluster_mean(
-            patches,
+    if s.noise.enabled:
+        return _private_reduce(emb, s.method, size, s.noise, global_memory, s.local_kmeans_ratio, s.min_cluster_size)
+    if s.method == "cluster_mean":
+        return _cluster_upload(emb, s, size, seed, gpu)
+    if s.method in ("coreset_mean", "coreset"):
+        return _coreset_upload(emb, s, seed, image_groups)
+    if s.method in ("position_mean", "position_weighted"):
+        return _position_upload(emb, s, size, seed, gpu, global_memory)
+    raise ValueError(f"unknown memory-reduce method '{s.method}'")
+
+
+def _cluster_upload(emb: torch.Tensor, s: MemoryReduceSettings, size: int, seed: int, gpu: bool) -> MemoryBank:
+    """``cluster_mean``: local K-means of every patch, each item the mean of its cluster."""
+    n, d, h, w = emb.shape
+    patches = emb.permute(0, 2, 3, 1).reshape(-1, d)
+    # Privacy: a larger memory must never turn the upload into raw patches. At most one item per
+    # min_cluster_size patches, so that each item can average that many.
+    cap = max(1, patches.shape[0] // max(1, s.min_cluster_size))
+    if size > cap:
+        log.info(
+            "memory.size %d capped to %d items: %d patches, memory.min_cluster_size %d",
             size,
-            iters=iters,
-            seed=seed,
-            gpu=gpu,
-            max_points_per_centroid=max_points_per_centroid,
-            min_cluster_size=min_cluster_size,
-            # Each image's patches are contiguous in ``patches``: image i holds rows i·H·W … (i+1)·H·W − 1.
-            image_of=torch.arange(n).repeat_interleave(h * w),
-            min_images=min_images_per_item,
+            cap,
+            patches.shape[0],
+            s.min_cluster_size,
         )
-        return MemoryBank(items, mass, n)
-    if method in ("coreset_mean", "coreset"):
-        group = max(min_cluster_size, min_images_per_item) if method == "coreset_mean" else 1
-        parts = image_groups_of(image_groups, n, group)
-        # The whole bank's item count, split over the groups in proportion to their images (= patches).
-        counts = split_counts(max(1, round(coreset_ratio * n * h * w)), np.array([len(i) for i in parts], float))
-        uploads = [
-            _coreset_items(emb[i] if len(parts) > 1 else emb, method, int(c), group, seed)
-            for i, c in zip(parts, counts, strict=True)
-            if c
-        ]
-        return MemoryBank(torch.cat([u[0] for u in uploads]), torch.cat([u[1] for u in uploads]), n)
-    if method == "position_weighted" and global_memory is not None and global_memory.numel():
-        image_weights = fit_weights(emb, global_memory)
-    elif method in ("position_mean", "position_weighted"):
-        image_weights = None
-    else:
-        raise ValueError(f"unknown memory-reduce method '{method}'")
+        size = cap
+    items, mass = cluster_mean(
+        patches,
+        size,
+        iters=s.kmeans_iters,
+        seed=seed,
+        gpu=gpu,
+        max_points_per_centroid=s.max_points_per_centroid,
+        min_cluster_size=s.min_cluster_size,
+        # Each image's patches are contiguous in ``patches``: image i holds rows i·H·W … (i+1)·H·W − 1.
+        image_of=torch.arange(n).repeat_interleave(h * w),
+        min_images=s.min_images_per_item,
+    )
+    return MemoryBank(items, mass, n)
+
+
+def _coreset_upload(
+    emb: torch.Tensor, s: MemoryReduceSettings, seed: int, image_groups: Sequence[Hashable] | None
+) -> MemoryBank:
+    """``coreset_mean`` / ``coreset``: k-center over the patches, one per product given ``image_groups``."""
+    n, _, h, w = emb.shape
+    group = max(s.min_cluster_size, s.min_images_per_item) if s.method == "coreset_mean" else 1
+    parts = image_groups_of(image_groups, n, group)
+    # The whole bank's item count, split over the groups in proportion to their images (= patches).
+    counts = split_counts(max(1, round(s.coreset_ratio * n * h * w)), np.array([len(i) for i in parts], float))
+    uploads = [
+        _coreset_items(emb[i] if len(parts) > 1 else emb, s.method, int(c), group, seed)
+        for i, c in zip(parts, counts, strict=True)
+        if c
+    ]
+    return MemoryBank(torch.cat([u[0] for u in uploads]), torch.cat([u[1] for u in uploads]), n)
+
+
+def _position_upload(
+    emb: torch.Tensor,
+    s: MemoryReduceSettings,
+    size: int,
+    seed: int,
+    gpu: bool,
+    global_memory: torch.Tensor | None,
+) -> MemoryBank:
+    """``position_mean`` / ``position_weighted``: the mean over images at each position, then optionally a
+    second stage of local K-means (``local_kmeans_ratio``) or K-means down to ``size``."""
+    n = emb.shape[0]
+    weighted = s.method == "position_weighted" and global_memory is not None and global_memory.numel() > 0
+    image_weights = fit_weights(emb, global_memory) if weighted and global_memory is not None else None
     items = position_mean(emb, image_weights).cpu()
     mass = torch.full((items.shape[0],), float(n))
-    if local_kmeans_ratio > 1:
+    if s.local_kmeans_ratio > 1 or size < items.shape[0]:
+        count = max(1, items.shape[0] // s.local_kmeans_ratio) if s.local_kmeans_ratio > 1 else size
         items, mass = cluster_mean(
             items,
-            max(1, items.shape[0] // local_kmeans_ratio),
-            iters=iters,
+            count,
+            iters=s.kmeans_iters,
             seed=seed,
             weights=mass,
-            max_points_per_centroid=max_points_per_centroid,
+            max_points_per_centroid=s.max_points_per_centroid,
             gpu=gpu,
-        )
-    if size < items.shape[0] and local_kmeans_ratio == 1:
-        items, mass = cluster_mean(
-            items, size, iters=iters, seed=seed, weights=mass, max_points_per_centroid=max_points_per_centroid, gpu=gpu
         )
     return MemoryBank(items.contiguous(), mass, n)
 

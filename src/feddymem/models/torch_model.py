@@ -7,20 +7,20 @@ federation wrap it; anything else (export, other projects) can use it directly.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Hashable, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from feddymem.config import TrainConfig
-from feddymem.config.schema import context_window_problem
-from feddymem.memory.reduce import MemoryBank, reduce_memory, side_by_side
+from feddymem.memory.reduce import MemoryBank, MemoryReduceSettings, reduce_memory, side_by_side
 from feddymem.memory.search import MemoryIndex, faiss_gpu_available, nearest_neighbour_spread, squared_distances
 from feddymem.models.anomaly_map import AnomalyMapGenerator
 from feddymem.models.backbone import FeatureExtractor
 from feddymem.models.generator import MemoryGenerator
 from feddymem.models.loss import HypersphereLoss
+from feddymem.models.settings import ModelSettings
 
 
 def softmin_scores(distances: torch.Tensor, method: str = "softmin") -> torch.Tensor:
@@ -29,10 +29,6 @@ def softmin_scores(distances: torch.Tensor, method: str = "softmin") -> torch.Te
     if method != "softmin" or distances.shape[1] == 1:
         return distances[:, 0]
     return F.softmin(distances, dim=1)[:, 0] * distances[:, 0]
-
-
-# Defaults are the config's (``feddymem train``'s), defined once in feddymem.config.
-_D = TrainConfig()
 
 
 def memory_parts(context: int) -> int:
@@ -57,79 +53,29 @@ class FedDyMemModel(nn.Module):
     part_scales: torch.Tensor
 
     def __init__(
-        self,
-        backbone: str = _D.model.backbone.name,
-        layers: tuple[int, ...] | list[int] = tuple(_D.model.backbone.layers),
-        weights: str = _D.model.backbone.weights,
-        pool_size: int = _D.model.backbone.pool_size,
-        generator_reduction: int = _D.model.generator.reduction,
-        coord_channels: bool = _D.model.generator.coord_channels,
-        generator_init: str = _D.model.generator.init.value,
-        k_nearest: int = _D.model.loss.k_nearest,
-        j_negatives: int = _D.model.loss.j_negatives,
-        margin: float = _D.model.loss.margin,
-        radius_init: float = _D.model.loss.radius_init,
-        score_k: int = _D.model.scoring.k,
-        score_method: str = _D.model.scoring.method.value,
-        sigma: float = _D.model.scoring.sigma,
-        context: int = _D.model.scoring.context,
-        context_in_score: bool = _D.model.scoring.context_in_score,
-        approximate_above: int = _D.model.scoring.approximate_above,
-        nprobe: int = _D.model.scoring.nprobe,
-        feature_extractor: FeatureExtractor | None = None,
+        self, settings: ModelSettings | None = None, feature_extractor: FeatureExtractor | None = None
     ) -> None:
-        """``feature_extractor``: share another model's frozen backbone (it must match ``backbone``,
-        ``layers``, ``weights`` and ``pool_size``), so the clients of one process hold one copy."""
+        """``settings``: the defaults (``feddymem train``'s) when ``None``. ``feature_extractor``: share another
+        model's frozen backbone (it must match ``backbone``, ``layers``, ``weights`` and ``pool_size``), so the
+        clients of one process hold one copy."""
         super().__init__()
-        self.approximate_above, self.nprobe = approximate_above, nprobe
-        self.feature_extractor = feature_extractor or FeatureExtractor(backbone, layers, weights, pool_size)
+        s = self.settings = settings or ModelSettings()
+        self.approximate_above, self.nprobe = s.approximate_above, s.nprobe
+        self.feature_extractor = feature_extractor or FeatureExtractor(s.backbone, s.layers, s.weights, s.pool_size)
         self.generator = MemoryGenerator(
-            self.feature_extractor.out_channels, generator_reduction, coord_channels, generator_init
+            self.feature_extractor.out_channels, s.generator_reduction, s.coord_channels, s.generator_init
         )
-        self.loss = HypersphereLoss(k_nearest, j_negatives, margin, radius_init)
-        self.anomaly_map = AnomalyMapGenerator(sigma)
-        self.score_k, self.score_method = score_k, getattr(score_method, "value", score_method)
-        self.context = int(context)
-        if problem := context_window_problem(self.context):
-            raise ValueError(f"context {problem}")
+        self.loss = HypersphereLoss(s.k_nearest, s.j_negatives, s.margin, s.radius_init)
+        self.anomaly_map = AnomalyMapGenerator(s.sigma)
+        self.score_k, self.score_method = s.score_k, s.score_method
+        self.context = int(s.context)
         self.parts = memory_parts(self.context)
-        self.context_in_score = bool(context_in_score)
+        self.context_in_score = bool(s.context_in_score)
         self.register_buffer("memory", torch.empty(0, self.parts * self.generator.out_channels))
         # Derived from the memory whenever it changes (not stored: checkpoints without it load the same).
         self.register_buffer("part_scales", torch.ones(self.parts), persistent=False)
         self._index: MemoryIndex | None = None
         self._context_index: MemoryIndex | None = None
-
-    @staticmethod
-    def settings(model: Any) -> dict[str, Any]:
-        """The keyword arguments of the model a config's ``model`` node describes (the config's types, enums
-        as their strings)."""
-        b, g, loss, s = model.backbone, model.generator, model.loss, model.scoring
-        return {
-            "backbone": b.name,
-            "layers": tuple(b.layers),
-            "weights": b.weights,
-            "pool_size": b.pool_size,
-            "generator_reduction": g.reduction,
-            "coord_channels": g.coord_channels,
-            "generator_init": str(getattr(g.init, "value", g.init)),
-            "k_nearest": loss.k_nearest,
-            "j_negatives": loss.j_negatives,
-            "margin": loss.margin,
-            "radius_init": loss.radius_init,
-            "score_k": s.k,
-            "score_method": str(getattr(s.method, "value", s.method)),
-            "sigma": s.sigma,
-            "context": s.context,
-            "context_in_score": s.context_in_score,
-            "approximate_above": s.approximate_above,
-            "nprobe": s.nprobe,
-        }
-
-    @classmethod
-    def from_config(cls, model: Any, feature_extractor: FeatureExtractor | None = None) -> FedDyMemModel:
-        """The model of a config's ``model`` node (``TrainConfig().model`` or a run's ``cfg.model``)."""
-        return cls(**cls.settings(model), feature_extractor=feature_extractor)
 
     # --- memory -------------------------------------------------------------------------------
     @property
@@ -309,18 +255,62 @@ class FedDyMemModel(nn.Module):
         return self.score_features(self.extract(images), (images.shape[-2], images.shape[-1]))
 
     @torch.no_grad()
-    def build_memory(self, embeddings: torch.Tensor, method: str = "cluster_mean", **kwargs) -> MemoryBank:
-        """Memory-reduce ``embeddings`` (N, D, H, W) with the current memory as the global one; with a
-        context window, the context embeddings are reduced on their own into as many items per image
-        (``coreset_ratio``, by default the config's, scaled to their coarser grid) and set beside the patch items."""
-        kwargs.setdefault("coreset_ratio", _D.memory.coreset_ratio)  # one value for both parts
-        patch = reduce_memory(
-            embeddings, method, global_memory=self.patch_memory if self.has_memory else None, **kwargs
-        )
+    def build_memory(
+        self,
+        embeddings: torch.Tensor,
+        settings: MemoryReduceSettings | None = None,
+        *,
+        seed: int = 0,
+        gpu: bool = False,
+        image_groups: Sequence[Hashable] | None = None,
+    ) -> MemoryBank:
+        """Memory-reduce ``embeddings`` (N, D, H, W) with the current memory as the global one
+        (:func:`~feddymem.memory.reduce.reduce_memory`); with a context window, the context embeddings are
+        reduced on their own into as many items per image (``coreset_ratio`` scaled to their coarser grid) and
+        set beside the patch items."""
+        settings = settings or MemoryReduceSettings()
+        memory = self.patch_memory if self.has_memory else None
+        patch = reduce_memory(embeddings, settings, global_memory=memory, seed=seed, gpu=gpu, image_groups=image_groups)
         if self.parts == 1:
             return patch
         context = self.context_embeddings(embeddings)
         # Scaled to the coarser grid, or the context part would get a sixteenth of the items.
-        kwargs["coreset_ratio"] *= embeddings[0, 0].numel() / context[0, 0].numel()
-        items = reduce_memory(context, method, global_memory=self.context_memory if self.has_memory else None, **kwargs)
+        ratio = settings.coreset_ratio * embeddings[0, 0].numel() / context[0, 0].numel()
+        memory = self.context_memory if self.has_memory else None
+        items = reduce_memory(
+            context,
+            replace(settings, coreset_ratio=ratio),
+            global_memory=memory,
+            seed=seed,
+            gpu=gpu,
+            image_groups=image_groups,
+        )
         return side_by_side([patch, items])
+
+    # --- state ----------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the generator, radius and memory: everything but the frozen backbone (the settings
+        rebuild it)."""
+        return {
+            k: v.detach().cpu().clone() for k, v in self.state_dict().items() if not k.startswith("feature_extractor.")
+        }
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a state from :meth:`trainable_state`. A state that does not fit this model (other
+        ``model.*`` settings than it was trained with) is a ``ValueError`` naming the key and both shapes,
+        or the missing and unexpected keys."""
+        own = self.state_dict()
+        for key, value in state.items():
+            fits = (
+                value.shape[1:] == (self.memory_dim,) if key == "memory" else own.get(key, value).shape == value.shape
+            )
+            if not fits:
+                expected = ("M", self.memory_dim) if key == "memory" else tuple(own[key].shape)
+                raise ValueError(
+                    f"the saved state does not fit the model: {key} has shape {tuple(value.shape)}, the model's "
+                    f"{expected} (trained with other model settings?)"
+                )
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("feature_extractor.")]
+        if missing or unexpected:
+            raise ValueError(f"the saved state does not fit the model: missing {missing}, unexpected {unexpected}")

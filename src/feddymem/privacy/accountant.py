@@ -1,7 +1,7 @@
 """(ε, δ) of noisy uploads, from Opacus's Rényi-DP accountant.
 
 A client's uploads are a composition of Gaussian mechanisms, every one with the same noise multiplier σ
-(:mod:`feddymem.privacy.mechanism`) and no subsampling (each release sees every image of the client). The
+(:mod:`feddymem.memory.noise`) and no subsampling (each release sees every image of the client). The
 RDP accountant composes them exactly and converts to (ε, δ); ε depends only on σ, δ and how many releases
 were made, so a round's ε and the run's ε come from the release counts the clients report.
 """

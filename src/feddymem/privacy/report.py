@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +31,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from feddymem.config.settings import memory_reduce_settings
 from feddymem.data.datasets import ImageDataset
 from feddymem.data.products import Sample
 from feddymem.errors import FedDyMemError
 from feddymem.io import atomic_write_json, atomic_write_text, claim_output_dir, save_figure
-from feddymem.lightning_model import FedDyMemModule
 from feddymem.logging.console import human_bytes
-from feddymem.memory.reduce import MemoryBank, reduce_memory
+from feddymem.memory.reduce import MemoryBank, MemoryReduceSettings, reduce_memory
+from feddymem.models.torch_model import FedDyMemModel
 from feddymem.privacy.accountant import epsilon
 from feddymem.privacy.attacks import image_windows, invert_images, invert_items, membership_auc, train_decoder
-from feddymem.privacy.mechanism import NoiseSettings
 
 
 @dataclass
@@ -69,6 +69,28 @@ class UploadVariant:
             privacy.patches_per_image,
             mem.coreset_ratio,
             mem.min_images_per_item,
+        )
+
+    def settings(self, cfg: Any) -> MemoryReduceSettings:
+        """The memory-reduce of this variant: the run's (``cfg``), with what this variant sets."""
+        run = memory_reduce_settings(cfg)
+
+        def pick(mine: Any, theirs: Any) -> Any:
+            return theirs if mine is None else mine
+
+        noise = replace(
+            run.noise,
+            noise_multiplier=pick(self.noise_multiplier, run.noise.noise_multiplier),
+            patches_per_image=pick(self.patches_per_image, run.noise.patches_per_image),
+        )
+        return replace(
+            run,
+            method=pick(self.reduce, run.method),
+            size=pick(self.size, run.size),
+            min_cluster_size=pick(self.min_cluster_size, run.min_cluster_size),
+            coreset_ratio=pick(self.coreset_ratio, run.coreset_ratio),
+            min_images_per_item=pick(self.min_images_per_item, run.min_images_per_item),
+            noise=noise,
         )
 
     def resolved(self, cfg: Any) -> UploadVariant:
@@ -104,16 +126,16 @@ class Embedded:
 
 @torch.no_grad()
 def embed_samples(
-    module: FedDyMemModule, cfg: Any, samples: list[Sample], keep_pixels: bool = False, batch: int = 32
+    model: FedDyMemModel, cfg: Any, samples: list[Sample], keep_pixels: bool = False, batch: int = 32
 ) -> Embedded:
     """Backbone + generator embeddings of ``samples`` (and their pixels in [0, 1] with ``keep_pixels``)."""
-    extractor = module.model.feature_extractor
+    extractor = model.feature_extractor
     dataset = ImageDataset(samples, cfg.data.image_size, cfg.data.crop_size, extractor.mean, extractor.std)
     mean = torch.tensor(extractor.mean).view(1, -1, 1, 1)
     std = torch.tensor(extractor.std).view(1, -1, 1, 1)
     out, pixels = [], []
     for b in DataLoader(dataset, batch_size=batch):
-        out.append(module.model.embed(module.model.extract(b["image"])))
+        out.append(model.embed(model.extract(b["image"])))
         if keep_pixels:
             pixels.append((b["image"] * std + mean).clamp(0, 1))
     return Embedded(torch.cat(out), [s.product for s in samples], torch.cat(pixels) if keep_pixels else None)
@@ -150,28 +172,11 @@ def matched_samples(
     return chosen_members, chosen_others
 
 
-def build_upload(
-    module: FedDyMemModule, cfg: Any, embeddings: torch.Tensor, variant: UploadVariant, products: list[str]
-) -> MemoryBank:
-    """The upload ``variant`` (resolved against the run's ``cfg``) makes from the members' embeddings
-    (``products``: each member's product)."""
-    mem, privacy = cfg.memory, cfg.privacy
-    v = variant.resolved(cfg)  # every field set: the ``or`` defaults below only satisfy the types
-    noise = NoiseSettings(v.noise_multiplier or 0.0, privacy.clip_norm, v.patches_per_image or 0, privacy.kmeans_iters)
-    return reduce_memory(
-        embeddings,
-        v.reduce or mem.reduce.value,
-        size=v.size or 0,
-        coreset_ratio=v.coreset_ratio or mem.coreset_ratio,
-        min_cluster_size=v.min_cluster_size or 1,
-        min_images_per_item=v.min_images_per_item or 1,
-        iters=mem.kmeans_iters,
-        max_points_per_centroid=mem.max_points_per_centroid,
-        seed=cfg.seed,
-        noise=noise,
-        global_memory=None,  # round 0: what a client sends before it has a global memory
-        image_groups=products if mem.per_product else None,
-    )
+def build_upload(cfg: Any, embeddings: torch.Tensor, variant: UploadVariant, products: list[str]) -> MemoryBank:
+    """The upload ``variant`` (the run's ``cfg`` where it sets nothing) makes from the members' embeddings
+    (``products``: each member's product), as in round 0, before a client has a global memory."""
+    settings = variant.settings(cfg)
+    return reduce_memory(embeddings, settings, seed=cfg.seed, image_groups=products if settings.per_product else None)
 
 
 def privacy_report(
@@ -196,7 +201,7 @@ def privacy_report(
     at least 400 steps).
     """
     from feddymem.data.check import plan_data
-    from feddymem.models.trained import load_trained
+    from feddymem.trained import load_trained
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -204,7 +209,7 @@ def privacy_report(
     if not checkpoint.is_file():
         raise FedDyMemError(f"no checkpoint at {checkpoint}: is {run_dir} a finished FedDyMem run?")
     trained = load_trained(checkpoint, client_id)
-    module, cfg = trained.module.cpu().eval(), trained.config
+    model, cfg = trained.model.cpu().eval(), trained.config
     plan = plan_data(cfg)
     client = plan.clients[client_id]
     products = set(client.products)
@@ -219,13 +224,13 @@ def privacy_report(
     count = len(watched)
     if not count:
         raise FedDyMemError(f"client {client_id} of {run_dir}: no product has both members and non-members")
-    members = embed_samples(module, cfg, client.train, keep_pixels=True)  # every member builds the upload
+    members = embed_samples(model, cfg, client.train, keep_pixels=True)  # every member builds the upload
     assert members.pixels is not None
     position = {s.path: i for i, s in enumerate(client.train)}
     picks = torch.tensor([position[s.path] for s in watched])
     member_view = Embedded(members.embeddings[picks], [s.product for s in watched], members.pixels[picks])
-    non_members = embed_samples(module, cfg, unrelated, keep_pixels=True)
-    server = embed_samples(module, cfg, _subsample(public, public_images, seed + 2), keep_pixels=True)
+    non_members = embed_samples(model, cfg, unrelated, keep_pixels=True)
+    server = embed_samples(model, cfg, _subsample(public, public_images, seed + 2), keep_pixels=True)
     grid = (int(members.embeddings.shape[-2]), int(members.embeddings.shape[-1]))
     assert server.pixels is not None and member_view.pixels is not None and non_members.pixels is not None
 
@@ -252,7 +257,7 @@ def privacy_report(
         *(variants or []),
     ]
     for variant in uploads:
-        bank = build_upload(module, cfg, members.embeddings, variant, members.products)
+        bank = build_upload(cfg, members.embeddings, variant, members.products)
         result, reconstructions, matches = invert_items(decoder, bank.items, member_windows, unrelated_windows)
         auc = membership_auc(
             bank.items, member_view.embeddings, non_members.embeddings, member_view.products, non_members.products

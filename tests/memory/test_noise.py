@@ -10,9 +10,9 @@ import torch
 from feddymem.config import load_config
 from feddymem.errors import ConfigError
 from feddymem.federation.strategies import make_strategy
-from feddymem.memory.reduce import reduce_memory
-from feddymem.privacy import mechanism
-from feddymem.privacy.mechanism import NoiseSettings, clip_rows, private_cluster_mean, private_position_mean
+from feddymem.memory import noise as mechanism
+from feddymem.memory.noise import NoiseSettings, clip_rows, private_cluster_mean, private_position_mean
+from feddymem.memory.reduce import MemoryReduceSettings, reduce_memory
 
 
 @pytest.fixture
@@ -43,8 +43,8 @@ def test_position_mean_noise_has_the_calibrated_standard_deviation(seeded_noise)
 def test_noise_is_fresh_on_every_call_whatever_the_seed():
     emb = torch.randn(30, 4, 3, 3)
     settings = NoiseSettings(1.0, 5.0)
-    a = reduce_memory(emb, "position_mean", seed=0, noise=settings)
-    b = reduce_memory(emb, "position_mean", seed=0, noise=settings)
+    a = reduce_memory(emb, MemoryReduceSettings("position_mean", noise=settings), seed=0)
+    b = reduce_memory(emb, MemoryReduceSettings("position_mean", noise=settings), seed=0)
     assert not torch.equal(a.items, b.items)  # repeated noise would cancel between rounds
 
 
@@ -79,7 +79,7 @@ def test_strong_noise_drops_noisy_clusters_but_still_releases_something(seeded_n
 
 def test_raw_patch_uploads_cannot_be_made_private():
     with pytest.raises(ValueError, match="not coreset"):
-        reduce_memory(torch.randn(4, 4, 2, 2), "coreset", noise=NoiseSettings(1.0, 1.0))
+        reduce_memory(torch.randn(4, 4, 2, 2), MemoryReduceSettings("coreset", noise=NoiseSettings(1.0, 1.0)))
     with pytest.raises(ConfigError, match="privacy.noise_multiplier.*coreset"):
         load_config(["privacy.noise_multiplier=1", "memory.reduce=coreset"])
     with pytest.raises(ConfigError, match="privacy.noise_multiplier.*got coreset_mean"):  # the default reduce

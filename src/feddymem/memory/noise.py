@@ -39,8 +39,8 @@ from feddymem.memory.search import MemoryIndex
 class NoiseSettings:
     """``privacy``'s knobs for one client's memory-reduce."""
 
-    noise_multiplier: float  # σ: noise standard deviation / sensitivity (0 = off)
-    clip_norm: float  # C: every patch embedding is scaled to at most this L2 norm
+    noise_multiplier: float = 0.0  # σ: noise standard deviation / sensitivity (0 = off)
+    clip_norm: float = 50.0  # C: every patch embedding is scaled to at most this L2 norm
     patches_per_image: int = 0  # m: patches each image contributes, drawn at random (0 = every patch)
     iters: int = 3  # DP-Lloyd iterations per round (cluster_mean): each one is a release
 
