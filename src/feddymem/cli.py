@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from feddymem.benchmarks.commands import add_bench_parser
 from feddymem.errors import FedDyMemError, PeerFailure
@@ -186,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config_file_option(config)
     config.add_argument("--ranges", action="store_true", help="list every numeric key and the values it accepts")
     config.set_defaults(func=cmd_config)
+    _add_report_commands(sub)
+    _add_model_commands(sub)
+    _add_data_commands(sub)
+    add_bench_parser(sub)
+    add_flower_parser(sub)
+    return parser
+
+
+def _add_report_commands(sub: Any) -> None:
+    """``report`` and ``privacy-report``: what a finished run shows, and what its uploads leak."""
     report = sub.add_parser("report", help="draw PNG plots of a run")
     report.add_argument("run_dir", help="runs/<name>")
     report.add_argument("--client", type=client_id, default=0, help="client whose anomaly maps to draw")
@@ -213,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     privacy.add_argument("--seed", type=int, default=0)
     privacy.set_defaults(func=cmd_privacy_report)
+
+
+def _add_model_commands(sub: Any) -> None:
+    """``export`` and ``predict``: a trained model, outside the training code."""
     export = sub.add_parser("export", help="write a self-contained inference model (ONNX or TorchScript)")
     export.add_argument("checkpoint", help="runs/<name>/checkpoints/last.ckpt")
     export.add_argument("--client", type=client_id, default=0)
@@ -244,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pred.add_argument("--quiet", action="store_true")
     pred.set_defaults(func=cmd_predict)
+
+
+def _add_data_commands(sub: Any) -> None:
+    """``data check``: a data set's every problem, before training."""
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
     check = data.add_parser(
         "check",
@@ -254,9 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     _config_file_option(check)
     check.add_argument("--quiet", action="store_true")
     check.set_defaults(func=cmd_data_check)
-    add_bench_parser(sub)
-    add_flower_parser(sub)
-    return parser
 
 
 def _config_file_option(parser: argparse.ArgumentParser) -> None:

@@ -68,6 +68,21 @@ def product_window(cfg: DictConfig) -> tuple[float, float] | None:
     return windows.pop() if len(windows) == 1 else None
 
 
+def _decodable(
+    images: list[Path], window: tuple[float, float] | None, reporter: Reporter
+) -> tuple[list[Path], list[str]]:
+    """The images that decode, and the paths of those that do not (each said as a warning)."""
+    paths, skipped = [], []
+    for path in images:
+        try:
+            read_image(str(path), window)
+            paths.append(path)
+        except DataError as err:
+            skipped.append(str(path))
+            reporter.warn(f"skipped: {err}")
+    return paths, skipped
+
+
 def predict(
     checkpoint: str | Path,
     inputs: list[str],
@@ -90,14 +105,7 @@ def predict(
     trained = load_trained(checkpoint, client_id)
     model, cfg, threshold = trained.model, trained.config, trained.threshold
     window = window or product_window(cfg)
-    paths, skipped = [], []
-    for path in images:
-        try:
-            read_image(str(path), window)
-            paths.append(path)
-        except DataError as err:
-            skipped.append(str(path))
-            reporter.warn(f"skipped: {err}")
+    paths, skipped = _decodable(images, window, reporter)
     if not paths:
         raise DataError(f"none of the {len(images)} input image(s) could be decoded; nothing was scored")
     # Only now, with a model and images that decode, are earlier predictions replaced (--overwrite).

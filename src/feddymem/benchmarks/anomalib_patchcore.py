@@ -214,6 +214,28 @@ def run(overrides: list[str], settings: AnomalibSettings) -> dict[str, Any]:
             normal = score(module, dataset(c.holdout + [c.train[i] for i in sample]), settings.batch_size)
             clients[str(c.client_id)] = client_metrics(scored.select([position[s.path] for s in c.test]), normal)
     wall = time.perf_counter() - start
+    measured = {
+        "scoring_memory_items": memory_items,
+        "train_images": len(train),
+        "embedding_max_abs_diff": same_embedding,
+        "round0_s": wall,
+        "time_per_round_s": wall,
+        "wall_s": wall,
+        **timings,
+        "peak_rss_mb": peak.rss_mb,
+        "peak_rss_resettable": peak.resettable,
+        "peak_cuda_mb": peak.cuda_mb,
+        "anomalib_version": anomalib_version,
+        "device": str(module.device),
+    }
+    return suite_row(cfg.dataset, settings, clients, measured)
+
+
+def suite_row(
+    dataset: str, settings: AnomalibSettings, clients: dict[str, dict[str, Any]], measured: dict[str, Any]
+) -> dict[str, Any]:
+    """The row in the suite's format from each client's metrics and what was measured: one centralised
+    fit, nothing uploaded, no rounds."""
     per_product: dict[str, list[float]] = {}
     for metrics in clients.values():
         for product, values in metrics["products"].items():
@@ -225,7 +247,7 @@ def run(overrides: list[str], settings: AnomalibSettings) -> dict[str, Any]:
         return float(np.mean(values)) if values else None
 
     return {
-        "dataset": cfg.dataset,
+        "dataset": dataset,
         "method": METHOD,
         "overrides": settings.overrides(),
         "mean_image_auroc": mean_of("image_auroc"),
@@ -240,20 +262,9 @@ def run(overrides: list[str], settings: AnomalibSettings) -> dict[str, Any]:
         "bytes_up_per_client_round": 0.0,
         "bytes_down_per_client_round": 0.0,
         "unreduced_bytes_per_client": None,
-        "scoring_memory_items": memory_items,
         "upload_items_per_client": None,
-        "train_images": len(train),
-        "embedding_max_abs_diff": same_embedding,
-        "round0_s": wall,
-        "time_per_round_s": wall,
         "rounds": 0,
-        "wall_s": wall,
-        **timings,
-        "peak_rss_mb": peak.rss_mb,
-        "peak_rss_resettable": peak.resettable,
-        "peak_cuda_mb": peak.cuda_mb,
-        "anomalib_version": anomalib_version,
-        "device": str(module.device),
+        **measured,
     }
 
 

@@ -17,20 +17,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from feddymem.benchmarks import anomalib_patchcore, perf
+from feddymem.benchmarks import anomalib_patchcore
 from feddymem.benchmarks.measure import PeakMemory, machine
+from feddymem.benchmarks.perf_rows import measure_perf
 from feddymem.benchmarks.plan import BenchPlan, plan_rows, reference_settings
 from feddymem.benchmarks.results import plot_convergence, render_markdown
 from feddymem.config import load_config
 from feddymem.errors import ConfigError
-from feddymem.federation.client import Client
 from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.federation.server import server_limits
 from feddymem.io import atomic_write_json, atomic_write_text
 from feddymem.logging.console import Reporter
-from feddymem.memory.reduce import split_parts
 
 
 # --- per data set ---------------------------------------------------------------------------------
@@ -169,64 +168,6 @@ def _upload_items(rounds: list[dict[str, Any]]) -> list[int]:
 
 
 # --- performance side by side -----------------------------------------------------------------------
-def measure_perf(plan: BenchPlan, orch: FederatedOrchestrator) -> dict[str, Any]:
-    """K-means, scoring and throughput on the real features of ``orch``'s data set (round-0 generators)."""
-    p = plan.perf
-    out: dict[str, Any] = {"dataset": orch.cfg.dataset}
-    banks = [orch.runner.build_memory(c) for c in orch.clients]
-    limits = server_limits(orch.cfg)
-    # The patch part of the uploads: K-means and the search run part by part on items of this width.
-    uploads = torch.cat([split_parts(b, limits.memory_parts)[0].items for b in banks]).numpy()
-    k = limits.patch_positions
-    out["kmeans"] = [
-        {"scale": s, **perf.compare_kmeans(perf.replicate(uploads, s, plan.seed), k, orch.cfg.server.kmeans_iters)}
-        for s in p.kmeans_scales
-    ]
-    client = orch.clients[0]
-    module = client.module
-    module.set_global_memory(banks[0].items)
-    test = orch.cache.wrap(client.test_set)
-    n = min(p.scoring_images, len(client.test_set))
-    features = torch.stack([test[i]["features"] for i in range(n)])
-    with torch.no_grad():
-        embedded = module.model.embed(features)
-    queries = embedded.permute(0, 2, 3, 1).reshape(-1, embedded.shape[1]).contiguous()
-    generator = torch.Generator().manual_seed(plan.seed)
-    scoring = []
-    for size in p.scoring_memory_sizes:  # memories drawn from the real uploads (at most all of them)
-        memory = torch.from_numpy(uploads)[torch.randperm(len(uploads), generator=generator)[:size]]
-        scoring.append({"images": n, **perf.compare_scoring(queries, memory.contiguous())})
-    out["scoring"] = scoring
-    out["throughput"] = throughput(orch, client, p.throughput_images)
-    return out
-
-
-def throughput(orch: FederatedOrchestrator, client: Client, images: int) -> dict[str, float]:
-    """Images/s for memory building and for scoring, from image files and from cached features."""
-    module = client.module
-    n = min(images, len(client.memory_set))
-    raw = Subset(client.memory_set, range(n))
-    cached = Subset(orch.cache.wrap(client.memory_set), range(n))
-    bs = orch.cfg.optim.eval_batch_size
-
-    def build(ds) -> None:
-        module.build_memory(DataLoader(ds, batch_size=bs))
-
-    def score(ds) -> None:
-        with torch.no_grad():
-            for batch in DataLoader(ds, batch_size=bs):
-                module.score_batch(batch)
-
-    return {
-        "images": n,
-        "build_from_images_per_s": n / perf.timed(lambda: build(raw)),
-        "build_from_cache_per_s": n / perf.timed(lambda: build(cached)),
-        "score_from_images_per_s": n / perf.timed(lambda: score(raw)),
-        "score_from_cache_per_s": n / perf.timed(lambda: score(cached)),
-    }
-
-
-# --- the whole suite ---------------------------------------------------------------------------------
 def run_suite(
     plan: BenchPlan,
     out_dir: str | Path = "benchmarks",
@@ -252,18 +193,7 @@ def run_suite(
     datasets = datasets or list(plan.datasets)
     methods = methods or list(rows)
     torch.manual_seed(plan.seed)
-    results: dict[str, Any] = {
-        "machine": machine(),
-        "title": plan.title,
-        "notes": plan.notes,
-        "seed": plan.seed,
-        "overrides": plan.overrides,
-        "datasets": {d: plan.datasets[d] for d in datasets},
-        "runs": [],
-        "cache": {},
-        "perf": None,
-        "privacy": {},
-    }
+    results = _empty_results(plan, datasets)
     earlier_s = _resume_from(results, plan, out_dir / "results.json") if resume else 0.0
     # Checked before anything runs: a privacy plan's rows must share one generator.
     variants = {d: privacy_variants(plan, d, methods, runs_dir) for d in datasets} if plan.privacy.client >= 0 else {}
@@ -293,13 +223,7 @@ def run_suite(
         save()
         for method in todo:
             reporter.print(f"[bench] {dataset}: {method}")
-            if method == anomalib_patchcore.METHOD:
-                base = _base_overrides(plan, dataset, runs_dir)
-                settings = reference_settings(plan)
-                row = anomalib_patchcore.run_in_environment(plan.reference.python, base, settings, runs_dir / dataset)
-                run = {**row, "dataset": dataset}  # the plan's name for the data set, as the other rows
-            else:
-                run = run_method(plan, dataset, method, runs_dir, features)
+            run = _run_row(plan, dataset, method, runs_dir, features)
             results["runs"].append(run)
             reporter.print(
                 f"[bench] {dataset}: {method}: mean image AUROC {run['mean_image_auroc']:.4f}, "
@@ -312,6 +236,35 @@ def run_suite(
             results["privacy"][dataset] = attack_rows(plan, dataset, variants[dataset], first_run)
             save()
     return results
+
+
+def _empty_results(plan: BenchPlan, datasets: list[str]) -> dict[str, Any]:
+    """``results.json`` before any run: the machine, the plan's title, notes, seed and overrides."""
+    return {
+        "machine": machine(),
+        "title": plan.title,
+        "notes": plan.notes,
+        "seed": plan.seed,
+        "overrides": plan.overrides,
+        "datasets": {d: plan.datasets[d] for d in datasets},
+        "runs": [],
+        "cache": {},
+        "perf": None,
+        "privacy": {},
+    }
+
+
+def _run_row(
+    plan: BenchPlan, dataset: str, method: str, runs_dir: Path, features: FederatedOrchestrator
+) -> dict[str, Any]:
+    """One row of the table: a run of ``method``, or anomalib's PatchCore in its own environment."""
+    if method != anomalib_patchcore.METHOD:
+        return run_method(plan, dataset, method, runs_dir, features)
+    base = _base_overrides(plan, dataset, runs_dir)
+    row = anomalib_patchcore.run_in_environment(
+        plan.reference.python, base, reference_settings(plan), runs_dir / dataset
+    )
+    return {**row, "dataset": dataset}  # the plan's name for the data set, as the other rows
 
 
 def _resume_from(results: dict[str, Any], plan: BenchPlan, path: Path) -> float:

@@ -257,6 +257,12 @@ def validate(cfg: DictConfig) -> None:
     if missing := sorted(OmegaConf.missing_keys(cfg)):
         raise ConfigError(f"config value(s) missing: {', '.join(missing)}")
     check_ranges(cfg)
+    _check_model_and_processes(cfg)
+    _check_memory_and_privacy(cfg)
+    _check_data(cfg)
+
+
+def _check_model_and_processes(cfg: DictConfig) -> None:
     if cfg.federation.accelerator not in ACCELERATORS:
         raise ConfigError(
             f"'federation.accelerator' must be one of {', '.join(ACCELERATORS)}; got '{cfg.federation.accelerator}'"
@@ -282,6 +288,14 @@ def validate(cfg: DictConfig) -> None:
             f"{processes} processes (federation.devices × num_nodes) for {cfg.data.num_clients} "
             "clients: every process must host at least one client"
         )
+    if cfg.federation.min_clients > cfg.data.num_clients:
+        raise ConfigError(
+            f"'federation.min_clients' ({cfg.federation.min_clients}) exceeds 'data.num_clients' "
+            f"({cfg.data.num_clients})"
+        )
+
+
+def _check_memory_and_privacy(cfg: DictConfig) -> None:
     if cfg.server.aggregation == Aggregation.mean and (
         cfg.memory.reduce not in (Reduce.position_mean, Reduce.position_weighted)
         or cfg.memory.size
@@ -300,11 +314,9 @@ def validate(cfg: DictConfig) -> None:
             "centres follow single images' outliers and position_weighted weighs each image by all the others, "
             "so one image's influence has no bound"
         )
-    if cfg.federation.min_clients > cfg.data.num_clients:
-        raise ConfigError(
-            f"'federation.min_clients' ({cfg.federation.min_clients}) exceeds 'data.num_clients' "
-            f"({cfg.data.num_clients})"
-        )
+
+
+def _check_data(cfg: DictConfig) -> None:
     # A Flower coordinator needs no products: every site describes its own (its node's dataset=...).
     if not cfg.data.products and cfg.federation.engine != Engine.flower:
         raise ConfigError(f"dataset '{cfg.dataset}' lists no products under 'products'")

@@ -93,11 +93,6 @@ class UploadVariant:
             noise=noise,
         )
 
-    def resolved(self, cfg: Any) -> UploadVariant:
-        """Every setting filled: this variant's where it sets one, the run's (``cfg``) elsewhere."""
-        run = dataclasses.asdict(UploadVariant.of_config(self.name, cfg))
-        return UploadVariant(**{**run, **{k: v for k, v in dataclasses.asdict(self).items() if v is not None}})
-
     @classmethod
     def parse(cls, text: str) -> UploadVariant:
         """``key=value,key=value`` (keys: the fields above but ``name``); the name is the text itself."""
@@ -179,6 +174,47 @@ def build_upload(cfg: Any, embeddings: torch.Tensor, variant: UploadVariant, pro
     return reduce_memory(embeddings, settings, seed=cfg.seed, image_groups=products if settings.per_product else None)
 
 
+@dataclass
+class AttackSets:
+    """The images of an attack, embedded with the client's kept generator: every member (they build the
+    upload), the watched members, as many non-members of the same products, and the server's public images."""
+
+    members: Embedded
+    member_view: Embedded
+    non_members: Embedded
+    server: Embedded
+
+
+def _attack_sets(
+    model: FedDyMemModel, cfg: Any, client_id: int, run_dir: Path, attack_images: int, public_images: int, seed: int
+) -> AttackSets:
+    from feddymem.data.check import plan_data
+
+    plan = plan_data(cfg)
+    client = plan.clients[client_id]
+    products = set(client.products)
+    others = [s for c in plan.clients if c.client_id != client_id for s in c.train if s.product in products]
+    public = [s for p in plan.products if p.name in products for s in p.test if s.label == 0]
+    if not public or not (client.holdout or others):
+        raise FedDyMemError(
+            f"client {client_id} of {run_dir}: the attacks need normal test images of its products (the server's "
+            "public images) and images of them the client does not hold (non-members)"
+        )
+    watched, unrelated = matched_samples(client.train, client.holdout + others, attack_images, seed)
+    if not watched:
+        raise FedDyMemError(f"client {client_id} of {run_dir}: no product has both members and non-members")
+    members = embed_samples(model, cfg, client.train, keep_pixels=True)
+    assert members.pixels is not None
+    position = {s.path: i for i, s in enumerate(client.train)}
+    picks = torch.tensor([position[s.path] for s in watched])
+    return AttackSets(
+        members,
+        Embedded(members.embeddings[picks], [s.product for s in watched], members.pixels[picks]),
+        embed_samples(model, cfg, unrelated, keep_pixels=True),
+        embed_samples(model, cfg, _subsample(public, public_images, seed + 2), keep_pixels=True),
+    )
+
+
 def privacy_report(
     run_dir: str | Path,
     client_id: int = 0,
@@ -200,7 +236,6 @@ def privacy_report(
     ``public_images``: the server's images the decoder is trained on, for ``decoder_steps`` (0: 8 epochs,
     at least 400 steps).
     """
-    from feddymem.data.check import plan_data
     from feddymem.trained import load_trained
 
     t0 = time.perf_counter()
@@ -210,27 +245,41 @@ def privacy_report(
         raise FedDyMemError(f"no checkpoint at {checkpoint}: is {run_dir} a finished FedDyMem run?")
     trained = load_trained(checkpoint, client_id)
     model, cfg = trained.model.cpu().eval(), trained.config
-    plan = plan_data(cfg)
-    client = plan.clients[client_id]
-    products = set(client.products)
-    others = [s for c in plan.clients if c.client_id != client_id for s in c.train if s.product in products]
-    public = [s for p in plan.products if p.name in products for s in p.test if s.label == 0]
-    if not public or not (client.holdout or others):
-        raise FedDyMemError(
-            f"client {client_id} of {run_dir}: the attacks need normal test images of its products (the server's "
-            "public images) and images of them the client does not hold (non-members)"
-        )
-    watched, unrelated = matched_samples(client.train, client.holdout + others, attack_images, seed)
-    count = len(watched)
-    if not count:
-        raise FedDyMemError(f"client {client_id} of {run_dir}: no product has both members and non-members")
-    members = embed_samples(model, cfg, client.train, keep_pixels=True)  # every member builds the upload
-    assert members.pixels is not None
-    position = {s.path: i for i, s in enumerate(client.train)}
-    picks = torch.tensor([position[s.path] for s in watched])
-    member_view = Embedded(members.embeddings[picks], [s.product for s in watched], members.pixels[picks])
-    non_members = embed_samples(model, cfg, unrelated, keep_pixels=True)
-    server = embed_samples(model, cfg, _subsample(public, public_images, seed + 2), keep_pixels=True)
+    sets = _attack_sets(model, cfg, client_id, run_dir, attack_images, public_images, seed)
+    uploads = [
+        UploadVariant("un-reduced bank: coreset of raw patches (b)", reduce="coreset", noise_multiplier=0.0),
+        *([UploadVariant(f"the run's upload (c): {cfg.memory.reduce.value}")] if own_upload else []),
+        *(variants or []),
+    ]
+    rows, figures = _attack_rows(sets, cfg, uploads, seed, decoder_steps)
+    cfg_noise = cfg.privacy
+    members, member_view, non_members, server = sets.members, sets.member_view, sets.non_members, sets.server
+    report = {
+        "run_dir": str(run_dir),
+        "client": client_id,
+        "members": len(members.products),
+        "attack_images": {
+            "members": len(member_view.products),
+            "non_members": len(non_members.products),
+            "public": len(server.products),
+        },
+        "delta": cfg_noise.delta,
+        "rows": rows,
+        "time_s": time.perf_counter() - t0,
+    }
+    out = claim_output_dir(run_dir / "privacy", "privacy report folder")
+    atomic_write_json(out / "privacy.json", report)
+    atomic_write_text(out / "privacy.md", render_table(report))
+    _draw(figures, out / "inversion.png")
+    return report
+
+
+def _attack_rows(
+    sets: AttackSets, cfg: Any, uploads: list[UploadVariant], seed: int, decoder_steps: int
+) -> tuple[list[dict[str, Any]], list[tuple[str, torch.Tensor, torch.Tensor]]]:
+    """A decoder trained on the server's public images attacks the per-image embeddings and every upload;
+    membership inference runs on every upload. The table's rows and the inversion figure's panels."""
+    members, member_view, non_members, server = sets.members, sets.member_view, sets.non_members, sets.server
     grid = (int(members.embeddings.shape[-2]), int(members.embeddings.shape[-1]))
     assert server.pixels is not None and member_view.pixels is not None and non_members.pixels is not None
 
@@ -243,49 +292,23 @@ def privacy_report(
     decoder = train_decoder(*pairs(server), seed=seed, steps=decoder_steps)
     _, member_windows = pairs(member_view)
     _, unrelated_windows = pairs(non_members)
-
     rows: list[dict[str, Any]] = []
     figures: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     per_image, recon = invert_images(decoder, member_view.embeddings, member_view.pixels, non_members.pixels)
     rows.append(_row("per-image embeddings (a)", None, per_image, float("nan"), None))
     figures.append(("per-image embeddings", member_view.pixels[:4], recon[:4]))
-
-    cfg_noise = cfg.privacy
-    uploads = [
-        UploadVariant("un-reduced bank: coreset of raw patches (b)", reduce="coreset", noise_multiplier=0.0),
-        *([UploadVariant(f"the run's upload (c): {cfg.memory.reduce.value}")] if own_upload else []),
-        *(variants or []),
-    ]
     for variant in uploads:
         bank = build_upload(cfg, members.embeddings, variant, members.products)
         result, reconstructions, matches = invert_items(decoder, bank.items, member_windows, unrelated_windows)
         auc = membership_auc(
             bank.items, member_view.embeddings, non_members.embeddings, member_view.products, non_members.products
         )
-        sigma = variant.resolved(cfg).noise_multiplier or 0.0
-        eps = epsilon(sigma, bank.releases, cfg_noise.delta) if bank.releases else None
+        sigma = variant.settings(cfg).noise.noise_multiplier
+        eps = epsilon(sigma, bank.releases, cfg.privacy.delta) if bank.releases else None
         rows.append(_row(variant.name, bank, result, auc, eps))
         order = torch.randperm(len(reconstructions), generator=torch.Generator().manual_seed(seed))[:6]
         figures.append((variant.name, matches[order], reconstructions[order]))
-
-    report = {
-        "run_dir": str(run_dir),
-        "client": client_id,
-        "members": len(client.train),
-        "attack_images": {
-            "members": len(member_view.products),
-            "non_members": count,
-            "public": len(server.products),
-        },
-        "delta": cfg_noise.delta,
-        "rows": rows,
-        "time_s": time.perf_counter() - t0,
-    }
-    out = claim_output_dir(run_dir / "privacy", "privacy report folder")
-    atomic_write_json(out / "privacy.json", report)
-    atomic_write_text(out / "privacy.md", render_table(report))
-    _draw(figures, out / "inversion.png")
-    return report
+    return rows, figures
 
 
 def _row(name: str, bank: MemoryBank | None, result: Any, auc: float, eps: float | None) -> dict[str, Any]:
