@@ -52,7 +52,7 @@ def plan_data(cfg: DictConfig) -> DataPlan:
     clients = partition_clients(
         products,
         d.num_clients,
-        method=d.partition,
+        method=d.partition.value,
         alpha=d.dirichlet_alpha,
         table=[list(r) for r in d.table],
         seed=d.seed,

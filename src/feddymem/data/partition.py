@@ -52,7 +52,6 @@ def partition_clients(
     every client has at least ``min_train`` images. ``table``: row k, column p is client k's fraction
     of product p. A client holds a product when it gets at least one of its training images.
     """
-    method = getattr(method, "value", method)
     rng = np.random.default_rng(seed)
     orders = [rng.permutation(len(p.train)) for p in products]
     for _ in range(max_tries if method == "dirichlet" else 1):

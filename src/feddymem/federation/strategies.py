@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from feddymem.config.choices import Method
 from feddymem.config.settings import memory_reduce_settings, model_settings
 from feddymem.errors import ConfigError
 from feddymem.federation.baselines import average_parameters
@@ -252,7 +253,7 @@ STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Strategy, Local, Ce
 
 def make_strategy(cfg: Any, server_gpu: bool = False) -> Strategy:
     """The strategy of ``cfg.method``: the one place that branches on a method's name."""
-    strategy = STRATEGIES[str(getattr(cfg.method, "value", cfg.method))](cfg, server_gpu)
+    strategy = STRATEGIES[Method(cfg.method).value](cfg, server_gpu)  # a member or its name
     if cfg.privacy.noise_multiplier > 0 and not strategy.shares_memory:
         raise ConfigError(
             f"'privacy.noise_multiplier' ({cfg.privacy.noise_multiplier}) adds noise to memory uploads; "
