@@ -61,7 +61,7 @@ def claim_output_dir(path: str | Path, what: str) -> Path:
 
 # What a run writes in its folder: a folder holding only these (and no checkpoint) is a run that stopped
 # before its first checkpoint, and a rerun with the same name may reuse it.
-RUN_FILES = {"config.yaml", "logs", "wandb", "metrics.json", "checkpoints", "scores.csv"}
+RUN_FILES = {"config.yaml", "logs", "wandb", "tensorboard", "mlruns", "metrics.json", "checkpoints", "scores.csv"}
 
 
 def run_dir_problem(run_dir: str | Path, resume: bool) -> str | None:

@@ -95,8 +95,8 @@ def test_the_kept_state_is_scored_with_the_normaliser_fitted_when_it_was_kept(sy
         raise AssertionError("the kept state's normaliser was fitted again")
 
     monkeypatch.setattr(runner.evaluator, "held_out", refit)
-    kept = runner.test_kept(client)
+    kept, _ = runner.test_kept(client)
     assert kept.image_auroc == evaluation.test.image_auroc and kept.scores == evaluation.test.scores
     monkeypatch.undo()
     client.kept.normalizer = None  # an older checkpoint: fitted again, to the same scores
-    assert runner.test_kept(client).scores == evaluation.test.scores
+    assert runner.test_kept(client)[0].scores == evaluation.test.scores

@@ -1,5 +1,7 @@
 """A short federated job logged to a real offline W&B run, read back from the run's own files."""
 
+import csv
+import json
 import struct
 
 import pytest
@@ -7,18 +9,16 @@ import torch
 
 from conftest import FAST
 from feddymem.cli import main
-from feddymem.logging.experiment import heatmap_panel, wandb_mode
+from feddymem.logging.experiment import RoundCSVLogger, heatmap_panel, wandb_mode
 
 
-def test_wandb_mode_offline_unless_logged_in(monkeypatch, tmp_path):
+def test_wandb_is_online_only_when_asked(monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # logged in: still offline unless asked
     assert wandb_mode() == "offline"
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert wandb_mode() == "online"
+    assert wandb_mode("online") == "online"  # wandb_mode=online
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert wandb_mode() == "disabled"
+    assert wandb_mode("online") == "disabled"
 
 
 def test_heatmap_panel_shape_and_content():
@@ -54,44 +54,92 @@ def read_wandb_records(path):
 
 
 @pytest.mark.e2e
-def test_offline_wandb_run_holds_client_metrics_and_panels(tmp_path, synthetic_yaml, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+def test_offline_wandb_run_at_the_defaults_holds_final_metrics_panels_and_artifact(
+    tmp_path, synthetic_yaml, monkeypatch
+):
+    """The default config (the test set scored once, at the end, for the kept states): the final AUROCs as
+    ``final/...`` keys and in the summary, the final panels and table, the artifact with its aliases; the
+    same final metrics in metrics.csv; a resumed run continues the same W&B run."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    fast = [f for f in FAST if not f.startswith("logger=")]
-    code = main(
-        [
-            "train",
-            f"dataset={synthetic_yaml}",
-            "data.num_clients=2",
-            "federation.rounds=1",
-            *fast,
-            "logger=wandb",
-            "panel_images=4",
-            f"output_dir={tmp_path}",
-            "name=wb",
-        ]
-    )
-    assert code == 0
+    fast = [f for f in FAST if not f.startswith(("logger=", "federation.eval_every="))]
+    args = ["train", f"dataset={synthetic_yaml}", "data.num_clients=2", *fast, "logger=wandb", "panel_images=4"]
+    assert main([*args, "federation.rounds=1", f"output_dir={tmp_path}", "name=wb"]) == 0
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    files = runs[0] / "files"
     records = list(read_wandb_records(next(runs[0].glob("run-*.wandb"))))
     logged = {
         item.key or "/".join(item.nested_key) for r in records if r.HasField("history") for item in r.history.item
     }
     for key in (
-        "client/0/image_auroc",
-        "client/1/image_auroc",
+        "round/index",  # every key's x-axis
         "client/0/bytes_up",
         "server/kmeans_objective",
-        "client/0/product0/pixel_auroc",
-        "round/mean_image_auroc",
+        "final/mean_image_auroc",
+        "final/mean_pixel_auroc",
+        "final/mean_aupro",
+        "final/client/0/image_auroc",
+        "final/client/1/kept_round",
+        "final/product/product0/image_auroc",
+        "final/clients/_type",  # the per-client, per-product table
     ):
         assert key in logged, key
-    assert "final/clients/_type" in logged  # the per-client, per-product table
-    assert sum(r.HasField("artifact") for r in records) >= 1  # the model artifact
-    panels = list((files / "media" / "images").rglob("*.png"))
-    assert len(panels) >= 2 * 2 * 4  # 2 rounds × 2 clients × 4 images
-    config = next(r.run.config for r in records if r.HasField("run"))
-    assert any(item.key == "data" and "num_clients" in item.value_json for item in config.update)
-    assert (tmp_path / "wb" / "logs" / "metrics.csv").is_file()  # the CSV log is kept too
+    assert "client/0/image_auroc" not in logged  # the defaults score no round's test set: only the kept states
+    summary = {item.key: item.value_json for r in records if r.HasField("summary") for item in r.summary.update}
+    assert 0.5 < float(summary["final/mean_image_auroc"]) <= 1.0
+    run = next(r.run for r in records if r.HasField("run"))
+    assert (run.run_group, run.job_type) == ("wb", "server")
+    artifacts = [r.artifact for r in records if r.HasField("artifact") and r.artifact.type == "model"]
+    assert [(a.name, sorted(a.aliases)) for a in artifacts] == [("feddymem-synthetic-feddymem", ["best", "latest"])]
+    panels = list((runs[0] / "files" / "media" / "images").rglob("*.png"))
+    assert len(panels) >= 2 * 4  # the final evaluation: 2 clients × 4 images
+    table = next((runs[0] / "files" / "media" / "table" / "final").glob("clients_*.table.json"))
+    assert len(json.loads(table.read_text())["data"]) == 2 * 2  # 2 clients × 2 products
+    with (tmp_path / "wb" / "logs" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["0", "1"] and float(rows[-1]["final/mean_image_auroc"]) > 0.5
+    # Resumed with one more round: the same W&B run (its id kept in the run folder), a new segment of it.
+    assert main(["train", f"resume={tmp_path / 'wb'}", "federation.rounds=2"]) == 0
+    again = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(again) == 2 and len({p.name.rsplit("-", 1)[1] for p in again}) == 1
+
+
+def test_csv_log_merges_a_rounds_final_metrics_into_its_row(tmp_path):
+    logger = RoundCSVLogger(tmp_path)
+    logger.log_metrics({"round/time_s": 1.0}, step=0)
+    logger.log_metrics({"round/time_s": 2.0}, step=1)
+    logger.log_metrics({"final/mean_image_auroc": 0.9}, step=1)
+    with (tmp_path / "logs" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["round/time_s"], r["final/mean_image_auroc"]) for r in rows] == [
+        ("0", "1.0", ""),
+        ("1", "2.0", "0.9"),
+    ]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kind", ["tensorboard", "mlflow"])
+def test_dashboards_without_wandb_hold_the_same_keys(kind, tmp_path, synthetic_yaml):
+    """logger=tensorboard / mlflow: Lightning's own loggers, read back from their files."""
+    fast = [f for f in FAST if not f.startswith(("logger=", "federation.eval_every="))]
+    args = [f"dataset={synthetic_yaml}", "data.num_clients=2", *fast, f"logger={kind}", "federation.rounds=1"]
+    assert main(["train", *args, f"output_dir={tmp_path}", "name=dash"]) == 0
+    run = tmp_path / "dash"
+    if kind == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run / "tensorboard")).Reload()
+        keys = set(events.Tags()["scalars"])
+        final = events.Scalars("final/mean_image_auroc")[-1].value
+    else:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=(run / "mlruns").resolve().as_uri())
+        experiment = client.get_experiment_by_name("feddymem")
+        (found,) = client.search_runs([experiment.experiment_id])
+        keys = set(found.data.metrics)
+        final = found.data.metrics["final/mean_image_auroc"]
+    for key in ("final/mean_image_auroc", "final/client/0/image_auroc", "client/0/bytes_up", "round/time_s"):
+        assert key in keys, key
+    assert 0.5 < final <= 1.0
+    assert (run / "logs" / "metrics.csv").is_file()

@@ -88,8 +88,18 @@ class Logger(str, enum.Enum):
     """Where per-round metrics go (besides ``metrics.json``)."""
 
     csv = "csv"
-    wandb = "wandb"  # W&B (offline unless logged in or WANDB_MODE=online) + the CSV log
+    wandb = "wandb"  # W&B (offline unless wandb_mode=online or WANDB_MODE=online) + the CSV log
+    tensorboard = "tensorboard"  # TensorBoard event files in tensorboard/ + the CSV log (feddymem[dashboards])
+    mlflow = "mlflow"  # an MLflow file store in mlruns/ + the CSV log (feddymem[dashboards])
     none = "none"
+
+
+class WandbMode(str, enum.Enum):
+    """Whether a W&B run uploads: only when asked for."""
+
+    offline = "offline"  # files under the run folder; upload later with wandb sync
+    online = "online"
+    disabled = "disabled"
 
 
 class Engine(str, enum.Enum):

@@ -23,6 +23,7 @@ from feddymem.config.choices import (
     Rebuild,
     Reduce,
     Scoring,
+    WandbMode,
 )
 from feddymem.memory.noise import NoiseSettings
 from feddymem.memory.reduce import MemoryReduceSettings
@@ -301,7 +302,8 @@ class TrainConfig:
     seed: int = ranged(0, 0, 2**32 - 1)
     quiet: bool = False
     logger: Logger = Logger.csv
-    wandb_project: str = "feddymem"
+    wandb_project: str = "feddymem"  # logger=wandb: the W&B project (logger=mlflow: the experiment)
+    wandb_mode: WandbMode = WandbMode.offline  # online: upload (WANDB_MODE overrides)
     panel_images: int = ranged(16, 0)  # test images per client in each round's W&B image panel
     # decision threshold: this percentile of normal training scores
     threshold_percentile: float = ranged(99.0, 0.0, 100.0)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from feddymem.errors import CheckpointError
@@ -152,8 +153,9 @@ class ClientRunner:
         assert client.kept is not None
         return client.kept.round
 
-    def test_kept(self, client: Client) -> TestSetMetrics:
-        """The test metrics of the client's kept state (its current state is restored afterwards)."""
+    def test_kept(self, client: Client) -> tuple[TestSetMetrics, list[tuple[str, np.ndarray]] | None]:
+        """The test metrics of the client's kept state and its anomaly-map panel (W&B only; the Fabric
+        engine's trusted cluster); its current state is restored afterwards."""
         assert client.kept is not None
         current = client.module.trainable_state()
         client.module.load_trainable_state(client.kept.model)
@@ -162,8 +164,9 @@ class ClientRunner:
         else:
             _, normalizer = self.evaluator.held_out(client)
         metrics = self.evaluator.test(client, normalizer)
+        panel = self.evaluator.panel(client)
         client.module.load_trainable_state(current)
-        return metrics
+        return metrics, panel
 
     # --- checkpoints ----------------------------------------------------------------------------
     def states(self) -> dict[int, dict[str, Any]]:

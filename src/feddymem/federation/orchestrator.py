@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from feddymem.config import to_container, to_yaml
+from feddymem.config import to_yaml
 from feddymem.data.check import check_memory_images, plan_data, verify_plan
 from feddymem.data.feature_cache import FeatureCache
 from feddymem.data.partition import ClientData
@@ -39,12 +39,11 @@ from feddymem.federation.distributed import (
 )
 from feddymem.federation.evaluation import Evaluator, test_set_scored
 from feddymem.federation.messages import ServerReply
-from feddymem.federation.reporting import RunReporter, final_summary, kept_record
+from feddymem.federation.reporting import RunReporter, final_summary, kept_record, run_loggers
 from feddymem.federation.server import Server, TooFewClients
 from feddymem.federation.strategies import make_strategy
 from feddymem.io import atomic_write_json, atomic_write_text, claim_output_dir, run_dir_problem
 from feddymem.logging.console import Reporter
-from feddymem.logging.experiment import find_wandb, make_loggers
 from feddymem.memory.kmeans import resolve_gpu
 
 
@@ -72,7 +71,7 @@ class FederatedOrchestrator:
             raise ConfigError(
                 f"method={self.method} pools all data in one process; got {f.devices * f.num_nodes} processes"
             )
-        loggers = make_loggers(cfg.logger.value, self.run_dir, self.run_dir.name, to_container(cfg), cfg.wandb_project)
+        loggers = run_loggers(cfg, self.run_dir)
         self.fabric = make_fabric(f.accelerator, f.devices, f.num_nodes, f.collective_timeout_s, loggers)
         self.reporter = reporter or Reporter(quiet=cfg.quiet)
         self.all_clients: list[ClientData] = []
@@ -189,7 +188,10 @@ class FederatedOrchestrator:
         gathered = gather_to_server(self.fabric, local)
         if gathered is None:
             return {}
-        results = {k: v for part in gathered for k, v in part.items()}
+        tested = {k: v for part in gathered for k, v in part.items()}
+        results = {k: metrics for k, (metrics, _) in tested.items()}
+        if self.history:  # the kept states' anomaly maps, at the last round (W&B)
+            self.run_report.log_panels(self.history[-1]["round"], {k: panel for k, (_, panel) in tested.items()})
         rows = [(cid, *row) for cid, metrics in results.items() for row in metrics.scores]
         if rows:  # the kept states' per-image scores, for ROC curves (feddymem report)
             self.run_report.write_scores(rows)
@@ -288,11 +290,8 @@ class FederatedOrchestrator:
             return None
         if self.final_tests:
             atomic_write_json(self.run_dir / "metrics.json", self.summary())
-        self.run_report.log_final(self.history, self.global_memory)
-        for logger in self.fabric.loggers:
-            logger.finalize("success")
-        if (wandb_logger := find_wandb(self.fabric.loggers)) is not None:
-            wandb_logger.experiment.finish()
+        self.run_report.log_final(self.history, self.final_tests, self.global_memory)
+        self.run_report.finish()
         if self.history:
             self.run_report.print_table(kept_record(self.history, self.final_tests), self.history, self.all_clients)
         return self.summary()

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from feddymem.config import to_container
 from feddymem.data.partition import ClientData
 from feddymem.io import atomic_write_text, save_checkpoint
 from feddymem.logging.console import Reporter, human_bytes
-from feddymem.logging.experiment import find_wandb
+from feddymem.logging.experiment import WandbSettings, find_wandb, make_loggers
 
 
 def kept_record(history: list[dict[str, Any]], final_tests: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -50,6 +51,37 @@ def final_summary(history: list[dict[str, Any]], final_tests: dict[int, dict[str
     return out
 
 
+def run_loggers(cfg: DictConfig, run_dir: Path, job_type: str = "server") -> list:
+    """The experiment loggers of a run (``logger=``): the run folder's name is the W&B run's name and its
+    group, so a resumed run (same stored id) and every role of one experiment share it."""
+    wandb = WandbSettings(cfg.wandb_project, cfg.wandb_mode.value, run_dir.name, job_type)
+    return make_loggers(cfg.logger.value, run_dir, run_dir.name, to_container(cfg), wandb)
+
+
+def final_metrics(final: dict[str, Any]) -> dict[str, float]:
+    """The kept states' metrics as flat ``final/...`` keys: the means over clients, each client's, and each
+    product's (the mean over the clients that hold it)."""
+    out: dict[str, float] = {}
+    clients = final.get("clients", {})
+    by_product: dict[str, dict[str, list[float]]] = {}
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        values = [c[key] for c in clients.values() if c.get(key) is not None and c[key] == c[key]]
+        if values:
+            out[f"final/mean_{key}"] = float(np.mean(values))
+    for cid, stats in clients.items():
+        for key in ("image_auroc", "pixel_auroc", "aupro", "kept_round"):
+            if stats.get(key) is not None and stats[key] == stats[key]:
+                out[f"final/client/{cid}/{key}"] = float(stats[key])
+        for product, values in stats.get("products", {}).items():
+            for key, value in values.items():
+                if isinstance(value, int | float) and value == value:
+                    by_product.setdefault(product, {}).setdefault(key, []).append(float(value))
+    for product, keys in by_product.items():
+        for key, values in keys.items():
+            out[f"final/product/{product}/{key}"] = float(np.mean(values))
+    return out
+
+
 class RunReporter:
     """The console, the experiment loggers and the run folder's report files of one run (rank 0 writes)."""
 
@@ -66,7 +98,9 @@ class RunReporter:
     def log_round(self, record: dict[str, Any], tested: bool) -> None:
         """A round's metrics to the loggers (step = round) and its line on the console."""
         r = record["round"]
+        self._round_axis()
         metrics: dict[str, float] = {
+            "round/index": r,
             **{f"server/{k}": float(v) for k, v in record["server"].items() if isinstance(v, int | float) and v == v},
             "server/participants": len(record["participants"]),
             "round/bytes_up": record["bytes_up"],
@@ -97,6 +131,15 @@ class RunReporter:
             + (f"  left out: {', '.join(left_out)}" if left_out else "")
         )
 
+    def _round_axis(self) -> None:
+        """On W&B, every key's x-axis is the round (once per run)."""
+        wandb_logger = find_wandb(self.loggers)
+        if wandb_logger is None or getattr(self, "_axis_defined", False):
+            return
+        wandb_logger.experiment.define_metric("round/index")
+        wandb_logger.experiment.define_metric("*", step_metric="round/index")
+        self._axis_defined = True
+
     def log_panels(self, round_idx: int, panels: dict[int, list[tuple[str, np.ndarray]] | None]) -> None:
         """Each client's anomaly-map strips as a W&B image panel (nothing without W&B)."""
         wandb_logger = find_wandb(self.loggers)
@@ -111,39 +154,56 @@ class RunReporter:
                     step=round_idx,
                 )
 
-    def log_final(self, history: list[dict[str, Any]], global_memory: torch.Tensor | None) -> None:
-        """The final per-client, per-product table, and the global memory and checkpoint as W&B artifacts."""
-        wandb_logger = find_wandb(self.loggers)
-        if wandb_logger is None or not history:
+    def log_final(
+        self,
+        history: list[dict[str, Any]],
+        final_tests: dict[int, dict[str, Any]],
+        global_memory: torch.Tensor | None,
+    ) -> None:
+        """The kept states' final metrics to every logger (``final/...``, at the last round) and to the W&B
+        run's summary; on W&B also the per-client, per-product table and the model artifact."""
+        if not history:
             return
+        final = kept_record(history, final_tests)
+        metrics = final_metrics(final)
+        self.log_dict(metrics, step=final["round"])
+        wandb_logger = find_wandb(self.loggers)
+        if wandb_logger is None:
+            return
+        wandb_logger.experiment.summary.update(metrics)
+        columns = ["client", "product", "image_auroc", "pixel_auroc", "aupro", "kept_round", "bytes_up", "bytes_down"]
+        rows = [
+            [cid, product, *(m.get(k) for k in columns[2:5]), *(stats.get(k) for k in columns[5:])]
+            for cid, stats in final["clients"].items()
+            for product, m in stats.get("products", {}).items()
+        ]
+        wandb_logger.log_table(key="final/clients", columns=columns, data=rows)
+        self._log_model(wandb_logger, final, global_memory)
+
+    def _log_model(self, wandb_logger: Any, final: dict[str, Any], global_memory: torch.Tensor | None) -> None:
+        """The checkpoint (and the global memory) as a version of one model artifact per experiment
+        (``feddymem-<dataset>-<method>``): ``latest`` is this run's; ``best`` marks a checkpoint whose
+        clients keep their best round by the held-out criterion (``selection.keep=best``)."""
         import wandb
 
-        rows = []
-        for cid, stats in history[-1]["clients"].items():
-            for product, m in stats.get("products", {}).items():
-                rows.append(
-                    [
-                        cid,
-                        product,
-                        m.get("image_auroc"),
-                        m.get("pixel_auroc"),
-                        m.get("aupro"),
-                        stats.get("bytes_up"),
-                        stats.get("bytes_down"),
-                    ]
-                )
-        wandb_logger.log_table(
-            key="final/clients",
-            columns=["client", "product", "image_auroc", "pixel_auroc", "aupro", "bytes_up", "bytes_down"],
-            data=rows,
-        )
-        artifact = wandb.Artifact(f"{self.run_dir.name}-model", type="model", metadata={"round": history[-1]["round"]})
+        experiment = f"feddymem-{Path(str(self.cfg.dataset)).stem}-{self.cfg.method.value}"
+        name = "".join(c if c.isalnum() or c in "-_." else "-" for c in experiment)
+        metadata = {"round": final["round"], "run": self.run_dir.name, **final_metrics(final)}
+        artifact = wandb.Artifact(name, type="model", metadata=metadata)
         artifact.add_file(str(self.run_dir / "checkpoints" / "last.ckpt"))
         if global_memory is not None:  # local, centralized and FedAvg runs have none
             memory_path = self.run_dir / "global_memory.pt"
             save_checkpoint(memory_path, {"global_memory": global_memory})
             artifact.add_file(str(memory_path))
-        wandb_logger.experiment.log_artifact(artifact)
+        aliases = ["latest", "best"] if self.cfg.selection.keep.value == "best" else ["latest"]
+        wandb_logger.experiment.log_artifact(artifact, aliases=aliases)
+
+    def finish(self) -> None:
+        """Close every logger (the W&B run included: a run never finished shows as crashed)."""
+        for logger in self.loggers:
+            logger.finalize("success")
+        if (wandb_logger := find_wandb(self.loggers)) is not None:
+            wandb_logger.experiment.finish()
 
     def print_table(self, final: dict[str, Any], history: list[dict[str, Any]], clients: list[ClientData]) -> None:
         """The final table: each client's kept round and its metrics, bytes and time."""

@@ -23,7 +23,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from feddymem.config import (
     config_from_yaml,
-    to_container,
     to_yaml,
 )
 from feddymem.data.partition import ClientData
@@ -32,7 +31,7 @@ from feddymem.federation.checkpointing import RunCheckpoints, round_payload
 from feddymem.federation.egress import EgressPolicy
 from feddymem.federation.evaluation import test_set_scored
 from feddymem.federation.messages import ClientEvaluation, ClientResult
-from feddymem.federation.reporting import RunReporter, final_summary, kept_record
+from feddymem.federation.reporting import RunReporter, final_summary, kept_record, run_loggers
 from feddymem.federation.server import Server, TooFewClients
 from feddymem.federation.strategies import make_strategy
 from feddymem.federation.wire import (
@@ -51,7 +50,6 @@ from feddymem.flower.records import from_records, save_client_state, to_records
 from feddymem.flower.site import enforce_egress, site_runner, site_setup, write_site_checkpoint
 from feddymem.io import atomic_write_json, atomic_write_text, claim_output_dir
 from feddymem.logging.console import Reporter
-from feddymem.logging.experiment import make_loggers
 from feddymem.memory.kmeans import resolve_gpu
 
 log = logging.getLogger(__name__)
@@ -118,7 +116,7 @@ def final(message: Message, context: Context) -> Message:
     """The test metrics of the client's kept state."""
     runner = site_runner(message, context)
     client = runner.clients[0]
-    test = EgressPolicy.from_node_config(dict(context.node_config)).test(runner.test_kept(client))
+    test = EgressPolicy.from_node_config(dict(context.node_config)).test(runner.test_kept(client)[0])
     assert test is not None  # test_kept always scores
     return Message(to_records(encode_test_metrics(client.id, test)), reply_to=message)
 
@@ -269,9 +267,7 @@ class FlowerServerRun:
         """The whole run; the summary written to ``metrics.json``."""
         claim_output_dir(self.run_dir, "run folder")
         atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
-        loggers = make_loggers(
-            self.cfg.logger.value, self.run_dir, self.run_dir.name, to_container(self.cfg), self.cfg.wandb_project
-        )
+        loggers = run_loggers(self.cfg, self.run_dir)
 
         def log_dict(metrics: dict[str, float], step: int) -> None:
             for logger in loggers:
@@ -291,8 +287,8 @@ class FlowerServerRun:
         final_tests = self.final_tests()
         summary = self.summary(final_tests)
         atomic_write_json(self.run_dir / "metrics.json", summary)
-        for logger in loggers:
-            logger.finalize("success")
+        self.report.log_final(self.history, final_tests, self.server.global_memory)
+        self.report.finish()
         self.report.print_table(kept_record(self.history, final_tests), self.history, self._partition())
         return summary
 

@@ -10,6 +10,8 @@ import csv
 import io
 import math
 import os
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,10 @@ class RoundCSVLogger(Logger):
             self._rows = [row for row in old if row.get("step", "") != "" and int(row["step"]) < first]
         step = len(self._rows) if step is None else step
         values = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
-        self._rows.append({**values, "step": step})
+        if self._rows and self._rows[-1]["step"] == step:  # more of the same round (its final metrics): one row
+            self._rows[-1].update(values)
+        else:
+            self._rows.append({**values, "step": step})
         columns = [*sorted({key for row in self._rows for key in row} - {"step"}), "step"]
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=columns, restval="")
@@ -71,33 +76,75 @@ class RoundCSVLogger(Logger):
         atomic_write_text(self.path, table.getvalue())
 
 
-def wandb_mode() -> str:
-    """``WANDB_MODE`` if set, else ``online`` when logged in, else ``offline``."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    netrc = Path("~/.netrc").expanduser()
-    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
-    return "online" if logged_in else "offline"
+def wandb_mode(configured: str = "offline") -> str:
+    """``WANDB_MODE`` if set, else the config's ``wandb_mode``: uploads happen only when asked for, never
+    because the machine happens to be logged in."""
+    return os.environ.get("WANDB_MODE") or configured
 
 
-def make_loggers(kind: str, run_dir: Path, run_name: str, config: dict[str, Any], project: str = "feddymem") -> list:
-    """Loggers for ``logger=csv|wandb|none``; ``wandb`` also keeps the CSV log."""
+@dataclass(frozen=True)
+class WandbSettings:
+    """Where a run's W&B run goes: the project, the experiment (``group``) and this process's role."""
+
+    project: str = "feddymem"
+    mode: str = "offline"  # offline | online | disabled (WANDB_MODE overrides)
+    group: str = ""  # the experiment: the run folder's name, so a resumed run and every role share it
+    job_type: str = "server"  # server | site
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of the run in ``run_dir``: made once and kept in ``logs/wandb_run_id``, so that a
+    resumed run continues the same W&B run."""
+    path = run_dir / "logs" / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
+def make_loggers(
+    kind: str, run_dir: Path, run_name: str, config: dict[str, Any], wandb: WandbSettings | None = None
+) -> list:
+    """Loggers for ``logger=csv|wandb|tensorboard|mlflow|none``; each keeps the CSV log too (``logs/``)."""
     if kind == "none":
         return []
     loggers: list = [RoundCSVLogger(run_dir)]
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
-        mode = wandb_mode()
+        w = wandb or WandbSettings()
+        mode = wandb_mode(w.mode)
         loggers.append(
             WandbLogger(
-                project=project,
+                project=w.project,
                 name=run_name,
                 save_dir=str(run_dir),
                 offline=mode == "offline",
                 mode=mode,
                 config=config,
                 log_model=False,
+                id=wandb_run_id(run_dir),
+                resume="allow",
+                group=w.group or run_name,
+                job_type=w.job_type,
+            )
+        )
+    elif kind == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+    elif kind == "mlflow":
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        # A file store in the run folder: no server, nothing to install beyond the client. MLflow 3 keeps it
+        # behind this switch (a database backend is its new default).
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        loggers.append(
+            MLFlowLogger(
+                experiment_name=(wandb or WandbSettings()).project,
+                run_name=run_name,
+                tracking_uri=(run_dir / "mlruns").resolve().as_uri(),
             )
         )
     return loggers
