@@ -18,7 +18,8 @@ FLOORS: list[set[str]] = [
     {"cli"},
     {"benchmarks", "flower"},  # the benchmark suite; Flower as the second engine
     {"federation"},  # strategies, server, client runner, Fabric orchestrator
-    {"lightning_model", "privacy", "predict", "export", "report"},  # training wrapper; uses of a trained model
+    # the Lightning wrappers (module, datamodule); what uses a trained model
+    {"lightning_model", "datamodule", "privacy", "predict", "export", "report"},
     {"trained"},  # a trained pure-torch model from a checkpoint
     {"config"},  # schema, loading, and the core's typed settings from a config
     {"models"},  # the pure-torch core: backbone, generator, loss, anomaly map, FedDyMemModel

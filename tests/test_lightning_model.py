@@ -97,3 +97,44 @@ def test_default_module_is_the_trained_default_model():
         TypeError, match=r"ModelSettings got unknown settings \['backbon'\]; it has \['approximate_above'"
     ):
         FedDyMemModule({"backbon": "resnet18"})
+
+
+def test_batches_without_masks_and_predict_fields():
+    module = FedDyMemModule(ModelSettings(weights="none"))
+    module.set_global_memory(torch.zeros(4, module.model.memory_dim))
+    module.threshold.fill_(1.0)
+    images = torch.randn(3, 3, 64, 64)
+    module.test_step({"image": images, "label": torch.tensor([0, 1, 1])}, 0)  # no "mask": image AUROC only
+    assert set(module.compute_test_metrics()) == {"image_auroc"}
+    out = module.predict_step({"image": images, "path": ["a.png", "b.png", "c.png"]}, 0)
+    assert set(out) == {"image_path", "pred_score", "pred_label", "anomaly_map", "pred_mask"}
+    assert out["image_path"] == ["a.png", "b.png", "c.png"] and out["anomaly_map"].shape == (3, 64, 64)
+    assert torch.equal(out["pred_label"], out["pred_score"] > 1.0) and out["pred_mask"].dtype == torch.bool
+
+
+@pytest.mark.e2e
+def test_a_client_of_a_finished_run_exported_for_lightning_predicts_as_feddymem_predict(
+    tmp_path, synthetic_yaml, synthetic_root
+):
+    from conftest import FAST
+    from feddymem.cli import main
+    from feddymem.trained import load_trained
+
+    args = [f"dataset={synthetic_yaml}", f"output_dir={tmp_path}", "name=run", "data.num_clients=2", *FAST]
+    assert main(["train", *args, "federation.rounds=0"]) == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "client1.ckpt"
+    assert main(["export", str(checkpoint), "--client", "1", "--format", "lightning", "--out", str(out)]) == 0
+    module = FedDyMemModule.load_from_checkpoint(out).eval()
+    trained = load_trained(checkpoint, 1)
+    assert module.model_settings == trained.model.settings and float(module.threshold) == trained.threshold
+    split = load_product({"name": "p0", "layout": "mvtec", "root": str(synthetic_root / "product0")})
+    extractor = trained.model.feature_extractor
+    images = torch.stack(
+        [ImageDataset(split.test, 96, 96, extractor.mean, extractor.std)[i]["image"] for i in range(4)]
+    )
+    with torch.no_grad():
+        _, expected = trained.model(images)
+        got = module.predict_step({"image": images, "path": [s.path for s in split.test[:4]]}, 0)
+    assert torch.allclose(got["pred_score"], expected, atol=1e-5)
+    assert torch.equal(got["pred_label"], expected > trained.threshold)

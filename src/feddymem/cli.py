@@ -120,17 +120,24 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """``feddymem export``: a trained client as ONNX or TorchScript."""
+    """``feddymem export``: a trained client as ONNX, TorchScript or a Lightning checkpoint."""
     from feddymem.errors import OutputError
     from feddymem.export import InferenceModel, export_onnx, export_torchscript
     from feddymem.io import claim_output_dir
     from feddymem.trained import load_trained
 
-    trained = load_trained(args.checkpoint, args.client)
-    out = Path(args.out or Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".pt"))
+    suffix = {"onnx": ".onnx", "torchscript": ".pt", "lightning": f".client{args.client}.lightning.ckpt"}[args.format]
+    out = Path(args.out or Path(args.checkpoint).with_suffix(suffix))
     if out.is_dir():
         raise OutputError(f"export --out {out} is a folder; give a file name")
     claim_output_dir(out.parent, "export --out folder")  # before the (slow) export, not after
+    if args.format == "lightning":  # FedDyMemModule.load_from_checkpoint(out) reads it
+        from feddymem.lightning_model import FedDyMemModule
+
+        module = FedDyMemModule.from_trained(args.checkpoint, args.client)
+        print(f"{module.save_lightning_checkpoint(out)}  (client {args.client}, FedDyMemModule.load_from_checkpoint)")
+        return 0
+    trained = load_trained(args.checkpoint, args.client)
     crop = trained.config.data.crop_size
     model = InferenceModel(trained.model, crop, trained.threshold).eval()
     path = export_onnx(model, out) if args.format == "onnx" else export_torchscript(model, out)
@@ -231,7 +238,12 @@ def _add_model_commands(sub: Any) -> None:
     export = sub.add_parser("export", help="write a self-contained inference model (ONNX or TorchScript)")
     export.add_argument("checkpoint", help="runs/<name>/checkpoints/last.ckpt")
     export.add_argument("--client", type=client_id, default=0)
-    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    export.add_argument(
+        "--format",
+        choices=["onnx", "torchscript", "lightning"],
+        default="onnx",
+        help="lightning: a checkpoint FedDyMemModule.load_from_checkpoint reads",
+    )
     export.add_argument("--out", default="", help="output file (default: next to the checkpoint)")
     export.set_defaults(func=cmd_export)
     pred = sub.add_parser("predict", help="score images with a trained model: CSV + heatmap PNGs")

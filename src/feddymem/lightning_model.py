@@ -8,19 +8,26 @@ hooks. Batches hold either ``image`` (normalised images) or ``features`` (cached
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torchmetrics import MeanMetric
+from torchmetrics.functional.classification import binary_auroc
 
 from feddymem.config.settings import memory_reduce_settings, model_settings, optim_settings
+from feddymem.io import atomic_write_bytes
 from feddymem.memory.reduce import MemoryBank, MemoryReduceSettings
 from feddymem.metrics.anomaly_metrics import AnomalyMetrics
+from feddymem.metrics.normalize import ScoreNormalizer
 from feddymem.models.backbone import FeatureExtractor
 from feddymem.models.settings import ModelSettings, OptimSettings, settings_from
 from feddymem.models.torch_model import FedDyMemModel
+from feddymem.trained import load_trained
 
 
 class FedDyMemModule(L.LightningModule):
@@ -30,12 +37,17 @@ class FedDyMemModule(L.LightningModule):
     works too) or from a run's config with :meth:`from_config`. The settings are stored nested in hparams
     (``model``, ``memory``, ``optim``, ``seed``), so a checkpoint rebuilds exactly this module."""
 
+    threshold: torch.Tensor
+    normalizer: ScoreNormalizer | None
+
     def __init__(
         self,
         model: ModelSettings | Mapping[str, Any] | None = None,
         memory: MemoryReduceSettings | Mapping[str, Any] | None = None,
         optim: OptimSettings | Mapping[str, Any] | None = None,
         seed: int = 0,
+        threshold_percentile: float = 99.0,
+        rebuild_memory_every_epoch: bool = True,
         *,
         log_prefix: str = "",
         sync_metrics: bool = True,
@@ -46,14 +58,23 @@ class FedDyMemModule(L.LightningModule):
         self.memory_settings = settings_from(MemoryReduceSettings, memory)
         self.optim_settings = settings_from(OptimSettings, optim)
         self.seed = int(seed)
+        self.threshold_percentile = float(threshold_percentile)
+        self.rebuild_memory_every_epoch = bool(rebuild_memory_every_epoch)
         self.save_hyperparameters(
             {
                 "model": self.model_settings.to_dict(),
                 "memory": self.memory_settings.to_dict(),
                 "optim": self.optim_settings.to_dict(),
                 "seed": self.seed,
+                "threshold_percentile": self.threshold_percentile,
+                "rebuild_memory_every_epoch": self.rebuild_memory_every_epoch,
             }
         )
+        # The decision threshold on (normalised) image scores, set by validation or by a federated run:
+        # module state, so that a checkpoint predicts labels as the module that wrote it.
+        self.register_buffer("threshold", torch.tensor(float("inf"), dtype=torch.float64))
+        self.normalizer: ScoreNormalizer | None = None  # per product, from the validation normals
+        self._validation: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
         self.log_prefix = log_prefix
         self.model = FedDyMemModel(self.model_settings, feature_extractor=feature_extractor)
         # A federated client must not merge its metrics with other processes' clients (sync_metrics=False);
@@ -134,14 +155,16 @@ class FedDyMemModule(L.LightningModule):
         params = [*self.model.generator.parameters(), *self.model.loss.parameters()]
         return torch.optim.AdamW(params, lr=self.optim_settings.lr, weight_decay=self.optim_settings.weight_decay)
 
-    def on_fit_start(self) -> None:
-        """Under a plain Trainer without a memory: build one from the training data first."""
-        if not self.model.has_memory:
-            self.trainer.fit_loop.setup_data()  # public, and idempotent: fit would set the data up next
-            loader = self.trainer.train_dataloader
-            if loader is None:
-                raise RuntimeError("FedDyMemModule needs a training dataloader to build its memory")
-            self.set_global_memory(self.build_memory(loader).items)
+    def on_train_epoch_start(self) -> None:
+        """Under a plain Trainer, the dynamic memory: built from the training data with the current
+        generator at the start of every epoch (``rebuild_memory_every_epoch``), or once when the module
+        has none. The federation rebuilds it every round instead."""
+        if self.model.has_memory and not self.rebuild_memory_every_epoch:
+            return
+        loader = self.trainer.train_dataloader
+        if loader is None:
+            raise RuntimeError("FedDyMemModule needs a training dataloader to build its memory")
+        self.set_global_memory(self.build_memory(loader).items)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """The metric loss of a batch against the memory."""
@@ -162,9 +185,14 @@ class FedDyMemModule(L.LightningModule):
         return self.model.score_features(self.features(batch), self.image_size(batch), maps=maps)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Score a batch and update image AUROC, and pixel AUROC and AUPRO where masks exist."""
+        """Score a batch and update image AUROC, and pixel AUROC and AUPRO where masks exist (a batch
+        without masks counts for image AUROC only)."""
         maps, scores = self.score_batch(batch)
-        self.test_metrics.update(scores, maps, batch["label"], batch["mask"], batch.get("has_mask"))
+        if "mask" in batch:
+            masks, has_mask = batch["mask"], batch.get("has_mask")
+        else:
+            masks, has_mask = torch.zeros_like(maps), torch.zeros(len(scores), dtype=torch.bool)
+        self.test_metrics.update(scores, maps, batch["label"], masks, has_mask)
         return {"pred_score": scores.detach()}
 
     def compute_test_metrics(self) -> dict[str, float]:
@@ -176,10 +204,101 @@ class FedDyMemModule(L.LightningModule):
         for key, value in self.compute_test_metrics().items():
             self.log(self._name(key), value)
 
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Score held-out normal images and synthetic anomalies made from them (the datamodule's
+        ``val_dataloader``): the epoch's criterion, threshold and normaliser come from them."""
+        if not self.model.has_memory:  # Lightning's sanity check runs before the first epoch builds one
+            return
+        _, scores = self.score_batch(batch, maps=False)
+        products = list(batch.get("product", ["all"] * len(scores)))
+        self._validation.append((scores.detach().cpu(), torch.as_tensor(batch["label"]).cpu(), products))
+
+    def on_validation_epoch_end(self) -> None:
+        """The held-out criterion (image AUROC of the normal images against the synthetic anomalies, on
+        per-product normalised scores) logged as ``val/criterion``; the threshold and the normaliser become
+        module state. Normal images only: a site has no real defect to tune on."""
+        if not self._validation:
+            return
+        scores = torch.cat([s for s, _, _ in self._validation]).double().numpy()
+        labels = torch.cat([y for _, y, _ in self._validation]).long()
+        products = [p for _, _, names in self._validation for p in names]
+        self._validation.clear()
+        normal = (labels == 0).numpy()
+        if not normal.any():
+            return
+        self.normalizer = ScoreNormalizer.fit(scores[normal], [p for p, n in zip(products, normal, strict=True) if n])
+        normalised = torch.from_numpy(self.normalizer(scores, products))
+        self.threshold.fill_(float(np.percentile(normalised[normal].numpy(), self.threshold_percentile)))
+        self.log(self._name("val/threshold"), float(self.threshold))
+        if bool((labels == 1).any()):
+            self.log(self._name("val/criterion"), float(binary_auroc(normalised, labels)))
+
+    def _normalised(
+        self, scores: torch.Tensor, maps: torch.Tensor, products: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and maps on the normaliser's per-product scale (as they are without one)."""
+        if self.normalizer is None:
+            return scores, maps
+        params = np.array([self.normalizer.params(p) for p in products], dtype=np.float64).reshape(-1, 2)
+        loc, scale = (torch.as_tensor(params[:, i], dtype=scores.dtype) for i in (0, 1))
+        return (scores - loc) / scale, (maps - loc[:, None, None]) / scale[:, None, None]
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Anomaly maps and image scores of a batch, with its paths."""
+        """anomalib's fields: ``image_path``, ``pred_score`` and ``anomaly_map`` (on the normaliser's scale
+        where validation fitted one), ``pred_label`` and ``pred_mask`` against the module's threshold."""
         maps, scores = self.score_batch(batch)
-        return {"anomaly_map": maps.cpu(), "pred_score": scores.cpu(), "path": batch.get("path")}
+        products = list(batch.get("product", ["all"] * len(scores)))
+        scores, maps = self._normalised(scores.cpu(), maps.cpu(), products)
+        threshold = float(self.threshold)
+        return {
+            "image_path": batch.get("path"),
+            "pred_score": scores,
+            "pred_label": scores > threshold,
+            "anomaly_map": maps,
+            "pred_mask": maps > threshold,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The normaliser beside the state dict (plain lists: safe for ``weights_only`` loading)."""
+        checkpoint["feddymem_normalizer"] = None if self.normalizer is None else self.normalizer.state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The normaliser saved by :meth:`on_save_checkpoint` (the memory takes the saved size by itself)."""
+        state = checkpoint.get("feddymem_normalizer")
+        self.normalizer = None if state is None else ScoreNormalizer.from_state(state)
+
+    def save_lightning_checkpoint(self, path: str | Path) -> Path:
+        """This module as a Lightning checkpoint (``FedDyMemModule.load_from_checkpoint(path)`` reads it),
+        written atomically: the state dict (backbone included), the settings and the normaliser."""
+        checkpoint: dict[str, Any] = {
+            "state_dict": self.state_dict(),
+            "hyper_parameters": dict(self.hparams),
+            "pytorch-lightning_version": L.__version__,
+        }
+        self.on_save_checkpoint(checkpoint)
+        payload = io.BytesIO()
+        torch.save(checkpoint, payload)
+        atomic_write_bytes(path, payload.getvalue())
+        return Path(path)
+
+    @classmethod
+    def from_trained(cls, checkpoint: str | Path, client_id: int = 0) -> FedDyMemModule:
+        """Client ``client_id`` of a finished run (``runs/<name>/checkpoints/last.ckpt``): its kept state,
+        its settings and its decision threshold, ready for a plain Trainer's ``predict`` or to save as a
+        Lightning checkpoint (``feddymem export --format lightning``)."""
+        trained = load_trained(checkpoint, client_id)
+        module = cls(
+            trained.model.settings,
+            memory_reduce_settings(trained.config),
+            optim_settings(trained.config),
+            trained.config.seed + client_id,
+            threshold_percentile=trained.config.threshold_percentile,
+            rebuild_memory_every_epoch=False,  # it keeps the memory it was trained with
+            feature_extractor=trained.model.feature_extractor,
+        )
+        module.model.load_trainable_state(trained.model.trainable_state())
+        module.threshold.fill_(trained.threshold)
+        return module.eval()
 
     # --- checkpoints ----------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -137,6 +137,7 @@ class ImageDataset(Dataset):
             "mask": self.load_mask(sample),
             "has_mask": sample.mask is not None,
             "path": sample.path,
+            "product": sample.product,
             "index": index,
         }
 
@@ -223,5 +224,6 @@ class SyntheticAnomalyDataset(ImageDataset):
             "mask": mask,
             "has_mask": False,  # a made-up region: not a ground truth for pixel metrics
             "path": self.samples[index].path,
+            "product": self.samples[index].product,
             "index": index,
         }

@@ -62,6 +62,7 @@ class CachedFeatureDataset(Dataset):
             "mask": mask.float(),
             "has_mask": sample.mask is not None,
             "path": sample.path,
+            "product": sample.product,
             "index": index,
         }
 

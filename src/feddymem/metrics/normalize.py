@@ -40,7 +40,9 @@ class ScoreNormalizer:
             raise ValueError("score normalisation needs at least one normal image's score")
         if values.size != names.size:
             raise ValueError(f"{values.size} scores for {names.size} product names")
-        pooled_scale = float(values.std()) if values.size > 1 and values.std() > 0 else max(abs(values.mean()), 1e-12)
+        spread = values.std() if values.size > 1 else 0.0
+        # float(): NumPy scalars would not load from a weights_only checkpoint
+        pooled_scale = float(spread) if spread > 0 else float(max(abs(values.mean()), 1e-12))
         stats = {}
         for product in dict.fromkeys(names.tolist()):
             own = values[names == product]
