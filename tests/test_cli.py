@@ -52,12 +52,13 @@ def test_train_two_rounds_three_clients(tmp_path, synthetic_yaml, capsys):
     assert ckpt["round"] == 2 and set(ckpt["clients"]) == {0, 1, 2}
     assert torch.equal(ckpt["clients"][0]["model"]["memory"], ckpt["global_memory"])
     assert ckpt["provenance"]["backbone"] == "tf_efficientnet_lite0"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "last.ckpt",
-        "round_000.ckpt",
-        "round_001.ckpt",
-        "round_002.ckpt",
-    ]
+    # checkpoint.keep=kept: beside last.ckpt, the latest round's file and each client's kept round's.
+    kept_rounds = {int(c["kept"]["round"]) for c in ckpt["clients"].values()}
+    expected = ["last.ckpt", *(f"round_{r:03d}.ckpt" for r in sorted(kept_rounds | {2}))]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == expected
+    # Every client's memory is the global memory: stored once (the checkpoint is not 4 memories large).
+    memory_bytes = ckpt["global_memory"].numel() * 4
+    assert (run / "checkpoints" / "last.ckpt").stat().st_size < memory_bytes * (1 + len(kept_rounds)) + 2**20
     # Only memory crossed the boundary: generators differ between clients after training.
     g0, g1 = (ckpt["clients"][k]["model"]["generator.conv.weight"] for k in (0, 1))
     assert not torch.equal(g0, g1)

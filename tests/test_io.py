@@ -77,3 +77,14 @@ def test_run_folder_rules(tmp_path):
     other.mkdir()
     (other / "holiday.jpg").write_bytes(b"x")
     assert "is not a FedDyMem run folder" in run_dir_problem(other, resume=False)
+
+
+def test_equal_tensors_are_saved_once_and_load_back_equal(tmp_path):
+    memory = torch.randn(256, 128)  # 128 KiB: every client's memory is the global memory
+    other = torch.randn(256, 128)
+    payload = {"global_memory": memory, "clients": {k: {"memory": memory.clone()} for k in range(4)}, "x": other}
+    save_checkpoint(tmp_path / "a.ckpt", payload)
+    loaded = load_checkpoint(tmp_path / "a.ckpt")
+    assert all(torch.equal(loaded["clients"][k]["memory"], memory) for k in range(4))
+    assert torch.equal(loaded["x"], other) and not torch.equal(loaded["x"], memory)
+    assert (tmp_path / "a.ckpt").stat().st_size < 2.2 * memory.numel() * 4  # two storages, not six

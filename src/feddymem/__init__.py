@@ -1,8 +1,8 @@
 """FedDyMem: federated unsupervised image anomaly detection with dynamic memory and memory-reduce.
 
 The pure-torch core lives in :mod:`feddymem.models` and :mod:`feddymem.memory`; the reusable
-LightningModule is :class:`feddymem.FedDyMemModule`; the Fabric orchestrator is in
-:mod:`feddymem.federation`.
+LightningModule is :class:`feddymem.FedDyMemModule`; a whole experiment is :func:`feddymem.train`
+(what ``feddymem train`` runs); the Fabric orchestrator is in :mod:`feddymem.federation`.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -14,7 +14,7 @@ except PackageNotFoundError:  # running from a source tree without install
 
 from feddymem.errors import FedDyMemError
 
-__all__ = ["FedDyMemError", "FedDyMemModule", "__version__"]
+__all__ = ["FedDyMemError", "FedDyMemModule", "__version__", "train"]
 
 
 def __getattr__(name: str):
@@ -23,4 +23,8 @@ def __getattr__(name: str):
         from feddymem.lightning_model import FedDyMemModule
 
         return FedDyMemModule
+    if name == "train":
+        from feddymem.api import train
+
+        return train
     raise AttributeError(name)

@@ -10,7 +10,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,41 +19,11 @@ from feddymem.errors import FedDyMemError, PeerFailure
 from feddymem.flower.commands import add_flower_parser
 
 
-def _run_dir(cfg) -> Path:
-    name = cfg.name or f"{Path(cfg.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.output_dir) / name
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    """``feddymem train``: run (or resume) a federated experiment."""
-    from feddymem.config import load_config
+    """``feddymem train``: run (or resume) a federated experiment (:func:`feddymem.api.train`)."""
+    from feddymem.api import train
 
-    overrides = list(args.overrides) + (["quiet=true"] if args.quiet else [])
-    cfg = load_config(overrides, config_file=args.config)
-    run_dir = Path(cfg.resume) if cfg.resume else _run_dir(cfg)
-    from feddymem.data.check import plan_data
-
-    plan_data(cfg)  # missing data fails here, in seconds, before Lightning and the models load
-    if cfg.federation.engine.value == "flower":
-        return _train_on_flower(cfg, run_dir)
-    from feddymem.federation.orchestrator import FederatedOrchestrator
-
-    FederatedOrchestrator(cfg, run_dir, resume=bool(cfg.resume)).run()
-    return 0
-
-
-def _train_on_flower(cfg, run_dir: Path) -> int:
-    """The run on a Flower federation on this machine: a SuperLink and one SuperNode per client, TLS and
-    SuperNode authentication on loopback (``docs/deploy.md`` spreads the same over machines)."""
-    from feddymem.errors import ConfigError
-
-    if cfg.resume:
-        raise ConfigError("resume is not available with federation.engine=flower yet")
-    try:
-        from feddymem.flower.local import run_on_loopback
-    except ImportError as err:
-        raise ConfigError(f"federation.engine=flower needs Flower: pip install 'feddymem[flower]' ({err})") from None
-    run_on_loopback(cfg, run_dir)
+    train(list(args.overrides) + (["quiet=true"] if args.quiet else []), config_file=args.config)
     return 0
 
 

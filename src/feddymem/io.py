@@ -165,10 +165,34 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Atomically save ``payload`` (tensors, numbers, strings, lists and dicts only) with a format tag."""
+    """Atomically save ``payload`` (tensors, numbers, strings, lists and dicts only) with a format tag.
+    Equal tensors of 64 KiB and more are written once (every client's memory is the global memory)."""
     buffer = io.BytesIO()
-    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}, buffer)
+    shared = share_equal_tensors({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload})
+    torch.save(shared, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def share_equal_tensors(tree: Any, min_bytes: int = 1 << 16) -> Any:
+    """``tree`` with every tensor of at least ``min_bytes`` that equals one met before replaced by that one:
+    ``torch.save`` writes a storage once however often it appears, and loading gives each place its tensor
+    back (as views of one storage)."""
+    seen: dict[tuple, list[torch.Tensor]] = {}
+
+    def visit(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: visit(v) for k, v in node.items()}
+        if isinstance(node, list | tuple):
+            return type(node)(visit(v) for v in node)
+        if not isinstance(node, torch.Tensor) or node.numel() * node.element_size() < min_bytes:
+            return node
+        for earlier in seen.setdefault((tuple(node.shape), node.dtype, node.device), []):
+            if torch.equal(earlier, node):
+                return earlier
+        seen[(tuple(node.shape), node.dtype, node.device)].append(node)
+        return node
+
+    return visit(tree)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

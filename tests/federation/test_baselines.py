@@ -78,7 +78,14 @@ def test_fedprox_term_pulls_towards_the_global_generator_and_survives_resume(tmp
     lr = "optim.lr=1e-2"
     avg, _ = _run(tmp_path, synthetic_yaml, "avg", "method=fedavg", "federation.rounds=2", lr)
     prox, summary = _run(
-        tmp_path, synthetic_yaml, "prox", "method=fedprox", "federation.prox_mu=100", "federation.rounds=2", lr
+        tmp_path,
+        synthetic_yaml,
+        "prox",
+        "method=fedprox",
+        "federation.prox_mu=100",
+        "federation.rounds=2",
+        lr,
+        "checkpoint.keep=all",
     )
     start = load_checkpoint(tmp_path / "prox/checkpoints/round_001.ckpt")["global_generator"]
 
@@ -134,7 +141,9 @@ def test_ablations_change_what_is_uploaded(tmp_path, synthetic_yaml):
     assert torch.equal(conv.cpu(), identity)
     assert frozen_run["rounds"][1]["clients"][0]["train_loss"] != frozen_run["rounds"][1]["clients"][0]["train_loss"]
 
-    once, once_run = _run(tmp_path, synthetic_yaml, "once", "memory.rebuild=once", "federation.rounds=2")
+    once, once_run = _run(
+        tmp_path, synthetic_yaml, "once", "memory.rebuild=once", "federation.rounds=2", "checkpoint.keep=all"
+    )
     assert [r["bytes_up"] > 0 for r in once_run["rounds"]] == [True, False, False]
     first = load_checkpoint(tmp_path / "once/checkpoints/round_000.ckpt")["global_memory"]
     assert torch.equal(once.global_memory, first)

@@ -258,7 +258,7 @@ def test_two_nodes_on_loopback_complete_a_round(tmp_path, synthetic_yaml):
 
 @pytest.mark.e2e
 def test_kill_mid_round_and_resume_matches_uninterrupted(tmp_path, synthetic_yaml):
-    common = _cli_args(synthetic_yaml, tmp_path, 3, "federation.local_epochs=2")
+    common = _cli_args(synthetic_yaml, tmp_path, 3, "federation.local_epochs=2", "checkpoint.keep=all")
     _finish(_train([*common, "name=straight"]))
     victim = _train([*common, "name=killed", "logger=csv"], start_new_session=True)
     ckpt1 = tmp_path / "killed" / "checkpoints" / "round_001.ckpt"

@@ -114,3 +114,11 @@ class Partition(str, enum.Enum):
 
     dirichlet = "dirichlet"
     table = "table"
+
+
+class CheckpointKeep(str, enum.Enum):
+    """Which ``round_NNN.ckpt`` files a run keeps beside ``last.ckpt`` (which holds every client's kept state)."""
+
+    kept = "kept"  # the latest round's and each client's kept round's
+    last = "last"  # none: last.ckpt alone
+    all = "all"  # every round's

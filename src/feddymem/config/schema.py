@@ -12,6 +12,7 @@ from typing import Any
 
 from feddymem.config.choices import (
     Aggregation,
+    CheckpointKeep,
     Engine,
     GeneratorInit,
     Keep,
@@ -247,6 +248,13 @@ class CacheConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """``checkpoint``: the run folder's checkpoints."""
+
+    keep: CheckpointKeep = CheckpointKeep.kept  # round files beside last.ckpt: kept | last | all
+
+
+@dataclass
 class ProductConfig:
     """One product of ``data.products``: its folder layout, root and options."""
 
@@ -317,3 +325,4 @@ class TrainConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -25,8 +25,9 @@ from feddymem.io import atomic_write_json, load_checkpoint, save_checkpoint
 class RunCheckpoints:
     """The checkpoints of one run folder, and the round of the last one on disk."""
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: str | Path, keep: str = "kept") -> None:
+        """``keep`` (``checkpoint.keep``): which ``round_NNN.ckpt`` files stay beside ``last.ckpt``."""
+        self.run_dir, self.keep = Path(run_dir), keep
         self.folder = self.run_dir / "checkpoints"
         self.saved_round: int | None = None  # the round of last.ckpt, once written or read
 
@@ -38,7 +39,8 @@ class RunCheckpoints:
     def write(self, round_idx: int, payload: dict[str, Any], summary: dict[str, Any]) -> None:
         """``round_NNN.ckpt``, ``last.ckpt`` and ``metrics.json``, each atomically."""
         try:
-            save_checkpoint(self.folder / f"round_{round_idx:03d}.ckpt", payload)
+            if self.keep != "last":
+                save_checkpoint(self.folder / f"round_{round_idx:03d}.ckpt", payload)
             save_checkpoint(self.last, payload)
             atomic_write_json(self.run_dir / "metrics.json", summary)
         except OutputError as err:
@@ -50,6 +52,18 @@ class RunCheckpoints:
             )
             raise OutputError(f"{err}; {hint}") from None
         self.saved_round = round_idx
+        self._prune(round_idx, payload)
+
+    def _prune(self, round_idx: int, payload: dict[str, Any]) -> None:
+        """Remove the round files ``keep`` does not want, once ``last.ckpt`` holds the newest round:
+        ``kept`` keeps the latest round's and every client's kept round's, ``all`` every round's."""
+        if self.keep == "all":
+            return
+        wanted = {round_idx} | {int(c["kept"]["round"]) for c in payload.get("clients", {}).values() if c.get("kept")}
+        for path in self.folder.glob("round_*.ckpt"):
+            number = path.stem.removeprefix("round_")
+            if number.isdigit() and (self.keep == "last" or int(number) not in wanted):
+                path.unlink(missing_ok=True)
 
     def read(self) -> dict[str, Any]:
         """The last checkpoint's payload, loaded safely."""

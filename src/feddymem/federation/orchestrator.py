@@ -112,7 +112,7 @@ class FederatedOrchestrator:
         if claim["error"]:
             raise FedDyMemError(claim["error"]) if self.is_server else PeerFailure(claim["error"])
         self.run_dir = Path(claim["run_dir"])
-        self.checkpoints = RunCheckpoints(self.run_dir)
+        self.checkpoints = RunCheckpoints(self.run_dir, self.cfg.checkpoint.keep.value)
         self.run_report = RunReporter(self.cfg, self.run_dir, self.reporter, self.fabric.loggers, self.fabric.log_dict)
         self.fabric.seed_everything(self.cfg.seed)
         plan = plan_data(self.cfg)  # cheap listing on every rank; decoding only of this rank's clients

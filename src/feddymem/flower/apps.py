@@ -274,7 +274,7 @@ class FlowerServerRun:
                 logger.log_metrics(metrics, step)
 
         self.report = RunReporter(self.cfg, self.run_dir, self.reporter, loggers, log_dict)
-        self.checkpoints = RunCheckpoints(self.run_dir)
+        self.checkpoints = RunCheckpoints(self.run_dir, self.cfg.checkpoint.keep.value)
         self.connect()
         self.reporter.print(
             f"FedDyMem ({self.strategy.name}) over Flower: {len(self.nodes)} sites, "
