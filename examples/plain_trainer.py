@@ -47,8 +47,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     predictions = trainer.predict(model, data)
     print(f"threshold {float(model.threshold):.3f}; test metrics {metrics}")
 
-    reloaded = FedDyMemModule.load_from_checkpoint(best.best_model_path)
+    # Saved now and loaded back, the module predicts the same scores and labels; the best epoch's
+    # checkpoint (ModelCheckpoint's) loads the same way.
+    trainer.save_checkpoint(f"{args.out}/final.ckpt")
+    reloaded = FedDyMemModule.load_from_checkpoint(f"{args.out}/final.ckpt")
     again = trainer.predict(reloaded, data)
+    FedDyMemModule.load_from_checkpoint(best.best_model_path)
     return {
         "validated": validated,
         "metrics": metrics,
