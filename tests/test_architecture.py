@@ -26,7 +26,8 @@ FLOORS: list[set[str]] = [
     {"models"},  # the pure-torch core: backbone, generator, loss, anomaly map, FedDyMemModel
     {"memory"},  # search, K-means, memory-reduce with its privacy noise, aggregation
     {"logging"},
-    {"data", "io"},
+    {"data"},
+    {"io"},  # atomic writes, JSON, checkpoints
     {"metrics", "errors"},
 ]
 FLOOR_OF = {part: i for i, floor in enumerate(FLOORS) for part in floor}

@@ -37,7 +37,8 @@ def test_flower_over_tls_matches_fabric_and_refuses_an_unregistered_site(tmp_pat
     cfg = load_config([f"dataset={synthetic_yaml}", "data.num_clients=2", "federation.rounds=1", *FAST, "logger=csv"])
     FederatedOrchestrator(cfg, tmp_path / "fabric").run()
     fabric = json.loads((tmp_path / "fabric" / "metrics.json").read_text())
-    nodes = [f'client-id={k} out="{tmp_path / "sites" / f"site_{k}"}"' for k in range(2)]
+    features = tmp_path / "sites" / "features"  # one machine: both sites may share one feature cache
+    nodes = [f'client-id={k} out="{tmp_path / "sites" / f"site_{k}"}" cache-dir="{features}"' for k in range(2)]
     with loopback_federation(2, nodes, tls=True, authenticate=True, workdir=tmp_path) as fed:
         private, _ = make_node_keys(fed.home / "intruder", "intruder")  # never registered
         command = ["flower-supernode", *fed.tls_args("supernode"), "--superlink", f"127.0.0.1:{fed.port}"]
@@ -80,6 +81,13 @@ def test_flower_over_tls_matches_fabric_and_refuses_an_unregistered_site(tmp_pat
         assert site.model.settings == same.model.settings
         for name, value in same.model.trainable_state().items():
             assert torch.allclose(site.model.trainable_state()[name], value, rtol=REL, atol=1e-5), name
+    # Every message runs in a fresh process: after a site's first round its features come from its disk cache.
+    assert len(list(features.rglob("*.pt"))) > 0
+    for k in range(2):
+        lines = [json.loads(line) for line in (tmp_path / "sites" / f"site_{k}" / "features.jsonl").open()]
+        assert [line["type"] for line in lines] == ["train", "evaluate", "train", "evaluate"], lines
+        assert lines[0]["extracted"] + lines[0]["from_disk"] > 0
+        assert all(line["extracted"] == 0 and line["from_disk"] > 0 for line in lines[2:]), lines
     # What left each site, from its own audit log (both directions, every message): memory items and
     # numbers only, nothing image-shaped, no file paths, no per-image scores (the default egress policy).
     for k in range(2):

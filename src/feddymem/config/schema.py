@@ -240,11 +240,14 @@ class OptimConfig:
 
 @dataclass
 class CacheConfig:
-    """``cache``: the in-memory cache of backbone features."""
+    """``cache``: the cache of backbone features, in memory and (with ``dir``) on disk."""
 
     enabled: bool = True
     max_gb: float = ranged(6.0, 0.0)  # a data set whose features do not fit in what is left is not cached
     fp16_above_gb: float = ranged(1.0, 0.0)  # store features in fp16 once the cache would pass this size
+    # A folder for features on disk, reused by later runs (keyed by image content, backbone, weights and
+    # pre-processing); empty: in memory only. A Flower site uses its node config's cache-dir instead.
+    dir: str = ""
 
 
 @dataclass

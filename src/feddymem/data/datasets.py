@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,6 +59,20 @@ def read_image(path: str, window: tuple[float, float] | None = None) -> Image.Im
     return _decode(path, "RGB", "image", window)[0]
 
 
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes; of a folder (AutoVI masks), of its files' names and bytes in order."""
+    folder = Path(path)
+    digest = hashlib.sha256()
+    if folder.is_dir():
+        for part in sorted(folder.iterdir()):
+            digest.update(f"{part.name}:{file_digest(str(part))}".encode())
+        return digest.hexdigest()
+    with folder.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_mask(path: str) -> Image.Image:
     """A binary-ish mask; a folder (AutoVI: one file per defect region) gives the union of its masks.
     Wide (16-bit) masks are scaled by their own range, so 0/1 and 0/65535 masks both work."""
@@ -85,6 +100,8 @@ class ImageDataset(Dataset):
     ) -> None:
         self.samples = list(samples)
         self.image_size, self.crop_size, self.augment = image_size, crop_size, augment
+        # Everything that decides an image's tensor besides its file: names the on-disk feature entries.
+        self.preprocessing = ("pil-bilinear-resize", image_size, "center-crop", crop_size, tuple(mean), tuple(std))
         square = (image_size, image_size)
         # torchvision's transforms (on PIL images: PIL's own resampling, antialiased).
         self.image_transform = v2.Compose(
@@ -119,6 +136,13 @@ class ImageDataset(Dataset):
     def load_image(self, sample: Sample) -> torch.Tensor:
         """The sample's image: resized, centre-cropped, scaled to [0, 1] and normalised (3, S, S)."""
         return self.image_transform(read_image(sample.path, sample.window)).as_subclass(torch.Tensor)
+
+    def item_identity(self, index: int) -> str:
+        """What decides item ``index`` besides the code: the pre-processing, the product's window and the bytes
+        of its image and mask files (names the item's entry in an on-disk feature store)."""
+        sample = self.samples[index]
+        mask = file_digest(sample.mask) if sample.mask else None
+        return repr((self.preprocessing, sample.window, file_digest(sample.path), mask))
 
     def load_mask(self, sample: Sample) -> torch.Tensor:
         """The sample's mask, resized nearest-neighbour and binarised (> 127); zeros without one."""
@@ -195,6 +219,15 @@ class SyntheticAnomalyDataset(ImageDataset):
             for j in range(per_image)
         ]
         super().__init__(synthetic, **kwargs)
+
+    def item_identity(self, index: int) -> str:
+        """As :meth:`ImageDataset.item_identity`: the seed, the index and every source image (donors too)."""
+        if getattr(self, "_sources_digest", None) is None:
+            digest = hashlib.sha256()
+            for s in self.sources:
+                digest.update(repr((s.product, s.window, file_digest(s.path))).encode())
+            self._sources_digest = digest.hexdigest()
+        return repr((self.preprocessing, "cutpaste", self.seed, self.per_image, index, self._sources_digest))
 
     def __getitem__(self, index: int) -> dict:
         source = self.sources[index // self.per_image]

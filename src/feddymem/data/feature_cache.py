@@ -3,6 +3,8 @@
 The cache is keyed by image path and pre-processing, shared by every client of a process (a test set
 held by several clients is stored once), bounded in bytes, and switches to fp16 once it grows past a
 threshold. A data set that does not fit in what is left is not cached (its loader decodes as usual).
+With a :class:`~feddymem.data.feature_store.FeatureStore` it also reads and writes features on disk, so
+another process (a Flower site's next message) or a later run embeds nothing twice.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from feddymem.data.datasets import ImageDataset
+from feddymem.data.feature_store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,8 @@ class CacheStats:
     extraction_seconds: float = 0.0
     hits: int = 0  # items served from the cache
     bypassed: int = 0  # data sets that did not fit
+    from_disk: int = 0  # images read from the on-disk store instead of extracted
+    disk_seconds: float = 0.0  # spent hashing image files and reading entries
 
     @property
     def seconds_per_image(self) -> float:
@@ -80,10 +85,13 @@ class FeatureCache:
         device: torch.device | str = "cpu",
         num_workers: int = 0,
         progress: Callable[[str, int], Callable[[int], None]] | None = None,
+        disk: FeatureStore | None = None,
     ) -> None:
+        """``disk``: features on disk, read instead of extracted and written after extraction (across
+        processes and runs); by default the cache lives in this process only."""
         self.extract, self.max_bytes, self.fp16_above_bytes = extract, max_bytes, fp16_above_bytes
         self.batch_size, self.device, self.num_workers = batch_size, torch.device(device), num_workers
-        self.progress = progress
+        self.progress, self.disk = progress, disk
         self.store: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.nbytes = 0
         self.fp16 = False
@@ -113,37 +121,77 @@ class FeatureCache:
         return CachedFeatureDataset(self, dataset)
 
     def _fill(self, dataset: ImageDataset, indices: list[int], description: str) -> bool:
-        loader = DataLoader(
-            torch.utils.data.Subset(dataset, indices), batch_size=self.batch_size, num_workers=self.num_workers
-        )
-        advance = self.progress(description, len(indices)) if self.progress else None
-        start = time.perf_counter()
+        """Read what the on-disk store has, extract the rest (and write it there); ``False`` when the data set
+        does not fit in memory (its entries are then dropped again)."""
         added: list[tuple] = []
+        remaining = len(indices)
+        start = time.perf_counter()
+        disk_keys = {i: self.disk.key(dataset, i) for i in indices} if self.disk else {}
+        stored, missing = self._read_store(indices, disk_keys)
+        self.stats.disk_seconds += time.perf_counter() - start if self.disk else 0.0
+        if stored:
+            if not self._admit(dataset, stored, remaining, added, description):
+                return False
+            remaining -= len(stored)
+        if not missing:
+            return True
+        loader = DataLoader(
+            torch.utils.data.Subset(dataset, missing), batch_size=self.batch_size, num_workers=self.num_workers
+        )
+        advance = self.progress(description, len(missing)) if self.progress else None
+        start = time.perf_counter()
         for batch in loader:
             features = self._extract_batch(batch["image"])
-            item_bytes = features[0].nelement() * (2 if self.fp16 else 4)
-            projected = self.nbytes + item_bytes * (len(indices) - len(added))
-            if projected > self.max_bytes:
-                # Does not fit: undo this data set's entries, and let its loader decode images each time.
-                for key in added:
-                    self.nbytes -= self._size(self.store.pop(key))
-                self.stats.bypassed += 1
-                log.warning("feature cache full (%.1f GB limit): %s is not cached", self.max_bytes / 2**30, description)
+            items = []
+            for j, index in enumerate(batch["index"].tolist()):  # the wrapped dataset reports its own index
+                mask = batch["mask"][j].to(torch.bool) if dataset.samples[index].mask else None
+                items.append((index, features[j], mask))
+                if self.disk is not None:
+                    self.disk.save(disk_keys[index], features[j], mask)
+            if not self._admit(dataset, items, remaining, added, description):
                 return False
-            if not self.fp16 and projected > self.fp16_above_bytes:
-                self._to_fp16()
-            for j, item in enumerate(batch["index"].tolist()):
-                sample = dataset.samples[item]  # the wrapped dataset reports its own index
-                mask = batch["mask"][j].to(torch.bool) if sample.mask else None
-                value = (features[j].clone().to(torch.float16 if self.fp16 else torch.float32), mask)
-                key = self.key(dataset, sample.path)
-                self.store[key] = value
-                self.nbytes += self._size(value)
-                added.append(key)
+            remaining -= len(items)
             if advance:
-                advance(len(features))
+                advance(len(items))
         self.stats.extraction_seconds += time.perf_counter() - start
-        self.stats.extracted += len(indices)
+        self.stats.extracted += len(missing)
+        return True
+
+    def _read_store(self, indices: list[int], disk_keys: dict[int, str]) -> tuple[list[tuple], list[int]]:
+        """The entries of ``indices`` the on-disk store holds, as ``(index, features, mask)``, and the rest."""
+        if self.disk is None:
+            return [], indices
+        stored, missing = [], []
+        for index in indices:
+            entry = self.disk.load(disk_keys[index])
+            if entry is None:
+                missing.append(index)
+            else:
+                stored.append((index, *entry))
+        self.stats.from_disk += len(stored)
+        return stored, missing
+
+    def _admit(
+        self, dataset: ImageDataset, items: list[tuple], remaining: int, added: list[tuple], description: str
+    ) -> bool:
+        """Keep ``items`` in memory, unless the ``remaining`` entries of the data set would not fit: then
+        undo its entries so far and let its loader decode images each time."""
+        item_bytes = items[0][1].nelement() * (2 if self.fp16 else 4)
+        projected = self.nbytes + item_bytes * remaining
+        if projected > self.max_bytes:
+            for key in added:
+                self.nbytes -= self._size(self.store.pop(key))
+            self.stats.bypassed += 1
+            log.warning("feature cache full (%.1f GB limit): %s is not cached", self.max_bytes / 2**30, description)
+            return False
+        if not self.fp16 and projected > self.fp16_above_bytes:
+            self._to_fp16()
+        for index, features, mask in items:
+            value = (features.clone().to(torch.float16 if self.fp16 else torch.float32), mask)
+            key = self.key(dataset, dataset.samples[index].path)
+            self.store[key] = value
+            self.nbytes += self._size(value)
+            added.append(key)
         return True
 
     @staticmethod

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from feddymem.data.datasets import ImageDataset, SyntheticAnomalyDataset
 from feddymem.data.feature_cache import CachedFeatureDataset, FeatureCache
+from feddymem.data.feature_store import FeatureStore
 from feddymem.data.partition import ClientData
 from feddymem.federation.strategies import Strategy
 from feddymem.lightning_model import FedDyMemModule
@@ -134,6 +135,31 @@ def build_clients(
             )
         )
     return clients
+
+
+def make_feature_cache(
+    cfg: Any,
+    clients: Sequence[Client],
+    device: torch.device,
+    *,
+    folder: str | None = None,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+) -> FeatureCache:
+    """The backbone-feature cache of one process's clients, as ``cache.*`` and ``optim.*`` say; on disk too
+    when ``folder`` (default ``cache.dir``) is set. A process without clients gets one that extracts nothing."""
+    folder = cfg.cache.dir if folder is None else folder
+    extractor = clients[0].module.model if clients else None
+    disk = FeatureStore(folder, extractor.feature_extractor) if folder and extractor is not None else None
+    return FeatureCache(
+        extractor.extract if extractor is not None else None,
+        max_bytes=int(cfg.cache.max_gb * 2**30),
+        fp16_above_bytes=int(cfg.cache.fp16_above_gb * 2**30),
+        batch_size=cfg.optim.eval_batch_size,
+        device=device,
+        num_workers=cfg.optim.num_workers,
+        progress=progress,
+        disk=disk,
+    )
 
 
 class Loaders:

@@ -28,7 +28,7 @@ from feddymem.data.feature_cache import FeatureCache
 from feddymem.data.partition import ClientData
 from feddymem.errors import ConfigError, FedDyMemError, PeerFailure
 from feddymem.federation.checkpointing import RunCheckpoints, round_payload
-from feddymem.federation.client import Client, Loaders, build_clients
+from feddymem.federation.client import Client, Loaders, build_clients, make_feature_cache
 from feddymem.federation.client_runner import ClientRunner
 from feddymem.federation.distributed import (
     barrier,
@@ -130,14 +130,8 @@ class FederatedOrchestrator:
             if not self.resume:
                 atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
         clients = build_clients(self.cfg, plan.clients, mine, self.strategy, self.fabric.setup)
-        self.cache = self.shared_cache or FeatureCache(
-            clients[0].module.model.extract if clients else None,
-            max_bytes=int(self.cfg.cache.max_gb * 2**30),
-            fp16_above_bytes=int(self.cfg.cache.fp16_above_gb * 2**30),
-            batch_size=self.cfg.optim.eval_batch_size,
-            device=self.fabric.device,
-            num_workers=self.cfg.optim.num_workers,
-            progress=self.reporter.task,
+        self.cache = self.shared_cache or make_feature_cache(
+            self.cfg, clients, self.fabric.device, progress=self.reporter.task
         )
         loaders = Loaders(self.cfg, self.cache)
         evaluator = Evaluator(self.cfg, loaders, self.fabric.device)

@@ -47,7 +47,13 @@ from feddymem.federation.wire import (
     encode_test_metrics,
 )
 from feddymem.flower.records import from_records, save_client_state, to_records
-from feddymem.flower.site import enforce_egress, site_runner, site_setup, write_site_checkpoint
+from feddymem.flower.site import (
+    enforce_egress,
+    log_feature_cache,
+    site_runner,
+    site_setup,
+    write_site_checkpoint,
+)
 from feddymem.io import atomic_write_json, atomic_write_text, claim_output_dir
 from feddymem.logging.console import Reporter
 from feddymem.memory.kmeans import resolve_gpu
@@ -91,6 +97,7 @@ def train(message: Message, context: Context) -> Message:
     round_idx, _ = _round(message)
     result = runner.run_round(runner.clients[0], round_idx)
     save_client_state(runner.clients[0], context.state)
+    log_feature_cache(dict(context.node_config), "train", runner)
     policy = EgressPolicy.from_node_config(dict(context.node_config))
     return Message(to_records(encode_result(policy.result(result))), reply_to=message)
 
@@ -105,6 +112,7 @@ def evaluate(message: Message, context: Context) -> Message:
     seconds = runner.apply(reply)
     evaluation = runner.evaluate(client, round_idx, tested, seconds[client.id])
     save_client_state(client, context.state)
+    log_feature_cache(dict(context.node_config), "evaluate", runner)
     if out := context.node_config.get("out"):
         write_site_checkpoint(Path(str(out)), runner.cfg, client, evaluation, round_idx, context.state)
     policy = EgressPolicy.from_node_config(dict(context.node_config))
@@ -117,6 +125,7 @@ def final(message: Message, context: Context) -> Message:
     runner = site_runner(message, context)
     client = runner.clients[0]
     test = EgressPolicy.from_node_config(dict(context.node_config)).test(runner.test_kept(client)[0])
+    log_feature_cache(dict(context.node_config), "final", runner)
     assert test is not None  # test_kept always scores
     return Message(to_records(encode_test_metrics(client.id, test)), reply_to=message)
 

@@ -4,6 +4,7 @@ config, data and device a message runs with, its own checkpoint, and the egress 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,9 @@ from feddymem.config import (
     to_container,
 )
 from feddymem.data.check import DataPlan, plan_data, verify_plan
-from feddymem.data.feature_cache import FeatureCache
 from feddymem.errors import ConfigError, FedDyMemError
 from feddymem.federation.checkpointing import provenance
-from feddymem.federation.client import Client, Loaders, build_clients
+from feddymem.federation.client import Client, Loaders, build_clients, make_feature_cache
 from feddymem.federation.client_runner import ClientRunner
 from feddymem.federation.egress import EgressPolicy
 from feddymem.federation.evaluation import Evaluator
@@ -91,6 +91,17 @@ def site_fabric(node_config: dict[str, Any], cfg: Any) -> L.Fabric:
     return L.Fabric(accelerator=accelerator, devices=1)
 
 
+def site_cache_dir(node_config: dict[str, Any], cfg: Any) -> str:
+    """Where this site keeps backbone features between messages and runs (each message runs in a fresh
+    process): its node config's ``cache-dir`` ("" turns it off), else the config's ``cache.dir``, else
+    ``$XDG_CACHE_HOME/feddymem/features`` (``~/.cache/...``). The features never leave the site."""
+    if "cache-dir" in node_config:
+        return str(node_config["cache-dir"])
+    if cfg.cache.dir:
+        return str(cfg.cache.dir)
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "feddymem" / "features")
+
+
 def site_runner(message: Message, context: Context) -> ClientRunner:
     """This site's client runner for one message: the server's config, the site's data, device and state."""
     node_config = dict(context.node_config)
@@ -101,15 +112,25 @@ def site_runner(message: Message, context: Context) -> ClientRunner:
         context.state["verified"] = MetricRecord({"at": time.time()})
     fabric = site_fabric(node_config, cfg)
     clients = build_clients(cfg, {client_id: plan.clients[share]}, [client_id], strategy, fabric.setup)
-    cache = FeatureCache(
-        clients[0].module.model.extract,
-        batch_size=cfg.optim.eval_batch_size,
-        device=fabric.device,
-        num_workers=cfg.optim.num_workers,
-    )
+    cache = make_feature_cache(cfg, clients, fabric.device, folder=site_cache_dir(node_config, cfg))
     loaders = Loaders(cfg, cache)
     load_client_state(clients[0], context.state)
     return ClientRunner(cfg, strategy, clients, loaders, Evaluator(cfg, loaders, fabric.device), fabric.backward)
+
+
+def log_feature_cache(node_config: dict[str, Any], kind: str, runner: ClientRunner) -> None:
+    """With ``out`` in the node config, a line per message in ``out/features.jsonl``: how many images this
+    message's process extracted and how many it read back from the site's feature cache (the site's own
+    log; it never leaves the site)."""
+    if not (out := node_config.get("out")):
+        return
+    stats = runner.loaders.cache.stats
+    line = {"type": kind, "extracted": stats.extracted, "extraction_s": stats.extraction_seconds}
+    line |= {"from_disk": stats.from_disk, "disk_s": stats.disk_seconds}
+    folder = Path(str(out))
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "features.jsonl").open("a") as log_file:
+        log_file.write(json.dumps(line) + "\n")
 
 
 def write_site_checkpoint(

@@ -1,0 +1,76 @@
+"""Backbone features on disk: an image is embedded once per backbone, not once per process.
+
+A Flower site runs every message in a fresh process, and a user reruns experiments on the same images;
+both read the features back from here instead of decoding and embedding each image again. An entry is
+keyed by what determines it (:meth:`~feddymem.data.datasets.ImageDataset.item_identity`: the bytes of
+the image file and its mask, the product's intensity window, the pre-processing) under a folder named
+after the extractor's fingerprint (its architecture and every weight), so a change to any of them
+misses, and nothing is ever served stale. Entries hold float32 features as the extractor gave them
+and are written atomically; an unreadable entry is extracted again and replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from feddymem.data.datasets import ImageDataset
+from feddymem.io import atomic_write_bytes, check_writable
+
+log = logging.getLogger(__name__)
+
+FeatureEntry = tuple[torch.Tensor, "torch.Tensor | None"]  # features (C, H, W), mask (S, S) bool or None
+
+
+def extractor_fingerprint(extractor: nn.Module) -> str:
+    """A digest of the extractor's architecture (its ``repr``) and every parameter and buffer."""
+    digest = hashlib.sha256(repr(extractor).encode())
+    for name, tensor in sorted(extractor.state_dict().items()):
+        value = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d buffers (BatchNorm counts) too
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+class FeatureStore:
+    """A folder of per-image backbone features for one extractor (see the module's docstring)."""
+
+    def __init__(self, folder: str | Path, extractor: nn.Module) -> None:
+        self.root = Path(folder).expanduser()
+        check_writable(self.root, "feature cache folder (cache.dir)")
+        self.folder = self.root / extractor_fingerprint(extractor)[:32]
+
+    def key(self, dataset: ImageDataset, index: int) -> str:
+        """The entry name of item ``index`` of ``dataset`` (:meth:`ImageDataset.item_identity`)."""
+        return hashlib.sha256(dataset.item_identity(index).encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.pt"
+
+    def load(self, key: str) -> FeatureEntry | None:
+        """The entry ``key``, or ``None`` when there is none or it cannot be read (it is then rewritten)."""
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            features, mask = entry["features"], entry["mask"]
+        except Exception as err:  # truncated or foreign: extract again
+            log.warning("feature cache entry %s unreadable (%s): extracting it again", path, err)
+            return None
+        return features, mask
+
+    def save(self, key: str, features: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Write one entry atomically (concurrent writers of one key write the same bytes)."""
+        buffer = io.BytesIO()
+        # Clones: a row of a batch would otherwise save the whole batch's storage.
+        features = features.detach().to(torch.float32).clone()
+        torch.save({"features": features, "mask": None if mask is None else mask.clone()}, buffer)
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buffer.getvalue())
