@@ -1,8 +1,9 @@
-"""``feddymem bench suite|render|kmeans|frontier`` (also ``python -m feddymem.benchmarks``).
+"""``feddymem bench suite|render|kmeans|engines|frontier`` (also ``python -m feddymem.benchmarks``).
 
 ``suite``: the whole benchmark (``make bench``). ``render``: results.md and convergence.png again from results.json.
 ``kmeans``: the server K-means timed alone on synthetic uploads, FAISS GPU/CPU vs scikit-learn
-(``scripts/gpu_check.sh``; needs no data). ``frontier``: a privacy study's accuracy against membership AUC, as
+(``scripts/gpu_check.sh``; needs no data). ``engines``: one experiment under Fabric and over Flower, back to
+back. ``frontier``: a privacy study's accuracy against membership AUC, as
 frontier.md and frontier.png, and its knee.
 """
 
@@ -43,6 +44,11 @@ def add_bench_parser(commands: Any) -> None:
     km.add_argument("--dim", type=int, default=152)
     km.add_argument("--scale", type=int, nargs="+", default=[1, 10], help="multiply the uploads by these")
     km.set_defaults(func=cmd_kmeans)
+    engines = sub.add_parser("engines", help="one experiment under Fabric and over Flower on loopback, back to back")
+    engines.add_argument("overrides", nargs="*", help="key=value, as for feddymem train (e.g. dataset=elpv)")
+    engines.add_argument("--out", default="benchmarks/engines", help="where results.md and results.json go")
+    engines.add_argument("--runs", default="runs/engines", help="where the runs' folders go")
+    engines.set_defaults(func=cmd_engines)
     front = sub.add_parser("frontier", help="image AUROC against membership AUC from a privacy study's results.json")
     front.add_argument("--results", required=True, help="the study's results.json")
     front.add_argument("--limit", type=float, default=0.70, help="the membership AUC a setting must stay under")
@@ -78,6 +84,17 @@ def cmd_kmeans(args: argparse.Namespace) -> int:
     for scale in args.scale:
         points = perf.synthetic_uploads(args.clients * scale, args.items, args.dim)
         print(json.dumps(perf.compare_kmeans(points, args.items)))
+    return 0
+
+
+def cmd_engines(args: argparse.Namespace) -> int:
+    """``feddymem bench engines``: Fabric and Flower back to back."""
+    from feddymem.benchmarks.engines import compare_engines
+
+    results = compare_engines(list(args.overrides), Path(args.out), Path(args.runs))
+    for row in results["rows"]:
+        print(json.dumps(row))
+    print(f"wrote {args.out}/results.md and results.json")
     return 0
 
 
