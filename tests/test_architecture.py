@@ -16,8 +16,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "feddymem"
 # From the top floor down. A part is a subpackage or a top-level module of feddymem.
 FLOORS: list[set[str]] = [
     {"cli"},
+    {"benchmarks"},  # the benchmark suite: whole experiments, side by side
     {"api"},  # feddymem.train: a whole experiment, for the command line, notebooks and scripts
-    {"benchmarks", "flower"},  # the benchmark suite; Flower as the second engine
+    {"flower"},  # Flower as the second engine
     {"federation"},  # strategies, server, client runner, Fabric orchestrator
     # the Lightning wrappers (module, datamodule); what uses a trained model
     {"lightning_model", "datamodule", "privacy", "predict", "export", "report"},
