@@ -43,7 +43,7 @@ def test_failing_client_is_left_out_and_bad_upload_rejected(tmp_path, synthetic_
 
     def poisoned_upload(runner, client):
         bank = real_upload(runner, client)
-        if client.id == 2 and orch.history and len(orch.history) == 2:  # round 2
+        if client.id == 2 and len(orch.driver.history) == 2:  # round 2
             return MemoryBank(torch.full_like(bank.items, float("nan")), bank.weights, bank.num_images)
         return bank
 

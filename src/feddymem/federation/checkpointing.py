@@ -59,7 +59,8 @@ class RunCheckpoints:
         ``kept`` keeps the latest round's and every client's kept round's, ``all`` every round's."""
         if self.keep == "all":
             return
-        wanted = {round_idx} | {int(c["kept"]["round"]) for c in payload.get("clients", {}).values() if c.get("kept")}
+        # Either engine records every client's kept round, whether or not it holds the client's state.
+        wanted = {round_idx} | {int(c["kept_round"]) for c in payload.get("clients", {}).values()}
         for path in self.folder.glob("round_*.ckpt"):
             number = path.stem.removeprefix("round_")
             if number.isdigit() and (self.keep == "last" or int(number) not in wanted):
@@ -91,6 +92,7 @@ def round_payload(
         "clients": {
             k: {
                 **clients[k],
+                "kept_round": int(kept[k]["kept_round"]),
                 "threshold": kept[k]["threshold"],
                 "product_thresholds": kept[k].get("product_thresholds", {}),
                 "normalizer": kept[k].get("normalizer", {}),

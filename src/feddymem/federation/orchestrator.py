@@ -15,10 +15,10 @@ aggregated; the baselines are strategies too), the server (``server.py``), the c
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from omegaconf import DictConfig
 
@@ -27,7 +27,7 @@ from feddymem.data.check import check_memory_images, plan_data, verify_plan
 from feddymem.data.feature_cache import FeatureCache
 from feddymem.data.partition import ClientData
 from feddymem.errors import ConfigError, FedDyMemError, PeerFailure
-from feddymem.federation.checkpointing import RunCheckpoints, round_payload
+from feddymem.federation.checkpointing import RunCheckpoints
 from feddymem.federation.client import Client, Loaders, build_clients, make_feature_cache
 from feddymem.federation.client_runner import ClientRunner
 from feddymem.federation.distributed import (
@@ -37,12 +37,13 @@ from feddymem.federation.distributed import (
     gather_to_server,
     make_fabric,
 )
+from feddymem.federation.driver import Panel, RoundDriver, T
 from feddymem.federation.evaluation import Evaluator, test_set_scored
-from feddymem.federation.messages import ServerReply
-from feddymem.federation.reporting import RunReporter, final_summary, kept_record, run_loggers
-from feddymem.federation.server import Server, TooFewClients
+from feddymem.federation.messages import ClientEvaluation, ClientResult, ServerReply, TestSetMetrics
+from feddymem.federation.reporting import RunReporter, run_loggers
+from feddymem.federation.server import Server
 from feddymem.federation.strategies import make_strategy
-from feddymem.io import atomic_write_json, atomic_write_text, claim_output_dir, run_dir_problem
+from feddymem.io import atomic_write_text, claim_output_dir, run_dir_problem
 from feddymem.logging.console import Reporter
 from feddymem.memory.kmeans import resolve_gpu
 
@@ -76,8 +77,7 @@ class FederatedOrchestrator:
         self.reporter = reporter or Reporter(quiet=cfg.quiet)
         self.all_clients: list[ClientData] = []
         self.server: Server | None = None  # rank 0 only
-        self.history: list[dict[str, Any]] = []  # the stored form of every round's record (rank 0)
-        self.final_tests: dict[int, dict[str, Any]] = {}  # test metrics of kept states scored at the end
+        self.history: list[dict[str, Any]] = []  # a resumed run's earlier rounds (rank 0)
         self.start_round = 0
 
     @property
@@ -142,68 +142,18 @@ class FederatedOrchestrator:
             self.server = Server(self.cfg, self.strategy, [len(c.train) for c in plan.clients])
         if self.resume:
             self.restore(self.checkpoints.read())
-
-    def run_round(self, round_idx: int) -> dict[str, Any] | None:
-        """One round on every rank; the round's stored record on rank 0, ``None`` elsewhere."""
-        start = time.perf_counter()
-        local = [self.runner.run_round(c, round_idx) for c in self.runner.training_clients()]
-        gathered = gather_to_server(self.fabric, local)
-        reply, results = ServerReply(), []
-        if self.server is not None and gathered is not None:
-            results = [r for rank_results in gathered for r in rank_results]
-            reply = self.server.step(results, round_idx)
-        reply = broadcast_from_server(self.fabric, reply)
-        if reply.error:
-            raise TooFewClients(reply.error) if self.is_server else PeerFailure(reply.error)
-        update_seconds = self.runner.apply(reply)
-        tested = test_set_scored(self.cfg, round_idx)
-        evaluations = [self.runner.evaluate(c, round_idx, tested, update_seconds[c.id]) for c in self.clients]
-        gathered_eval = gather_to_server(self.fabric, evaluations)
-        if self.server is None or gathered_eval is None:
-            return None
-        evaluations = [e for rank_evals in gathered_eval for e in rank_evals]
-        record = self.server.record(round_idx, reply, results, evaluations, self.cfg.threshold_k_sigma or None)
-        record.time_s = time.perf_counter() - start
-        record.cache = {
-            "extraction_s": self.cache.stats.extraction_seconds,
-            "saved_s": self.cache.stats.saved_seconds,
-            "bytes": self.cache.nbytes,
-        }
-        self.run_report.log_panels(round_idx, {e.client_id: e.panel for e in evaluations})
-        rows = [(e.client_id, *row) for e in evaluations if e.test for row in e.test.scores]
-        if rows:  # per-image scores of the latest scored round, for ROC curves (feddymem report)
-            self.run_report.write_scores(rows)
-        return record.to_dict()
-
-    def final_evaluation(self) -> dict[int, dict[str, Any]]:
-        """Test metrics of every client's kept state whose round was not scored on the test set (on rank 0)."""
-        untested = [c for c in self.clients if c.kept and not test_set_scored(self.cfg, c.kept.round)]
-        local = {c.id: self.runner.test_kept(c) for c in untested}
-        gathered = gather_to_server(self.fabric, local)
-        if gathered is None:
-            return {}
-        tested = {k: v for part in gathered for k, v in part.items()}
-        results = {k: metrics for k, (metrics, _) in tested.items()}
-        if self.history:  # the kept states' anomaly maps, at the last round (W&B)
-            self.run_report.log_panels(self.history[-1]["round"], {k: panel for k, (_, panel) in tested.items()})
-        rows = [(cid, *row) for cid, metrics in results.items() for row in metrics.scores]
-        if rows:  # the kept states' per-image scores, for ROC curves (feddymem report)
-            self.run_report.write_scores(rows)
-        return {cid: metrics.to_dict() for cid, metrics in results.items()}
-
-    def save(self, round_idx: int) -> None:
-        """Atomic checkpoint after a complete round: round, global state, all clients, partition, RNG."""
-        gathered = gather_to_server(self.fabric, self.runner.states())
-        if self.server is None or gathered is None:
-            return
-        clients = {}
-        for part in gathered:
-            for k, state in part.items():
-                data = self.all_clients[k]
-                clients[k] = {**state, "train": [s.path for s in data.train], "products": data.products}
-        kept = kept_record(self.history, self.final_tests)["clients"]
-        payload = round_payload(round_idx, self.cfg, self.server.state(), clients, kept, self.history)
-        self.checkpoints.write(round_idx, payload, self.summary())
+        self.driver = RoundDriver(
+            self.cfg,
+            FabricTransport(self.fabric, self.runner, self.cache, self.all_clients),
+            self.server,
+            self.run_report,
+            self.checkpoints,
+            self.run_dir,
+            method=self.method,
+            single_round=self.strategy.single_round,
+            history=self.history,
+            reporter=self.reporter,
+        )
 
     def restore(self, payload: dict[str, Any]) -> None:
         """Continue after the checkpoint's round: same partition, states, memory and history."""
@@ -213,40 +163,6 @@ class FederatedOrchestrator:
             self.history = list(payload["history"])
         self.start_round = int(payload["round"]) + 1
         torch.set_rng_state(payload["rng"]["torch"])
-
-    def summary(self) -> dict[str, Any]:
-        """What ``metrics.json`` holds: every round's record, each client's kept result, cache statistics."""
-        stats = self.cache.stats
-        return {
-            "run_dir": str(self.run_dir),
-            "method": self.method,
-            "world_size": self.fabric.world_size,
-            "rounds": self.history,
-            "final": final_summary(self.history, self.final_tests),
-            "cache": {
-                "extracted_images": stats.extracted,
-                "extraction_s": stats.extraction_seconds,
-                "hits": stats.hits,
-                "saved_s": stats.saved_seconds,
-                "bytes": self.cache.nbytes,
-                "fp16": self.cache.fp16,
-            },
-        }
-
-    def should_stop(self, round_idx: int) -> bool:
-        """Early stop (``selection.patience`` > 0): no client has improved its criterion for that many rounds."""
-        if self.strategy.single_round:
-            return True  # nothing trains: the round-0 memory is the model
-        patience = self.cfg.selection.patience
-        if patience <= 0 or round_idx >= self.cfg.federation.rounds:
-            return False
-        stop = None
-        if self.is_server:
-            latest = max(c.get("kept_round", round_idx) for c in self.history[-1]["clients"].values())
-            stop = round_idx - latest >= patience
-            if stop:
-                self.reporter.print(f"stopping after round {round_idx}: no client improved for {patience} round(s)")
-        return bool(broadcast_from_server(self.fabric, stop))
 
     def run(self) -> dict[str, Any] | None:
         """Set up, run the remaining rounds, checkpoint after each; the summary on rank 0.
@@ -269,23 +185,65 @@ class FederatedOrchestrator:
             f"rounds {self.start_round}..{self.cfg.federation.rounds}, device {self.fabric.device}, "
             f"run folder {self.run_dir}"
         )
-        with self.reporter.bars():
-            for round_idx in range(self.start_round, self.cfg.federation.rounds + 1):
-                record = self.run_round(round_idx)
-                if record is not None:
-                    self.history.append(record)
-                    self.run_report.log_round(record, tested=test_set_scored(self.cfg, round_idx))
-                self.save(round_idx)
-                if self.should_stop(round_idx):
-                    break
-            self.final_tests = self.final_evaluation()
+        summary = self.driver.run(self.start_round)
         barrier(self.fabric)
-        if self.server is None:
+        if summary is None:
             return None
-        if self.final_tests:
-            atomic_write_json(self.run_dir / "metrics.json", self.summary())
-        self.run_report.log_final(self.history, self.final_tests, self.global_memory)
-        self.run_report.finish()
-        if self.history:
-            self.run_report.print_table(kept_record(self.history, self.final_tests), self.history, self.all_clients)
-        return self.summary()
+        return self.driver.finish(self.global_memory, self.all_clients)
+
+
+class FabricTransport:
+    """The driver's messages as Fabric collectives: every process runs its own clients; rank 0 is the server."""
+
+    engine = "fabric"
+
+    def __init__(
+        self, fabric: L.Fabric, runner: ClientRunner, cache: FeatureCache, all_clients: list[ClientData]
+    ) -> None:
+        self.fabric, self.runner, self.cache, self.all_clients = fabric, runner, cache, all_clients
+        self.is_server = fabric.global_rank == 0
+
+    def train(self, round_idx: int, tested: bool) -> list[ClientResult] | None:
+        """This process's clients train and upload; all uploads on rank 0."""
+        local = [self.runner.run_round(c, round_idx) for c in self.runner.training_clients()]
+        gathered = gather_to_server(self.fabric, local)
+        return None if gathered is None else [r for rank_results in gathered for r in rank_results]
+
+    def share(self, value: T) -> T:
+        """Rank 0's ``value`` on every process."""
+        return broadcast_from_server(self.fabric, value)
+
+    def evaluate(
+        self, round_idx: int, tested: bool, reply: ServerReply
+    ) -> tuple[list[ClientEvaluation], dict[int, str]] | None:
+        """This process's clients take the reply and are evaluated; all evaluations on rank 0."""
+        seconds = self.runner.apply(reply)
+        local = [self.runner.evaluate(c, round_idx, tested, seconds[c.id]) for c in self.runner.clients]
+        gathered = gather_to_server(self.fabric, local)
+        return None if gathered is None else ([e for part in gathered for e in part], {})
+
+    def test_kept(self, last_record: dict[str, Any] | None) -> dict[int, tuple[TestSetMetrics, Panel]] | None:
+        """This process's kept states whose round was not scored, scored now; all on rank 0."""
+        cfg = self.runner.cfg
+        untested = [c for c in self.runner.clients if c.kept and not test_set_scored(cfg, c.kept.round)]
+        gathered = gather_to_server(self.fabric, {c.id: self.runner.test_kept(c) for c in untested})
+        return None if gathered is None else {k: v for part in gathered for k, v in part.items()}
+
+    def client_states(self) -> dict[int, dict[str, Any]] | None:
+        """Every client's state (generator, optimiser, kept state), its training images and products."""
+        gathered = gather_to_server(self.fabric, self.runner.states())
+        if gathered is None:
+            return None
+        clients = {}
+        for part in gathered:
+            for k, state in part.items():
+                data = self.all_clients[k]
+                clients[k] = {**state, "train": [s.path for s in data.train], "products": data.products}
+        return clients
+
+    def details(self) -> dict[str, Any]:
+        """The number of processes and the feature cache's statistics."""
+        stats = self.cache.stats
+        cache = {"extracted_images": stats.extracted, "extraction_s": stats.extraction_seconds, "hits": stats.hits}
+        cache |= {"saved_s": stats.saved_seconds, "bytes": self.cache.nbytes, "fp16": self.cache.fp16}
+        return {"world_size": self.fabric.world_size, "cache": cache}

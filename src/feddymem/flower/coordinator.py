@@ -1,0 +1,219 @@
+"""The coordinator's side of the Flower engine: bind each SuperNode to its client id, then the same
+:class:`~feddymem.federation.driver.RoundDriver` as the Fabric engine, its messages carried by Flower's Grid.
+
+Every message names its round and carries the run's config (``config-yaml``); a site answers ``train`` with
+its upload, ``evaluate`` (which carries the server's reply) with its normal-only statistics and, when the
+round is tested, its test metrics; ``query.final`` with the test metrics of its kept state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from feddymem.config import config_from_yaml, to_yaml
+from feddymem.data.partition import ClientData
+from feddymem.errors import ConfigError, FedDyMemError
+from feddymem.federation.checkpointing import RunCheckpoints
+from feddymem.federation.driver import Panel, RoundDriver, T
+from feddymem.federation.evaluation import test_set_scored
+from feddymem.federation.messages import ClientEvaluation, ClientResult, ServerReply, TestSetMetrics
+from feddymem.federation.reporting import RunReporter, run_loggers
+from feddymem.federation.server import Server
+from feddymem.federation.strategies import make_strategy
+from feddymem.federation.wire import (
+    MalformedMessage,
+    decode_evaluation,
+    decode_result,
+    decode_test_metrics,
+    encode_reply,
+)
+from feddymem.flower.records import from_records, to_records
+from feddymem.io import atomic_write_text, claim_output_dir
+from feddymem.logging.console import Reporter
+from feddymem.memory.kmeans import resolve_gpu
+
+log = logging.getLogger(__name__)
+
+
+class MessageGrid(Protocol):
+    """What the coordinator needs of Flower's ``Grid`` (a real one, or :mod:`feddymem.flower.inprocess`'s)."""
+
+    def get_node_ids(self) -> Any:
+        """The ids of the connected SuperNodes."""
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
+        """Deliver ``messages``; the replies that came back within ``timeout``."""
+
+
+class FlowerTransport:
+    """The driver's messages over Flower: one message per site and step, the replies decoded."""
+
+    engine = "flower"
+    is_server = True
+
+    def __init__(self, grid: MessageGrid, cfg: Any, yaml: str, timeout: float | None) -> None:
+        self.grid, self.cfg, self.yaml, self.timeout = grid, cfg, yaml, timeout
+        self.nodes: dict[int, int] = {}  # node id → client id
+        self.products: dict[int, list[str]] = {}  # client id → its products
+        self.sizes: dict[int, int] = {}  # client id → its training images
+
+    def connect(self) -> None:
+        """Wait for one SuperNode per client (``federation.collective_timeout_s``), then bind node ids to clients."""
+        wanted, wait = self.cfg.data.num_clients, self.cfg.federation.collective_timeout_s
+        deadline = time.monotonic() + wait
+        while len(nodes := list(self.grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+            time.sleep(0.5)
+        messages = [self.message(n, "query.identify", {}) for n in nodes]
+        for reply in self.grid.send_and_receive(messages, timeout=wait):
+            if reply.has_error():
+                log.warning("a SuperNode could not identify itself: %s", reply.error.reason)
+                continue
+            info = from_records(reply.content)
+            client_id, images = int(info.metrics["client_id"]), int(info.metrics["train_images"])
+            if client_id in self.sizes:
+                raise FedDyMemError(f"two SuperNodes claim client {client_id}")
+            self.nodes[reply.metadata.src_node_id] = client_id
+            self.sizes[client_id] = images
+            self.products[client_id] = json.loads(info.config.get("products", "[]"))
+        if sorted(self.sizes) != list(range(wanted)):
+            raise FedDyMemError(
+                f"{len(self.sizes)} of {wanted} sites answered within {wait:g}s (clients {sorted(self.sizes)}): "
+                f"every client id 0..{wanted - 1} needs a SuperNode"
+            )
+
+    def message(self, node: int, kind: str, content: dict[str, Any]) -> Message:
+        """A message to ``node``, with the run's config."""
+        setup = ConfigRecord({"config-yaml": self.yaml})
+        return Message(RecordDict({"setup": setup, **content}), dst_node_id=node, message_type=kind)
+
+    def ask(self, kind: str, content: dict[str, Any]) -> dict[int, Message | str]:
+        """Send ``kind`` to every site; each client's reply, or why there is none."""
+        messages = [self.message(node, kind, content) for node in self.nodes]
+        replies = {m.metadata.src_node_id: m for m in self.grid.send_and_receive(messages, timeout=self.timeout)}
+        out: dict[int, Message | str] = {}
+        for node, client_id in self.nodes.items():
+            reply = replies.get(node)
+            if reply is None:
+                out[client_id] = f"ClientTimeout: client {client_id} sent nothing within {self.timeout}s"
+            elif reply.has_error():
+                out[client_id] = f"ClientError: client {client_id}: {reply.error.reason}"
+            else:
+                out[client_id] = reply
+        return out
+
+    @staticmethod
+    def _round(round_idx: int, tested: bool) -> dict[str, Any]:
+        return {"round": MetricRecord({"round": round_idx, "tested": int(tested)})}
+
+    def train(self, round_idx: int, tested: bool) -> list[ClientResult]:
+        """Every site's upload; an error result (and a warning) for a site that sent none or a bad one."""
+        results = []
+        for client_id, answer in self.ask("train", self._round(round_idx, tested)).items():
+            try:
+                if isinstance(answer, str):
+                    raise MalformedMessage(answer)
+                results.append(decode_result(from_records(answer.content), client_id=client_id))
+            except (MalformedMessage, KeyError, ValueError) as err:
+                log.warning("client %d left out of round %d: %s", client_id, round_idx, err)
+                results.append(ClientResult(client_id, error=str(err)))
+        return results
+
+    def share(self, value: T) -> T:
+        """Only the coordinator runs the driver: nothing to share."""
+        return value
+
+    def evaluate(
+        self, round_idx: int, tested: bool, reply: ServerReply
+    ) -> tuple[list[ClientEvaluation], dict[int, str]]:
+        """The reply to every site, and their evaluations; why a site sent none."""
+        evaluations, unevaluated = [], {}
+        content = {**self._round(round_idx, tested), **to_records(encode_reply(reply))}
+        for client_id, answer in self.ask("evaluate", content).items():
+            try:
+                if isinstance(answer, str):
+                    raise MalformedMessage(answer)
+                evaluations.append(decode_evaluation(from_records(answer.content)))
+            except (MalformedMessage, KeyError, ValueError) as err:
+                log.warning("client %d not evaluated in round %d: %s", client_id, round_idx, err)
+                unevaluated[client_id] = f"evaluation: {err}"
+        return evaluations, unevaluated
+
+    def test_kept(self, last_record: dict[str, Any] | None) -> dict[int, tuple[TestSetMetrics, Panel]]:
+        """The sites whose kept round was not scored send their kept state's test metrics (no panels)."""
+        clients = (last_record or {}).get("clients", {})
+        untested = {int(c) for c, line in clients.items() if not test_set_scored(self.cfg, line.get("kept_round", 0))}
+        if not untested:
+            return {}
+        out: dict[int, tuple[TestSetMetrics, Panel]] = {}
+        for client_id, answer in self.ask("query.final", {}).items():
+            if client_id in untested and not isinstance(answer, str):
+                cid, test = decode_test_metrics(from_records(answer.content))
+                out[cid] = (test, None)
+        return out
+
+    def client_states(self) -> dict[int, dict[str, Any]]:
+        """The sites keep their models: the checkpoint holds their products only."""
+        return {k: {"products": self.products[k]} for k in sorted(self.products)}
+
+    def details(self) -> dict[str, Any]:
+        """The number of sites."""
+        return {"sites": len(self.nodes)}
+
+
+class FlowerServerRun:
+    """One run on the coordinator: wait for the sites, bind each node to its client id, then the rounds."""
+
+    def __init__(self, grid: MessageGrid, context: Context) -> None:
+        run_config = context.run_config
+        if "config-yaml" not in run_config or "run-dir" not in run_config:
+            raise ConfigError("the run config needs 'config-yaml' and 'run-dir'")
+        yaml = str(run_config["config-yaml"])
+        self.cfg = config_from_yaml(yaml, "run config 'config-yaml'")
+        self.run_dir = Path(str(run_config["run-dir"]))
+        self.strategy = make_strategy(self.cfg, server_gpu=resolve_gpu(self.cfg.server.gpu))
+        if self.strategy.pooled:
+            raise ConfigError(f"method={self.strategy.name} pools every site's images: it cannot run across sites")
+        f = self.cfg.federation
+        # A round's messages wait as long as the Fabric engine waits for its clients: federation.client_timeout_s,
+        # or no limit (a site that goes offline is answered for by the SuperLink with an error reply).
+        timeout = float(f.client_timeout_s) if f.client_timeout_s > 0 else None
+        self.transport = FlowerTransport(grid, self.cfg, yaml, timeout)
+        self.reporter = Reporter(quiet=self.cfg.quiet)
+
+    def run(self) -> dict[str, Any]:
+        """The whole run; the summary written to ``metrics.json``."""
+        claim_output_dir(self.run_dir, "run folder")
+        atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
+        loggers = run_loggers(self.cfg, self.run_dir)
+
+        def log_dict(metrics: dict[str, float], step: int) -> None:
+            for logger in loggers:
+                logger.log_metrics(metrics, step)
+
+        report = RunReporter(self.cfg, self.run_dir, self.reporter, loggers, log_dict)
+        self.transport.connect()
+        server = Server(self.cfg, self.strategy, [self.transport.sizes[k] for k in range(len(self.transport.sizes))])
+        self.reporter.print(
+            f"FedDyMem ({self.strategy.name}) over Flower: {len(self.transport.nodes)} sites, "
+            f"rounds 0..{self.cfg.federation.rounds}, run folder {self.run_dir}"
+        )
+        driver = RoundDriver(
+            self.cfg,
+            self.transport,
+            server,
+            report,
+            RunCheckpoints(self.run_dir, self.cfg.checkpoint.keep.value),
+            self.run_dir,
+            method=self.strategy.name,
+            single_round=self.strategy.single_round,
+            reporter=self.reporter,
+        )
+        driver.run()
+        partition = [ClientData(k, products=p) for k, p in sorted(self.transport.products.items())]
+        return driver.finish(server.global_memory, partition)
