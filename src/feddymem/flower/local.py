@@ -260,7 +260,9 @@ def run_on_loopback(cfg: Any, run_dir: Path, *, tls: bool = True, authenticate: 
 
     # Each site writes its own model under the run folder (sites/site_K/client_K.ckpt), as a real site would
     # on its own disk.
-    nodes = [f'client-id={k} out="{run_dir.resolve() / "sites" / f"site_{k}"}"' for k in range(cfg.data.num_clients)]
+    sites = cfg.data.num_clients
+    threads = max(1, (os.cpu_count() or 1) // sites)  # the machine's cores shared out between its sites
+    nodes = [f'client-id={k} threads={threads} out="{run_dir.resolve() / "sites" / f"site_{k}"}"' for k in range(sites)]
     timeout = max(600.0, float(cfg.federation.collective_timeout_s))
     with loopback_federation(cfg.data.num_clients, nodes, tls=tls, authenticate=authenticate) as fed:
         output = submit(fed, cfg, run_dir, timeout=timeout * (cfg.federation.rounds + 2))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from feddymem.config import (
@@ -63,6 +64,7 @@ def site_setup(content: RecordDict, node_config: dict[str, Any]) -> tuple[Any, i
     With ``dataset=/path/site.yaml`` in the node config the site's own images (all of them) are its share;
     without, the server's ``data`` node is partitioned as in the Fabric engine and the site takes share K
     (one machine, or sites that all see the same files)."""
+    set_site_threads(node_config)
     if "client-id" not in node_config:
         raise ConfigError("this SuperNode has no client id: start it with --node-config 'client-id=K'")
     client_id = int(node_config["client-id"])
@@ -80,6 +82,17 @@ def site_setup(content: RecordDict, node_config: dict[str, Any]) -> tuple[Any, i
         raise ConfigError(f"client-id {client_id}: the data plan has {len(plan.clients)} clients")
     plan.clients[share].client_id = client_id
     return cfg, client_id, plan, share
+
+
+def set_site_threads(node_config: dict[str, Any]) -> None:
+    """``threads=N`` in the node config: the CPU threads this site's torch uses (``0``, the default: torch's
+    own choice, every core). Sites that share one machine (a trial, the loopback engine) each take their
+    share, so that their processes do not fight over the same cores."""
+    value = str(node_config.get("threads", "0"))
+    if not value.isdigit():
+        raise ConfigError(f"node config 'threads' must be a whole number of CPU threads (0: all); got '{value}'")
+    if int(value) > 0:
+        torch.set_num_threads(int(value))
 
 
 def site_fabric(node_config: dict[str, Any], cfg: Any) -> L.Fabric:
