@@ -50,3 +50,23 @@ def test_coreset_aggregation_keeps_a_rare_upload_that_kmeans_averages_away():
     assert result.items.shape == (8, 4) and result.num_points == 301
     assert (result.items == rare).all(dim=1).any()  # kept as it was uploaded
     assert result.objective < 1.0  # every upload is within the coverage radius of a chosen item
+
+
+def test_many_uploads_are_clustered_on_a_bounded_sample():
+    generator = torch.Generator().manual_seed(0)
+    uploads = [MemoryBank(torch.randn(500, 8, generator=generator), torch.ones(500), 5) for _ in range(8)]
+    points = torch.cat([u.items for u in uploads])
+    full = aggregate(uploads, 16, iters=5)
+    # A sample of one item per centroid: every centroid is then an uploaded item itself, not a mean.
+    sampled = aggregate(uploads, 16, iters=5, max_points=16)
+    assert sampled.items.shape == full.items.shape == (16, 8) and sampled.num_points == 4000
+
+    def farthest(centroids: torch.Tensor) -> float:  # the largest distance of a centroid to its nearest item
+        exact = torch.cdist(centroids, points, compute_mode="donot_use_mm_for_euclid_dist")
+        return float(exact.min(dim=1).values.max())
+
+    assert farthest(sampled.items) < 1e-5
+    assert farthest(full.items) > 0.1  # all 4000 items: the centroids are means
+    assert torch.equal(aggregate(uploads, 16, iters=5, max_points=16).items, sampled.items)  # seeded
+    # Under the bound nothing changes: every item takes part, as without one.
+    assert torch.equal(aggregate(uploads, 16, iters=5, max_points=4000).items, full.items)

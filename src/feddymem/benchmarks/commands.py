@@ -1,10 +1,10 @@
-"""``feddymem bench suite|render|kmeans|engines|frontier`` (also ``python -m feddymem.benchmarks``).
+"""``feddymem bench suite|render|kmeans|engines|sites|frontier`` (also ``python -m feddymem.benchmarks``).
 
 ``suite``: the whole benchmark (``make bench``). ``render``: results.md and convergence.png again from results.json.
 ``kmeans``: the server K-means timed alone on synthetic uploads, FAISS GPU/CPU vs scikit-learn
 (``scripts/gpu_check.sh``; needs no data). ``engines``: one experiment under Fabric and over Flower, back to
-back. ``frontier``: a privacy study's accuracy against membership AUC, as
-frontier.md and frontier.png, and its knee.
+back. ``sites``: the server's round with 5 to 500 sites. ``frontier``: a privacy study's accuracy against
+membership AUC, as frontier.md and frontier.png, and its knee.
 """
 
 from __future__ import annotations
@@ -49,6 +49,15 @@ def add_bench_parser(commands: Any) -> None:
     engines.add_argument("--out", default="benchmarks/engines", help="where results.md and results.json go")
     engines.add_argument("--runs", default="runs/engines", help="where the runs' folders go")
     engines.set_defaults(func=cmd_engines)
+    many = sub.add_parser(
+        "sites", help="the server's cost of a round with many sites (synthetic uploads of the real size)"
+    )
+    many.add_argument("overrides", nargs="*", help="key=value, as for feddymem train (the server's settings)")
+    many.add_argument("--sites", type=int, nargs="+", default=[5, 20, 100, 500], help="numbers of sites")
+    many.add_argument("--items", type=int, default=3400, help="items each site uploads (ELPV, 5 sites: about 3400)")
+    many.add_argument("--patches", type=int, default=50, help="patches each item averages")
+    many.add_argument("--out", default="benchmarks/sites", help="where results.md and results.json go")
+    many.set_defaults(func=cmd_sites)
     front = sub.add_parser("frontier", help="image AUROC against membership AUC from a privacy study's results.json")
     front.add_argument("--results", required=True, help="the study's results.json")
     front.add_argument("--limit", type=float, default=0.70, help="the membership AUC a setting must stay under")
@@ -94,6 +103,15 @@ def cmd_engines(args: argparse.Namespace) -> int:
     results = compare_engines(list(args.overrides), Path(args.out), Path(args.runs))
     for row in results["rows"]:
         print(json.dumps(row))
+    print(f"wrote {args.out}/results.md and results.json")
+    return 0
+
+
+def cmd_sites(args: argparse.Namespace) -> int:
+    """``feddymem bench sites``: the server's round with 5 ... 500 sites."""
+    from feddymem.benchmarks.sites import compare_sites
+
+    compare_sites(list(args.overrides), list(args.sites), args.items, args.patches, Path(args.out))
     print(f"wrote {args.out}/results.md and results.json")
     return 0
 

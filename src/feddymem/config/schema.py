@@ -197,6 +197,9 @@ class ServerConfig:
     max_upload_items: int = ranged(65536, 1)
     max_upload_mb: float = ranged(256.0, 0.0, lo_open=True)
     kmeans_iters: int = ranged(20, 1)
+    # K-means iterates on at most this many uploaded items (a seeded sample; the weights stay): a round's
+    # time stays bounded however many sites upload
+    kmeans_max_points: int = ranged(131072, 1)
     warm_start: bool = True
     gpu: str = "auto"  # auto | true | false
 

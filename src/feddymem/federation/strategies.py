@@ -152,6 +152,7 @@ class Strategy:
             iters=s.kmeans_iters,
             seed=self.cfg.seed + round_idx,
             gpu=self.server_gpu,
+            max_points=s.kmeans_max_points,
         )
 
 

@@ -35,12 +35,15 @@ def aggregate(
     iters: int = 20,
     seed: int = 0,
     gpu: bool = False,
+    max_points: int | None = None,
 ) -> GlobalMemory:
     """K-means of all uploaded items into ``size`` centroids (clamped to the number of items).
 
     Item weights are the number of patches each averages, so clients count by their size; with
     ``weight_by_client_size=False`` every client's weights are rescaled to the same total.
-    ``previous`` (the last global memory) warm-starts the iterations.
+    ``previous`` (the last global memory) warm-starts the iterations. With more than ``max_points`` items
+    the iterations run on a seeded sample of that many (FAISS's subsampling, weights kept) and the
+    objective is the sample's: the cost of a round stops growing with the number of sites.
     """
     if not uploads:
         raise ValueError("no uploads to aggregate")
@@ -50,6 +53,9 @@ def aggregate(
     else:
         weights = torch.cat([u.weights.float().cpu() / u.weights.float().sum() for u in uploads])
     weights = weights / weights.mean()  # a scale FAISS handles well
+    n, k = points.shape[0], max(1, min(size, points.shape[0]))
+    sampled = max_points is not None and n > max_points
+    bound = max_points if max_points is not None else n
     result = kmeans(
         points,
         size,
@@ -58,9 +64,11 @@ def aggregate(
         weights=weights,
         init=previous,
         gpu=gpu,
-        max_points_per_centroid=max(256, points.shape[0] // max(size, 1) + 1),
+        # Every item takes part, unless there are more than max_points: then FAISS samples k·(max_points // k).
+        max_points_per_centroid=max(1, bound // k) if sampled else max(256, n // k + 1),
+        assign_all=not sampled,
     )
-    return GlobalMemory(result.centroids, result.objective, points.shape[0], result.gpu)
+    return GlobalMemory(result.centroids, result.objective, n, result.gpu)
 
 
 def coreset_aggregate(uploads: list[MemoryBank], size: int, *, seed: int = 0) -> GlobalMemory:

@@ -43,12 +43,14 @@ def kmeans(
     gpu: bool = False,
     max_points_per_centroid: int = 256,
     restarts: int = 1,
+    assign_all: bool = True,
 ) -> KMeansResult:
     """Cluster ``points`` (N, D) into ``min(k, N)`` centroids.
 
     ``init`` warm-starts from given centroids when it has the right shape. FAISS subsamples to
-    ``max_points_per_centroid``·k points for the iterations; assignments cover every point.
-    ``restarts`` > 1 keeps the best of several random starts (ignored with ``init``).
+    ``max_points_per_centroid``·k points for the iterations; assignments cover every point, unless
+    ``assign_all`` is False: then no assignments are returned and the objective is the last iteration's
+    (on the points the iterations used), which saves a search of all N points against k centroids.
     """
     x = as_float32(points)
     n, dim = x.shape
@@ -74,7 +76,11 @@ def kmeans(
         nredo=1 if start is not None else max(1, restarts),
     )
     km.train(x, weights=w, init_centroids=start)
+    assert km.centroids is not None  # set by train()
+    centroids = torch.from_numpy(km.centroids.copy())
+    if not assign_all:
+        assert km.obj is not None  # the objective of every iteration, set by train()
+        return KMeansResult(centroids, float(km.obj[-1]), torch.empty(0, dtype=torch.long), use_gpu)
     dist, assign = km.index.search(x, 1)
     objective = float((dist[:, 0] * (w if w is not None else 1.0)).sum())
-    assert km.centroids is not None  # set by train()
-    return KMeansResult(torch.from_numpy(km.centroids.copy()), objective, torch.from_numpy(assign[:, 0]), use_gpu)
+    return KMeansResult(centroids, objective, torch.from_numpy(assign[:, 0]), use_gpu)
