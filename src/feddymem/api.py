@@ -36,8 +36,6 @@ def train(
 def _train_on_flower(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """The run on a Flower federation on this machine: a SuperLink and one SuperNode per client, TLS and
     SuperNode authentication on loopback (``docs/deploy.md`` spreads the same over machines)."""
-    if cfg.resume:
-        raise ConfigError("resume is not available with federation.engine=flower yet")
     try:
         from feddymem.flower.local import run_on_loopback
     except ImportError as err:

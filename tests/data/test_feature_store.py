@@ -106,3 +106,38 @@ def test_a_folder_that_cannot_be_written_is_named(fedmodel, tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputError, match="a_file"):
         FeatureStore(blocker / "features", fedmodel.feature_extractor)
+
+
+def test_processes_sharing_the_store_split_the_work_and_read_back_each_others(fedmodel, synthetic_root, tmp_path):
+    import os
+    import threading
+    import time
+
+    ds = ImageDataset(_samples(synthetic_root), 96, 96, fedmodel.feature_extractor.mean, fedmodel.feature_extractor.std)
+    reference = FeatureCache(fedmodel.extract, batch_size=2).wrap(ds)  # in memory only
+    store = FeatureStore(tmp_path / "features", fedmodel.feature_extractor)
+    keys = [store.key(ds, i) for i in range(4)]
+    # "Another process" has claimed images 0 and 1, and writes them a moment later.
+    assert store.claim(keys[0]) and store.claim(keys[1]) and not store.claim(keys[0])
+
+    def other_process():
+        time.sleep(0.5)
+        for i in (0, 1):
+            store.save(keys[i], reference[i]["features"], None)
+            store.release(keys[i])
+
+    writer = threading.Thread(target=other_process)
+    writer.start()
+    cache = _cache(fedmodel, tmp_path / "features")
+    served = cache.wrap(ds)
+    writer.join()
+    assert (cache.stats.extracted, cache.stats.from_disk) == (2, 2)  # only the unclaimed two extracted here
+    for i in range(4):
+        assert torch.allclose(served[i]["features"], reference[i]["features"], atol=1e-5)
+    assert not list((tmp_path / "features").rglob("*.claim"))
+    # A claim left by a process that died (older than CLAIM_STALE_S) is taken over.
+    fresh = FeatureStore(tmp_path / "other", fedmodel.feature_extractor)
+    assert fresh.claim(keys[2])
+    claim = next((tmp_path / "other").rglob("*.claim"))
+    os.utime(claim, (time.time() - 3600, time.time() - 3600))
+    assert fresh.claim(keys[2])

@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("flwr")
 
 from conftest import FAST
 from feddymem.config import load_config
+from feddymem.errors import FedDyMemError
 from feddymem.federation.orchestrator import FederatedOrchestrator
 from feddymem.flower.inprocess import run_in_process
+from feddymem.io import load_checkpoint
 from run_compare import assert_same_run
 
 CASES = {
@@ -54,3 +57,27 @@ def test_both_engines_run_the_same_rounds(case, tmp_path, synthetic_yaml):
         for run in ("fabric", "flower"):
             header = (tmp_path / run / "logs" / "metrics.csv").read_text().splitlines()[0]
             assert "final/mean_image_auroc" in header, run
+
+
+@pytest.mark.slow
+def test_a_flower_run_resumes_from_the_coordinators_and_each_sites_checkpoint(tmp_path, synthetic_yaml):
+    common = [f"dataset={synthetic_yaml}", "data.num_clients=2", *FAST, "federation.local_epochs=2"]
+
+    def sites(run: str) -> list[dict[str, object]]:
+        return [{"client-id": k, "out": str(tmp_path / run / "sites" / f"site_{k}")} for k in range(2)]
+
+    run_in_process(load_config([*common, "federation.rounds=2"]), tmp_path / "straight", sites("straight"))
+    run_in_process(load_config([*common, "federation.rounds=1"]), tmp_path / "stopped", sites("stopped"))
+    resumed = load_config([*common, "federation.rounds=2", f"resume={tmp_path / 'stopped'}"])
+    # Sites that lost their own checkpoints cannot resume; they say so, and the run's checkpoint is untouched.
+    lost = [{"client-id": k, "out": str(tmp_path / "elsewhere" / f"site_{k}")} for k in range(2)]
+    with pytest.raises(FedDyMemError, match="site 0 cannot resume: no checkpoint .*elsewhere"):
+        run_in_process(resumed, tmp_path / "stopped", lost)
+    # A new run with fresh SuperNodes: the coordinator and each site continue from their own checkpoints.
+    run_in_process(resumed, tmp_path / "stopped", sites("stopped"))
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    again = json.loads((tmp_path / "stopped" / "metrics.json").read_text())
+    assert [r["round"] for r in again["rounds"]] == [0, 1, 2]
+    assert_same_run(again, straight)
+    last = {run: load_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("straight", "stopped")}
+    assert torch.equal(last["stopped"]["global_memory"], last["straight"]["global_memory"])

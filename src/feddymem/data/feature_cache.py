@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -135,12 +135,24 @@ class FeatureCache:
             remaining -= len(stored)
         if not missing:
             return True
-        loader = DataLoader(
-            torch.utils.data.Subset(dataset, missing), batch_size=self.batch_size, num_workers=self.num_workers
-        )
         advance = self.progress(description, len(missing)) if self.progress else None
-        start = time.perf_counter()
+        if self.disk is not None:
+            return self._fill_shared(dataset, missing, disk_keys, remaining, added, description, advance)
+        for items in self._extracted(dataset, missing, disk_keys):
+            if not self._admit(dataset, items, remaining, added, description):
+                return False
+            remaining -= len(items)
+            if advance:
+                advance(len(items))
+        return True
+
+    def _extracted(self, dataset: ImageDataset, indices: list[int], disk_keys: dict[int, str]) -> Iterator[list[tuple]]:
+        """``(index, features, mask)`` of ``indices``, extracted batch by batch (and written to the store)."""
+        loader = DataLoader(
+            torch.utils.data.Subset(dataset, indices), batch_size=self.batch_size, num_workers=self.num_workers
+        )
         for batch in loader:
+            start = time.perf_counter()
             features = self._extract_batch(batch["image"])
             items = []
             for j, index in enumerate(batch["index"].tolist()):  # the wrapped dataset reports its own index
@@ -148,13 +160,55 @@ class FeatureCache:
                 items.append((index, features[j], mask))
                 if self.disk is not None:
                     self.disk.save(disk_keys[index], features[j], mask)
-            if not self._admit(dataset, items, remaining, added, description):
-                return False
-            remaining -= len(items)
-            if advance:
-                advance(len(items))
-        self.stats.extraction_seconds += time.perf_counter() - start
-        self.stats.extracted += len(missing)
+            self.stats.extraction_seconds += time.perf_counter() - start
+            self.stats.extracted += len(items)
+            yield items
+
+    def _fill_shared(
+        self,
+        dataset: ImageDataset,
+        pending: list[int],
+        disk_keys: dict[int, str],
+        remaining: int,
+        added: list[tuple],
+        description: str,
+        advance: Callable[[int], None] | None,
+    ) -> bool:
+        """Extract a batch at a time of what no other process has claimed; read back what the others wrote."""
+        assert self.disk is not None
+        broken: set[int] = set()  # entries on disk that cannot be read: extracted again here
+        while pending:
+            mine: list[int] = []
+            waiting: list[int] = []
+            for index in pending:
+                key = disk_keys[index]
+                if len(mine) < self.batch_size and self.disk.claim(key):
+                    if index in broken or not self.disk.has(key):
+                        mine.append(index)
+                        continue
+                    self.disk.release(key)  # written by another process since we looked
+                waiting.append(index)
+            items: list[tuple] = []
+            try:
+                for batch in self._extracted(dataset, mine, disk_keys):
+                    items += batch
+            finally:
+                for index in mine:
+                    self.disk.release(disk_keys[index])
+            done = [i for i in waiting if i not in broken and self.disk.has(disk_keys[i])]
+            if not mine and not done:
+                time.sleep(0.2)  # every pending image is being extracted by another process
+            stored, unreadable = self._read_store(done, disk_keys)
+            broken.update(unreadable)
+            items += stored
+            finished = set(done)
+            pending = [i for i in waiting if i not in finished] + unreadable
+            if items:
+                if not self._admit(dataset, items, remaining, added, description):
+                    return False
+                remaining -= len(items)
+                if advance:
+                    advance(len(items))
         return True
 
     def _read_store(self, indices: list[int], disk_keys: dict[int, str]) -> tuple[list[tuple], list[int]]:

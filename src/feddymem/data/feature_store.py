@@ -7,6 +7,11 @@ the image file and its mask, the product's intensity window, the pre-processing)
 after the extractor's fingerprint (its architecture and every weight), so a change to any of them
 misses, and nothing is ever served stale. Entries hold float32 features as the extractor gave them
 and are written atomically; an unreadable entry is extracted again and replaced.
+
+Processes that share the folder (several sites of a trial on one machine) share the work too: before
+extracting an image a process claims it (``<key>.claim``, created exclusively), and the others wait for
+its entry instead of extracting it again. A claim older than :data:`CLAIM_STALE_S` (its process died)
+is taken over.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +32,7 @@ from feddymem.io import atomic_write_bytes, check_writable
 log = logging.getLogger(__name__)
 
 FeatureEntry = tuple[torch.Tensor, "torch.Tensor | None"]  # features (C, H, W), mask (S, S) bool or None
+CLAIM_STALE_S = 300.0  # a claim this old belongs to a process that died: one batch takes seconds
 
 
 def extractor_fingerprint(extractor: nn.Module) -> str:
@@ -64,6 +72,31 @@ class FeatureStore:
             log.warning("feature cache entry %s unreadable (%s): extracting it again", path, err)
             return None
         return features, mask
+
+    def has(self, key: str) -> bool:
+        """Whether the entry ``key`` exists (without reading it)."""
+        return self._path(key).is_file()
+
+    def claim(self, key: str) -> bool:
+        """Take the extraction of ``key`` on for this process: ``False`` while another process holds it."""
+        path = self._path(key).with_suffix(".claim")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return True
+            except FileExistsError:
+                try:
+                    if time.time() - path.stat().st_mtime < CLAIM_STALE_S:
+                        return False
+                    path.unlink()  # its process died: take it over
+                except FileNotFoundError:
+                    pass  # released meanwhile: try again
+        return False
+
+    def release(self, key: str) -> None:
+        """Give up the claim on ``key`` (its entry is written, or extraction failed)."""
+        self._path(key).with_suffix(".claim").unlink(missing_ok=True)
 
     def save(self, key: str, features: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Write one entry atomically (concurrent writers of one key write the same bytes)."""

@@ -26,7 +26,7 @@ from feddymem.config import to_yaml
 from feddymem.data.check import check_memory_images, plan_data, verify_plan
 from feddymem.data.feature_cache import FeatureCache
 from feddymem.data.partition import ClientData
-from feddymem.errors import ConfigError, FedDyMemError, PeerFailure
+from feddymem.errors import CheckpointError, ConfigError, FedDyMemError, PeerFailure
 from feddymem.federation.checkpointing import RunCheckpoints
 from feddymem.federation.client import Client, Loaders, build_clients, make_feature_cache
 from feddymem.federation.client_runner import ClientRunner
@@ -157,6 +157,10 @@ class FederatedOrchestrator:
 
     def restore(self, payload: dict[str, Any]) -> None:
         """Continue after the checkpoint's round: same partition, states, memory and history."""
+        if (engine := payload.get("engine", "fabric")) != "fabric":
+            raise CheckpointError(
+                f"{self.checkpoints.last} was written by the {engine} engine: resume it with federation.engine={engine}"
+            )
         self.runner.restore(payload)
         if self.server is not None:
             self.server.restore(payload)

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from feddymem.config import config_from_yaml, to_yaml
 from feddymem.data.partition import ClientData
-from feddymem.errors import ConfigError, FedDyMemError
+from feddymem.errors import CheckpointError, ConfigError, FedDyMemError
 from feddymem.federation.checkpointing import RunCheckpoints
 from feddymem.federation.driver import Panel, RoundDriver, T
 from feddymem.federation.evaluation import test_set_scored
@@ -34,7 +34,7 @@ from feddymem.federation.wire import (
     encode_reply,
 )
 from feddymem.flower.records import from_records, to_records
-from feddymem.io import atomic_write_text, claim_output_dir
+from feddymem.io import atomic_write_text, claim_output_dir, run_dir_problem
 from feddymem.logging.console import Reporter
 from feddymem.memory.kmeans import resolve_gpu
 
@@ -62,6 +62,7 @@ class FlowerTransport:
         self.nodes: dict[int, int] = {}  # node id → client id
         self.products: dict[int, list[str]] = {}  # client id → its products
         self.sizes: dict[int, int] = {}  # client id → its training images
+        self.resumed_round: int | None = None  # a resumed run: the round the sites restore their state from
 
     def connect(self) -> None:
         """Wait for one SuperNode per client (``federation.collective_timeout_s``), then bind node ids to clients."""
@@ -88,9 +89,11 @@ class FlowerTransport:
             )
 
     def message(self, node: int, kind: str, content: dict[str, Any]) -> Message:
-        """A message to ``node``, with the run's config."""
-        setup = ConfigRecord({"config-yaml": self.yaml})
-        return Message(RecordDict({"setup": setup, **content}), dst_node_id=node, message_type=kind)
+        """A message to ``node``, with the run's config (and in a resumed run the round its sites restore)."""
+        records = {"setup": ConfigRecord({"config-yaml": self.yaml}), **content}
+        if self.resumed_round is not None:
+            records["resume"] = MetricRecord({"round": self.resumed_round})
+        return Message(RecordDict(records), dst_node_id=node, message_type=kind)
 
     def ask(self, kind: str, content: dict[str, Any]) -> dict[int, Message | str]:
         """Send ``kind`` to every site; each client's reply, or why there is none."""
@@ -152,9 +155,13 @@ class FlowerTransport:
             return {}
         out: dict[int, tuple[TestSetMetrics, Panel]] = {}
         for client_id, answer in self.ask("query.final", {}).items():
-            if client_id in untested and not isinstance(answer, str):
-                cid, test = decode_test_metrics(from_records(answer.content))
-                out[cid] = (test, None)
+            if client_id not in untested:
+                continue
+            if isinstance(answer, str):
+                log.warning("client %d's kept state was not scored: %s", client_id, answer)
+                continue
+            cid, test = decode_test_metrics(from_records(answer.content))
+            out[cid] = (test, None)
         return out
 
     def client_states(self) -> dict[int, dict[str, Any]]:
@@ -187,9 +194,13 @@ class FlowerServerRun:
         self.reporter = Reporter(quiet=self.cfg.quiet)
 
     def run(self) -> dict[str, Any]:
-        """The whole run; the summary written to ``metrics.json``."""
+        """The whole run (or, with ``resume``, its remaining rounds); the summary written to ``metrics.json``."""
+        resume = bool(self.cfg.resume)
+        if problem := run_dir_problem(self.run_dir, resume):
+            raise FedDyMemError(problem)
         claim_output_dir(self.run_dir, "run folder")
-        atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
+        if not resume:
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
         loggers = run_loggers(self.cfg, self.run_dir)
 
         def log_dict(metrics: dict[str, float], step: int) -> None:
@@ -199,21 +210,34 @@ class FlowerServerRun:
         report = RunReporter(self.cfg, self.run_dir, self.reporter, loggers, log_dict)
         self.transport.connect()
         server = Server(self.cfg, self.strategy, [self.transport.sizes[k] for k in range(len(self.transport.sizes))])
+        checkpoints = RunCheckpoints(self.run_dir, self.cfg.checkpoint.keep.value)
+        history, start = [], 0
+        if resume:  # the coordinator's part from its checkpoint; every site restores its own (site.restore_site)
+            payload = checkpoints.read()
+            if payload.get("engine") != "flower":
+                raise CheckpointError(
+                    f"{checkpoints.last} was written by the {payload.get('engine', 'fabric')} engine: resume it "
+                    f"with federation.engine={payload.get('engine', 'fabric')}"
+                )
+            server.restore(payload)
+            history, start = list(payload["history"]), int(payload["round"]) + 1
+            self.transport.resumed_round = int(payload["round"])
         self.reporter.print(
             f"FedDyMem ({self.strategy.name}) over Flower: {len(self.transport.nodes)} sites, "
-            f"rounds 0..{self.cfg.federation.rounds}, run folder {self.run_dir}"
+            f"rounds {start}..{self.cfg.federation.rounds}, run folder {self.run_dir}"
         )
         driver = RoundDriver(
             self.cfg,
             self.transport,
             server,
             report,
-            RunCheckpoints(self.run_dir, self.cfg.checkpoint.keep.value),
+            checkpoints,
             self.run_dir,
             method=self.strategy.name,
             single_round=self.strategy.single_round,
+            history=history,
             reporter=self.reporter,
         )
-        driver.run()
+        driver.run(start)
         partition = [ClientData(k, products=p) for k, p in sorted(self.transport.products.items())]
         return driver.finish(server.global_memory, partition)

@@ -22,7 +22,7 @@ from feddymem.config import (
     to_container,
 )
 from feddymem.data.check import DataPlan, plan_data, verify_plan
-from feddymem.errors import ConfigError, FedDyMemError
+from feddymem.errors import CheckpointError, ConfigError, FedDyMemError
 from feddymem.federation.checkpointing import provenance
 from feddymem.federation.client import Client, Loaders, build_clients, make_feature_cache
 from feddymem.federation.client_runner import ClientRunner
@@ -31,8 +31,8 @@ from feddymem.federation.evaluation import Evaluator
 from feddymem.federation.messages import ClientEvaluation
 from feddymem.federation.strategies import make_strategy
 from feddymem.federation.wire import MalformedMessage
-from feddymem.flower.records import describe, from_records, load_client_state
-from feddymem.io import save_checkpoint
+from feddymem.flower.records import describe, from_records, load_client_state, save_client_state
+from feddymem.io import load_checkpoint, save_checkpoint
 
 
 def enforce_egress(message: Message, context: Context, call_next: Any) -> Message:
@@ -127,8 +127,38 @@ def site_runner(message: Message, context: Context) -> ClientRunner:
     clients = build_clients(cfg, {client_id: plan.clients[share]}, [client_id], strategy, fabric.setup)
     cache = make_feature_cache(cfg, clients, fabric.device, folder=site_cache_dir(node_config, cfg))
     loaders = Loaders(cfg, cache)
-    load_client_state(clients[0], context.state)
-    return ClientRunner(cfg, strategy, clients, loaders, Evaluator(cfg, loaders, fabric.device), fabric.backward)
+    runner = ClientRunner(cfg, strategy, clients, loaders, Evaluator(cfg, loaders, fabric.device), fabric.backward)
+    if "model" in context.state:  # this run's state, from the site's previous message
+        load_client_state(clients[0], context.state)
+    elif isinstance(resume := message.content.get("resume"), MetricRecord):
+        if not isinstance(resumed := resume.get("round"), int):
+            raise MalformedMessage("the server's 'resume' record has no round")
+        restore_site(runner, node_config, resumed, context.state)
+    return runner
+
+
+def restore_site(runner: ClientRunner, node_config: dict[str, Any], round_idx: int, state: RecordDict) -> None:
+    """A resumed run: the site's state after ``round_idx`` from its own checkpoint (``out/client_K.ckpt``,
+    written after every round), into this run's ``state``. The coordinator's checkpoint holds no site's model."""
+    client = runner.clients[0]
+    if not (out := node_config.get("out")):
+        raise CheckpointError(
+            f"site {client.id} cannot resume: its SuperNode has no out= folder, where its state was saved"
+        )
+    path = Path(str(out)) / f"client_{client.id}.ckpt"
+    if not path.is_file():
+        raise CheckpointError(f"site {client.id} cannot resume: no checkpoint {path}")
+    payload = load_checkpoint(path)
+    if int(payload["round"]) != round_idx:
+        raise CheckpointError(
+            f"site {client.id} cannot resume round {round_idx + 1}: its checkpoint {path} is from round "
+            f"{payload['round']}"
+        )
+    runner.restore(payload)
+    saved = payload["clients"][client.id]
+    kept = {k: saved[k] for k in ("threshold", "product_thresholds", "normalizer")}
+    state["kept_thresholds"] = ConfigRecord({"json": json.dumps(kept)})
+    save_client_state(client, state)
 
 
 def log_feature_cache(node_config: dict[str, Any], kind: str, runner: ClientRunner) -> None:
@@ -163,6 +193,7 @@ def write_site_checkpoint(
     saved = {
         "module": dict(client.module.hparams),
         "model": client.module.trainable_state(),
+        "optimizer": client.optimizer.state_dict(),  # with the rest, what a resumed run continues from
         "kept": None if client.kept is None else vars(client.kept),
         "train": [s.path for s in client.data.train],
         "products": list(client.data.products),
@@ -172,7 +203,8 @@ def write_site_checkpoint(
         "round": round_idx,
         "method": cfg.method.value,
         "engine": "flower",
-        "global_memory": None,
+        "global_memory": None,  # the site's memory is in its model
+        "global_generator": client.anchor,  # FedProx's anchor
         "clients": {client.id: saved},
         "threshold": kept["threshold"],
         "config": to_container(cfg),
