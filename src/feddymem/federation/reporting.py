@@ -28,8 +28,12 @@ def kept_record(history: list[dict[str, Any]], final_tests: dict[int, dict[str, 
     last = history[-1]
     by_round = {r["round"]: r for r in history}
     clients = {}
-    for cid, stats in last["clients"].items():
-        kept_round = stats.get("kept_round", last["round"])
+    for cid in last["clients"]:
+        # The round a client last reported its kept round in: a client lost in later rounds keeps that one.
+        kept_round = next(
+            (r["clients"][cid]["kept_round"] for r in reversed(history) if "kept_round" in r["clients"].get(cid, {})),
+            last["round"],
+        )
         clients[cid] = {
             **by_round.get(kept_round, last)["clients"][cid],
             **final_tests.get(cid, {}),

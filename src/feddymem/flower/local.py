@@ -2,12 +2,14 @@
 TLS (a generated CA and server certificate) and SuperNode authentication (a key pair per site, registered
 with the SuperLink) unless told otherwise; the run is submitted with ``flwr run`` and the processes are
 stopped afterwards. ``feddymem train federation.engine=flower`` and the tests use it; ``docs/deploy.md``
-does the same by hand across machines."""
+does the same by hand across machines. With ``netns`` (root, ``ip netns``) the SuperLink and every
+SuperNode run in network namespaces of their own, joined by veth pairs instead of loopback."""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -100,6 +102,75 @@ def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
 
 
 @dataclass
+class Namespaces:
+    """Network namespaces for a federation on one machine: the SuperLink in ``<name>-link``, site K in
+    ``<name>-sK``, joined to the SuperLink's namespace by a veth pair (10.77.K.1 there, 10.77.K.2 at the site)."""
+
+    name: str
+    sites: int
+
+    @property
+    def link(self) -> str:
+        """The SuperLink's namespace."""
+        return f"{self.name}-link"
+
+    def site(self, k: int) -> str:
+        """Site ``k``'s namespace."""
+        return f"{self.name}-s{k}"
+
+    @staticmethod
+    def link_address(k: int) -> str:
+        """The SuperLink's address as site ``k`` sees it."""
+        return f"10.77.{k}.1"
+
+    @staticmethod
+    def run_in(namespace: str) -> list[str]:
+        """The prefix that runs a command in ``namespace``."""
+        return ["ip", "netns", "exec", namespace]
+
+    def create(self) -> None:
+        """Every namespace with its loopback up, and one veth pair per site."""
+        _ip("netns", "add", self.link)
+        _ip("-n", self.link, "link", "set", "lo", "up")
+        for k in range(self.sites):
+            site, outer, inner = self.site(k), f"{self.name}L{k}", f"{self.name}S{k}"
+            _ip("netns", "add", site)
+            _ip("-n", site, "link", "set", "lo", "up")
+            _ip("link", "add", outer, "netns", self.link, "type", "veth", "peer", "name", inner, "netns", site)
+            _ip("-n", self.link, "addr", "add", f"{self.link_address(k)}/30", "dev", outer)
+            _ip("-n", site, "addr", "add", f"10.77.{k}.2/30", "dev", inner)
+            _ip("-n", self.link, "link", "set", outer, "up")
+            _ip("-n", site, "link", "set", inner, "up")
+
+    def delete(self) -> None:
+        """Remove the namespaces (and with them the veth pairs)."""
+        for namespace in [self.link, *(self.site(k) for k in range(self.sites))]:
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise FedDyMemError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+def netns_unavailable() -> str | None:
+    """Why this machine cannot put a federation in network namespaces (``None`` when it can)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "no 'ip' command (iproute2)"
+    probe = Namespaces(f"fdmp{os.getpid() % 10000}", 1)
+    try:
+        probe.create()
+    except FedDyMemError as err:
+        return f"cannot create network namespaces here: {err}"
+    finally:
+        probe.delete()
+    return None
+
+
+@dataclass
 class LoopbackFederation:
     """The processes and files of one loopback federation."""
 
@@ -109,6 +180,7 @@ class LoopbackFederation:
     certificates: dict[str, Path] = field(default_factory=dict)
     processes: list[subprocess.Popen] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
+    coordinator: list[str] = field(default_factory=list)  # the prefix of the SuperLink's commands (a namespace)
 
     @property
     def env(self) -> dict[str, str]:
@@ -126,7 +198,7 @@ class LoopbackFederation:
         return ["--root-certificates", str(c["ca"])]
 
     def start(self, name: str, command: list[str]) -> subprocess.Popen:
-        """Start ``command`` with its output in ``home/<name>.log``."""
+        """Start ``command`` (with its namespace prefix) with its output in ``home/<name>.log``."""
         path = self.home / f"{name}.log"
         with path.open("wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env)
@@ -135,9 +207,9 @@ class LoopbackFederation:
         return process
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        """Run the ``flwr`` command line against this federation's SuperLink."""
+        """Run the ``flwr`` command line against this federation's SuperLink (from its namespace)."""
         return subprocess.run(
-            [str(Path(sys.executable).parent / "flwr"), *args],
+            [*self.coordinator, str(Path(sys.executable).parent / "flwr"), *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -163,12 +235,18 @@ class LoopbackFederation:
         )
 
 
-def _wait_for_port(port: int, timeout: float) -> None:
+def _wait_for_port(port: int, timeout: float, prefix: list[str] | None = None) -> None:
+    """Until something listens on 127.0.0.1:``port`` (in the namespace of ``prefix``)."""
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 1)"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+        if prefix:
+            if subprocess.run([*prefix, sys.executable, "-c", probe], capture_output=True, check=False).returncode == 0:
                 return
+        else:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
         time.sleep(0.2)
     raise FedDyMemError(f"nothing listens on 127.0.0.1:{port} after {timeout:g}s")
 
@@ -182,17 +260,21 @@ def loopback_federation(
     authenticate: bool = True,
     workdir: Path | None = None,
     startup_timeout: float = 60.0,
+    netns: bool = False,
 ) -> Iterator[LoopbackFederation]:
     """A SuperLink and ``num_sites`` SuperNodes (``node_config[k]`` each) on loopback; stopped on exit.
 
     With ``authenticate`` the SuperLink accepts only the SuperNodes whose public keys were registered with
-    ``flwr supernode register`` (requires ``tls``)."""
+    ``flwr supernode register`` (requires ``tls``). With ``netns`` every process runs in a network namespace
+    of its own (:class:`Namespaces`) and the sites reach the SuperLink over veth addresses."""
     if authenticate and not tls:
         raise FedDyMemError("SuperNode authentication needs TLS")
     home = Path(tempfile.mkdtemp(prefix="feddymem-flower-", dir=workdir))
     fed = LoopbackFederation(home=home, port=free_port(), tls=tls)
+    namespaces = Namespaces(f"fdm{os.getpid() % 10000}", num_sites) if netns else None
+    hosts = ("127.0.0.1", "localhost", *(Namespaces.link_address(k) for k in range(num_sites if netns else 0)))
     if tls:
-        fed.certificates = make_certificates(home / "certificates")
+        fed.certificates = make_certificates(home / "certificates", hosts)
     connection: dict[str, Any] = {"address": f"127.0.0.1:{fed.port}"}
     if tls:
         connection["root-certificates"] = str(fed.certificates["ca"])
@@ -203,10 +285,16 @@ def loopback_federation(
         superlink = ["flower-superlink", *fed.tls_args("superlink"), "--port", str(fed.port)]
         superlink += ["--database", str(home / "superlink.db")]
         superlink += ["--enable-supernode-auth"] if authenticate else []
-        fed.start("superlink", superlink)
-        _wait_for_port(fed.port, startup_timeout)
+        if namespaces:
+            namespaces.create()
+            fed.coordinator = Namespaces.run_in(namespaces.link)
+            superlink += ["--host", "0.0.0.0"]  # reachable from every site's veth
+        fed.start("superlink", [*fed.coordinator, *superlink])
+        _wait_for_port(fed.port, startup_timeout, fed.coordinator)
         for k in range(num_sites):
-            node = ["flower-supernode", *fed.tls_args("supernode"), "--superlink", f"127.0.0.1:{fed.port}"]
+            address = f"{Namespaces.link_address(k) if namespaces else '127.0.0.1'}:{fed.port}"
+            node = [*(Namespaces.run_in(namespaces.site(k)) if namespaces else [])]
+            node += ["flower-supernode", *fed.tls_args("supernode"), "--superlink", address]
             node += ["--port", str(free_port()), "--node-config", node_config[k]]
             if authenticate:
                 private, public = make_node_keys(home / "keys", f"site{k}")
@@ -218,6 +306,8 @@ def loopback_federation(
         yield fed
     finally:
         fed.stop()
+        if namespaces:
+            namespaces.delete()
 
 
 def run_config_file(cfg: Any, run_dir: Path, folder: Path) -> Path:
@@ -231,7 +321,7 @@ def submit(fed: LoopbackFederation, cfg: Any, run_dir: Path, timeout: float) -> 
     """Submit the FedDyMem app with ``flwr run`` and follow it to its end; its log. A SuperLink or SuperNode
     that stops on the way ends the run at once with its own words."""
     log_path = fed.home / "flwr_run.log"
-    command = [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), "local"]
+    command = [*fed.coordinator, str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), "local"]
     command += ["--run-config", str(run_config_file(cfg, run_dir, fed.home)), "--stream"]
     with log_path.open("wb") as out:
         run = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=fed.env)

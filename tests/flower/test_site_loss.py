@@ -1,0 +1,61 @@
+"""A real Flower federation loses a site between rounds: its SuperNode is killed. The SuperLink answers for
+the missing node, the coordinator finishes the round with the site that is left (``federation.min_clients``),
+names the lost site in the record, and the run goes on to its end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from conftest import FAST
+from feddymem.config import load_config
+from feddymem.flower.local import APP_DIR, loopback_federation, run_config_file
+
+
+def _answered(audit: Path, kind: str) -> int:
+    """How many ``kind`` replies a site's audit log holds."""
+    if not audit.is_file():
+        return 0
+    lines = [json.loads(line) for line in audit.read_text().splitlines() if line.strip()]
+    return sum(line["direction"] == "out" and line["type"] == kind for line in lines)
+
+
+@pytest.mark.e2e
+def test_a_site_lost_mid_run_is_named_and_the_run_finishes_with_the_others(tmp_path, synthetic_yaml):
+    cfg = load_config(
+        [f"dataset={synthetic_yaml}", "data.num_clients=2", "federation.rounds=2", *FAST, "federation.min_clients=1"]
+    )
+    sites = tmp_path / "sites"
+    nodes = [f'client-id={k} out="{sites / f"site_{k}"}" cache-dir="{sites / "features"}"' for k in range(2)]
+    run_dir = tmp_path / "run"
+    with loopback_federation(2, nodes, tls=False, authenticate=False, workdir=tmp_path) as fed:
+        command = [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), "local"]
+        command += ["--run-config", str(run_config_file(cfg, run_dir, fed.home)), "--stream"]
+        with (tmp_path / "flwr_run.log").open("wb") as out:
+            run = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=fed.env)
+        try:
+            deadline = time.monotonic() + 300
+            while _answered(sites / "site_1" / "messages.jsonl", "evaluate") < 1 and time.monotonic() < deadline:
+                assert run.poll() is None, (tmp_path / "flwr_run.log").read_text()[-2000:]
+                time.sleep(0.2)
+            fed.processes[2].kill()  # site 1's SuperNode (0: the SuperLink), after its round 0
+            run.wait(timeout=600)
+        finally:
+            if run.poll() is None:
+                run.kill()
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[0]["participants"] == [0, 1]
+    for record in rounds[1:]:
+        assert record["participants"] == [0]
+        assert "client 1" in record["clients"]["1"]["error"] and not record["clients"]["1"]["uploaded"]
+        assert record["clients"]["0"]["uploaded"] and not record["clients"]["0"].get("error")
+    assert _answered(sites / "site_1" / "messages.jsonl", "train") == 1  # it never answered again
+    assert "image_auroc" in summary["final"]["clients"]["0"]
