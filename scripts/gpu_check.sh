@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# GPU check, in four steps on one NVIDIA GPU:
+# GPU check, in five steps on one NVIDIA GPU:
 #   1. the GPU tests (tests/gpu): FAISS GPU K-means and search against their CPU twins, the model on CUDA
 #      against the CPU, a short federated run with CUDA training and FAISS GPU K-means;
 #   2. a federated job on a real data set (DATASET, default elpv) with CUDA training and the server's
 #      K-means on the FAISS GPU;
 #   3. the server K-means timed side by side (FAISS GPU, FAISS CPU, scikit-learn) on the same uploads;
-#   4. the job of step 2 on the CPU, for its time and accuracy beside the GPU's.
+#   4. the job of step 2 on the CPU, for its time and accuracy beside the GPU's;
+#   5. the job of step 2 under Fabric and over Flower on loopback, every site on CUDA (bench engines).
 # Usage: scripts/gpu_check.sh [key=value ...]             installs .venv (faiss-gpu) with `make install`
 #        FEDDYMEM_PYTHON=python3 scripts/gpu_check.sh ...  uses an interpreter that already holds the
 #                                                         dependencies (a CUDA image without a package
@@ -49,6 +50,10 @@ $PY -m feddymem.benchmarks kmeans --scale 1 10 | tee "$OUT_DIR/kmeans.txt"
 
 echo "== 4. the same job on the CPU"
 run_job cpu false
+
+echo "== 5. Fabric and Flower back to back, every site on CUDA"
+$PY -m feddymem.cli bench engines "dataset=${DATASET:-elpv}" federation.accelerator=cuda server.gpu=true "$@" \
+  --out "$OUT_DIR/engines" --runs "$OUT_DIR/engine-runs" || status=$?
 
 $PY - "$OUT_DIR" <<'PY'
 import json, sys

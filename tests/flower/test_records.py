@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -75,18 +77,29 @@ def test_a_site_with_its_own_data_description_takes_all_of_it(synthetic_root, sy
     from synthetic import dataset_yaml, make_product
 
     server = load_config([f"dataset={synthetic_yaml}", "data.num_clients=3", *FAST])
-    message = RecordDict({"setup": ConfigRecord({"config-yaml": to_yaml(server)})})  # what the server sends
+    yaml = to_yaml(server)
+    sha = hashlib.sha256(yaml.encode()).hexdigest()
+    message = RecordDict({"setup": ConfigRecord({"config-yaml": yaml, "config-sha": sha})})  # query.identify
+    state = RecordDict()
 
     # Without a description: share K of the server's partition, as under Fabric.
-    _, client_id, plan, share = site_setup(message, {"client-id": 2})
+    _, client_id, plan, share = site_setup(message, {"client-id": 2}, state)
     assert client_id == share == 2 and plan.clients[2].train == plan_data(server).clients[2].train
     # With one: every training image of the site's own products is its share, under its client id.
     own = make_product(tmp_path, "site_product", n_train=5, seed=9)
     site_yaml = dataset_yaml(tmp_path, [own], num_clients=1)
-    cfg, client_id, plan, share = site_setup(message, {"client-id": 2, "dataset": str(site_yaml)})
+    cfg, client_id, plan, share = site_setup(message, {"client-id": 2, "dataset": str(site_yaml)}, state)
     assert client_id == 2 and share == 0 and plan.clients[0].client_id == 2
     assert {s.product for s in plan.clients[0].train} == {"site_product"}
     assert len(plan.clients[0].train) + len(plan.clients[0].holdout) == 5
     assert cfg.model == server.model and cfg.memory == server.memory  # the method is the server's
     with pytest.raises(ConfigError, match="start it with --node-config 'client-id=K'"):
-        site_setup(message, {})
+        site_setup(message, {}, state)
+    # Later messages name the config by its digest only: the site's state holds the text.
+    later = RecordDict({"setup": ConfigRecord({"config-sha": sha})})
+    assert site_setup(later, {"client-id": 1}, state)[0].model == server.model
+    with pytest.raises(MalformedMessage, match="has not been sent the run's config"):
+        site_setup(later, {"client-id": 1}, RecordDict())  # a site that never saw query.identify
+    forged = RecordDict({"setup": ConfigRecord({"config-yaml": yaml + "#", "config-sha": sha})})
+    with pytest.raises(MalformedMessage, match="does not match its 'config-sha'"):
+        site_setup(forged, {"client-id": 1}, RecordDict())

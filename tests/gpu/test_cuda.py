@@ -114,3 +114,22 @@ def test_a_flower_site_takes_its_gpu_from_its_node_config():
     cfg = load_config(["federation.accelerator=cpu"])  # the coordinator has no GPU; the site does
     assert site_fabric({"accelerator": "cuda"}, cfg).device.type == "cuda"
     assert site_fabric({"accelerator": "auto"}, cfg).device.type == "cuda"
+
+
+def test_a_flower_run_with_every_site_on_cuda_matches_the_fabric_run_on_cuda(tmp_path, synthetic_yaml):
+    pytest.importorskip("flwr")
+    from feddymem.config import load_config
+    from feddymem.federation.orchestrator import FederatedOrchestrator
+    from feddymem.flower.inprocess import run_in_process
+
+    common = [f"dataset={synthetic_yaml}", "data.num_clients=2", "federation.rounds=1", *FAST]
+    cfg = load_config([*common, "federation.accelerator=cpu", "server.gpu=auto"])  # the coordinator: CPU
+    fabric = FederatedOrchestrator(load_config([*common, "federation.accelerator=cuda"]), tmp_path / "fabric").run()
+    sites = [{"client-id": k, "accelerator": "cuda", "out": str(tmp_path / f"site_{k}")} for k in range(2)]
+    flower = run_in_process(cfg, tmp_path / "flower", sites)
+    assert fabric is not None and len(flower["rounds"]) == len(fabric["rounds"]) == 2
+    for ours, theirs in zip(flower["rounds"], fabric["rounds"], strict=True):
+        assert ours["participants"] == theirs["participants"] and ours["bytes_up"] == theirs["bytes_up"]
+    # Both on CUDA: the same accuracy (GPU kernels may differ in the last bits, not in the result).
+    for cid, line in fabric["final"]["clients"].items():
+        assert flower["final"]["clients"][cid]["image_auroc"] == pytest.approx(line["image_auroc"], abs=1e-3)

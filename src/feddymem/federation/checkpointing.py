@@ -93,7 +93,7 @@ def round_payload(
             k: {
                 **clients[k],
                 "kept_round": int(kept[k]["kept_round"]),
-                "threshold": kept[k]["threshold"],
+                "threshold": kept[k].get("threshold"),  # None: a client lost before its first evaluation
                 "product_thresholds": kept[k].get("product_thresholds", {}),
                 "normalizer": kept[k].get("normalizer", {}),
             }

@@ -64,7 +64,7 @@ def _round(message: Message) -> tuple[int, bool]:
 @client_app.query("identify")
 def identify(message: Message, context: Context) -> Message:
     """Which client this site is, how many training images it has, and which products."""
-    _, client_id, plan, share = site_setup(message.content, dict(context.node_config))
+    _, client_id, plan, share = site_setup(message.content, dict(context.node_config), context.state)
     part = plan.clients[share]
     info = WireMessage(
         metrics={"client_id": client_id, "train_images": len(part.train)},

@@ -1,13 +1,15 @@
 """The coordinator's side of the Flower engine: bind each SuperNode to its client id, then the same
 :class:`~feddymem.federation.driver.RoundDriver` as the Fabric engine, its messages carried by Flower's Grid.
 
-Every message names its round and carries the run's config (``config-yaml``); a site answers ``train`` with
+The first message to a site (``query.identify``) carries the run's config (``config-yaml``), every later one
+only its digest (``config-sha``); each message names its round. A site answers ``train`` with
 its upload, ``evaluate`` (which carries the server's reply) with its normal-only statistics and, when the
 round is tested, its test metrics; ``query.final`` with the test metrics of its kept state.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -59,6 +61,7 @@ class FlowerTransport:
 
     def __init__(self, grid: MessageGrid, cfg: Any, yaml: str, timeout: float | None) -> None:
         self.grid, self.cfg, self.yaml, self.timeout = grid, cfg, yaml, timeout
+        self.config_sha = hashlib.sha256(yaml.encode()).hexdigest()
         self.nodes: dict[int, int] = {}  # node id → client id
         self.products: dict[int, list[str]] = {}  # client id → its products
         self.sizes: dict[int, int] = {}  # client id → its training images
@@ -89,8 +92,12 @@ class FlowerTransport:
             )
 
     def message(self, node: int, kind: str, content: dict[str, Any]) -> Message:
-        """A message to ``node``, with the run's config (and in a resumed run the round its sites restore)."""
-        records = {"setup": ConfigRecord({"config-yaml": self.yaml}), **content}
+        """A message to ``node``: the run's config (whole in ``query.identify``, else its digest), and in a
+        resumed run the round its sites restore."""
+        setup: dict[str, Any] = {"config-sha": self.config_sha}
+        if kind == "query.identify":  # the site keeps it for the run's later messages
+            setup["config-yaml"] = self.yaml
+        records = {"setup": ConfigRecord(setup), **content}
         if self.resumed_round is not None:
             records["resume"] = MetricRecord({"round": self.resumed_round})
         return Message(RecordDict(records), dst_node_id=node, message_type=kind)

@@ -3,6 +3,7 @@ config, data and device a message runs with, its own checkpoint, and the egress 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -58,7 +59,23 @@ def enforce_egress(message: Message, context: Context, call_next: Any) -> Messag
     return reply
 
 
-def site_setup(content: RecordDict, node_config: dict[str, Any]) -> tuple[Any, int, DataPlan, int]:
+def run_config(content: RecordDict, state: RecordDict) -> Any:
+    """The run's config: sent whole once (``query.identify``) and kept in the site's ``state``; every later
+    message names it by its digest (``config-sha``) only."""
+    setup = content.get("setup")
+    if not isinstance(setup, ConfigRecord) or not isinstance(sha := setup.get("config-sha"), str):
+        raise MalformedMessage("the server's message has no 'config-sha'")
+    if isinstance(yaml := setup.get("config-yaml"), str):
+        if hashlib.sha256(yaml.encode()).hexdigest() != sha:
+            raise MalformedMessage("the server's config does not match its 'config-sha'")
+        state["config"] = ConfigRecord({"yaml": yaml, "sha": sha})
+    kept = state.get("config")
+    if not isinstance(kept, ConfigRecord) or kept.get("sha") != sha:
+        raise MalformedMessage(f"this site has not been sent the run's config {sha[:12]} (query.identify comes first)")
+    return config_from_yaml(str(kept["yaml"]), "the server's config")
+
+
+def site_setup(content: RecordDict, node_config: dict[str, Any], state: RecordDict) -> tuple[Any, int, DataPlan, int]:
     """The server's config, this site's client id, its data plan and the index of its share in the plan.
 
     With ``dataset=/path/site.yaml`` in the node config the site's own images (all of them) are its share;
@@ -68,10 +85,7 @@ def site_setup(content: RecordDict, node_config: dict[str, Any]) -> tuple[Any, i
     if "client-id" not in node_config:
         raise ConfigError("this SuperNode has no client id: start it with --node-config 'client-id=K'")
     client_id = int(node_config["client-id"])
-    setup = content.get("setup")
-    if not isinstance(setup, ConfigRecord) or not isinstance(setup.get("config-yaml"), str):
-        raise MalformedMessage("the server's message has no 'config-yaml'")
-    cfg = config_from_yaml(str(setup["config-yaml"]), "the server's config")
+    cfg = run_config(content, state)
     share = client_id
     if dataset := node_config.get("dataset"):
         path = dataset_config_path(str(dataset))
@@ -118,7 +132,7 @@ def site_cache_dir(node_config: dict[str, Any], cfg: Any) -> str:
 def site_runner(message: Message, context: Context) -> ClientRunner:
     """This site's client runner for one message: the server's config, the site's data, device and state."""
     node_config = dict(context.node_config)
-    cfg, client_id, plan, share = site_setup(message.content, node_config)
+    cfg, client_id, plan, share = site_setup(message.content, node_config, context.state)
     strategy = make_strategy(cfg)
     if "verified" not in context.state:  # decode every image once per site and run
         verify_plan(plan, [share])
