@@ -136,9 +136,12 @@ class FeatureCache:
         if not missing:
             return True
         advance = self.progress(description, len(missing)) if self.progress else None
-        if self.disk is not None:
-            return self._fill_shared(dataset, missing, disk_keys, remaining, added, description, advance)
-        for items in self._extracted(dataset, missing, disk_keys):
+        chunks = (
+            self._extracted(dataset, missing, disk_keys)
+            if self.disk is None
+            else self._shared(dataset, missing, disk_keys)
+        )
+        for items in chunks:
             if not self._admit(dataset, items, remaining, added, description):
                 return False
             remaining -= len(items)
@@ -164,17 +167,9 @@ class FeatureCache:
             self.stats.extracted += len(items)
             yield items
 
-    def _fill_shared(
-        self,
-        dataset: ImageDataset,
-        pending: list[int],
-        disk_keys: dict[int, str],
-        remaining: int,
-        added: list[tuple],
-        description: str,
-        advance: Callable[[int], None] | None,
-    ) -> bool:
-        """Extract a batch at a time of what no other process has claimed; read back what the others wrote."""
+    def _shared(self, dataset: ImageDataset, pending: list[int], disk_keys: dict[int, str]) -> Iterator[list[tuple]]:
+        """``(index, features, mask)`` of ``pending``: a batch at a time extracted of what no other process has
+        claimed, and what the others wrote read back."""
         assert self.disk is not None
         broken: set[int] = set()  # entries on disk that cannot be read: extracted again here
         while pending:
@@ -200,16 +195,10 @@ class FeatureCache:
                 time.sleep(0.2)  # every pending image is being extracted by another process
             stored, unreadable = self._read_store(done, disk_keys)
             broken.update(unreadable)
-            items += stored
             finished = set(done)
             pending = [i for i in waiting if i not in finished] + unreadable
-            if items:
-                if not self._admit(dataset, items, remaining, added, description):
-                    return False
-                remaining -= len(items)
-                if advance:
-                    advance(len(items))
-        return True
+            if items or stored:
+                yield items + stored
 
     def _read_store(self, indices: list[int], disk_keys: dict[int, str]) -> tuple[list[tuple], list[int]]:
         """The entries of ``indices`` the on-disk store holds, as ``(index, features, mask)``, and the rest."""
