@@ -30,7 +30,14 @@ def _answered(audit: Path, kind: str) -> int:
 @pytest.mark.e2e
 def test_a_site_lost_mid_run_is_named_and_the_run_finishes_with_the_others(tmp_path, synthetic_yaml):
     cfg = load_config(
-        [f"dataset={synthetic_yaml}", "data.num_clients=2", "federation.rounds=2", *FAST, "federation.min_clients=1"]
+        [
+            f"dataset={synthetic_yaml}",
+            "data.num_clients=2",
+            "federation.rounds=2",
+            *FAST,
+            "federation.min_clients=1",
+            "federation.eval_every=0",  # kept states are scored at the end: the lost site's never is
+        ]
     )
     sites = tmp_path / "sites"
     nodes = [f'client-id={k} out="{sites / f"site_{k}"}" cache-dir="{sites / "features"}"' for k in range(2)]
@@ -61,4 +68,7 @@ def test_a_site_lost_mid_run_is_named_and_the_run_finishes_with_the_others(tmp_p
     for record in rounds[1:]:
         assert record["clients"]["0"]["uploaded"] and not record["clients"]["0"].get("error")
     assert _answered(sites / "site_1" / "messages.jsonl", "evaluate") == 1  # it never answered again
-    assert "image_auroc" in summary["final"]["clients"]["0"]
+    # The final mean is over the sites that were scored; the lost one keeps its round 0 and is named.
+    assert summary["final"]["clients"]["1"]["kept_round"] == 0
+    assert summary["final"]["mean_image_auroc"] == summary["final"]["clients"]["0"]["image_auroc"]
+    assert summary["final"]["unscored_clients"] == ["1"]

@@ -42,14 +42,24 @@ def kept_record(history: list[dict[str, Any]], final_tests: dict[int, dict[str, 
     return {
         "round": last["round"],
         "clients": clients,
-        "mean_image_auroc": float(np.mean([c.get("image_auroc", np.nan) for c in clients.values()])),
+        # Over the clients whose kept state was scored (as the logged final/mean_image_auroc); NaN when none was.
+        "mean_image_auroc": float(np.mean(scored)) if (scored := _scored(clients)) else float("nan"),
     }
+
+
+def _scored(clients: dict[Any, dict[str, Any]]) -> list[float]:
+    """The image AUROCs of the clients that have one."""
+    values = [c.get("image_auroc") for c in clients.values()]
+    return [float(v) for v in values if isinstance(v, int | float) and v == v]
 
 
 def final_summary(history: list[dict[str, Any]], final_tests: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """``metrics.json``'s ``final``: the kept results' mean and clients, and the privacy spent over the run."""
     final = kept_record(history, final_tests) if history else {}
     out = {"mean_image_auroc": final.get("mean_image_auroc"), "clients": final.get("clients", {})}
+    unscored = [str(cid) for cid, c in out["clients"].items() if not _scored({cid: c})]
+    if unscored and len(unscored) < len(out["clients"]):  # e.g. a site lost before the final scoring
+        out["unscored_clients"] = unscored
     if history and history[-1].get("privacy"):
         out["privacy"] = history[-1]["privacy"]  # every upload so far counts, not only the kept round's
     return out
