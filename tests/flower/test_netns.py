@@ -23,8 +23,11 @@ UNAVAILABLE = netns_unavailable()
 @pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
 def test_sites_in_their_own_network_namespaces_reach_the_superlink_over_veth_only(tmp_path, synthetic_yaml):
     cfg = load_config([f"dataset={synthetic_yaml}", "data.num_clients=2", "federation.rounds=1", *FAST])
-    nodes = [f'client-id={k} out="{tmp_path / "sites" / f"site_{k}"}"' for k in range(2)]
-    with loopback_federation(2, nodes, tls=True, authenticate=True, workdir=tmp_path, netns=True) as fed:
+    features = tmp_path / "sites" / "features"
+    nodes = [f'client-id={k} out="{tmp_path / "sites" / f"site_{k}"}" cache-dir="{features}"' for k in range(2)]
+    # Without workers (warm=False), as a site runs that starts only its SuperNode: every message in the
+    # fresh process Flower starts for it.
+    with loopback_federation(2, nodes, tls=True, authenticate=True, workdir=tmp_path, netns=True, warm=False) as fed:
         superlink_ns = fed.coordinator[-1]
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
         sites = [line.split()[0] for line in listed.splitlines() if line.startswith(superlink_ns.removesuffix("link"))]
@@ -40,6 +43,12 @@ def test_sites_in_their_own_network_namespaces_reach_the_superlink_over_veth_onl
     assert summary["engine"] == "flower" and summary["sites"] == 2
     assert [r["participants"] for r in summary["rounds"]] == [[0, 1], [0, 1]]
     assert all("image_auroc" in c for c in summary["final"]["clients"].values())
+    # Every message ran in a fresh process: after a site's first round its features came from its disk cache.
+    for k in range(2):
+        lines = [json.loads(line) for line in (tmp_path / "sites" / f"site_{k}" / "features.jsonl").open()]
+        assert [line["type"] for line in lines] == ["train", "evaluate", "train", "evaluate"], lines
+        assert all(line["extracted"] == 0 and line["from_disk"] > 0 for line in lines[2:]), lines
+    assert not fed.workers
     # The namespaces are gone with the federation.
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert superlink_ns not in listed

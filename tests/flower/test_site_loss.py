@@ -52,7 +52,7 @@ def test_a_site_lost_mid_run_is_named_and_the_run_finishes_with_the_others(tmp_p
             while not (run_dir / "metrics.json").is_file() and time.monotonic() < deadline:
                 assert run.poll() is None, (tmp_path / "flwr_run.log").read_text()[-2000:]
                 time.sleep(0.1)
-            fed.processes[2].kill()  # site 1's SuperNode (0: the SuperLink), once round 0 is recorded
+            fed.supernodes[1].kill()  # site 1's SuperNode, once round 0 is recorded
             run.wait(timeout=600)
         finally:
             if run.poll() is None:

@@ -5,6 +5,7 @@ certificates --host H [--host H2] --out DIR   a CA and the SuperLink's TLS certi
 node-key --name SITE --out DIR                a site's authentication key pair (send SITE.pub to the coordinator)
 run-config --out FILE --run-dir DIR [overrides]  the run config of ``flwr run`` for a feddymem config
 app-dir                                       the Flower App folder to pass to ``flwr run``
+worker --socket PATH                          a site's warm worker (node config ``worker=PATH``)
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def add_flower_parser(commands: Any) -> None:
     run.add_argument("overrides", nargs="*", help="feddymem config overrides, e.g. dataset=sites.yaml")
     run.set_defaults(func=cmd_run_config)
     sub.add_parser("app-dir", help="print the Flower App folder").set_defaults(func=cmd_app_dir)
+    worker = sub.add_parser("worker", help="a site's warm worker beside its SuperNode (node config worker=PATH)")
+    worker.add_argument("--socket", type=Path, required=True, help="the Unix socket it listens on")
+    worker.set_defaults(func=cmd_worker)
 
 
 def cmd_certificates(args: argparse.Namespace) -> int:
@@ -70,4 +74,15 @@ def cmd_app_dir(args: argparse.Namespace) -> int:
     from feddymem.flower.local import APP_DIR
 
     print(APP_DIR)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """``feddymem flower worker``: a site's warm worker, until stopped."""
+    import logging
+
+    from feddymem.flower.worker import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve(args.socket.resolve())
     return 0

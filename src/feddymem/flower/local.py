@@ -181,6 +181,8 @@ class LoopbackFederation:
     processes: list[subprocess.Popen] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
     coordinator: list[str] = field(default_factory=list)  # the prefix of the SuperLink's commands (a namespace)
+    supernodes: list[subprocess.Popen] = field(default_factory=list)  # site K's SuperNode
+    workers: list[subprocess.Popen] = field(default_factory=list)  # site K's worker (when warm)
 
     @property
     def env(self) -> dict[str, str]:
@@ -261,15 +263,19 @@ def loopback_federation(
     workdir: Path | None = None,
     startup_timeout: float = 60.0,
     netns: bool = False,
+    warm: bool = True,
 ) -> Iterator[LoopbackFederation]:
     """A SuperLink and ``num_sites`` SuperNodes (``node_config[k]`` each) on loopback; stopped on exit.
 
     With ``authenticate`` the SuperLink accepts only the SuperNodes whose public keys were registered with
     ``flwr supernode register`` (requires ``tls``). With ``netns`` every process runs in a network namespace
-    of its own (:class:`Namespaces`) and the sites reach the SuperLink over veth addresses."""
+    of its own (:class:`Namespaces`) and the sites reach the SuperLink over veth addresses. With ``warm`` each
+    site has a worker beside its SuperNode (:mod:`feddymem.flower.worker`) that runs its messages in one
+    long-lived process; without, every message runs in the fresh process Flower starts for it."""
     if authenticate and not tls:
         raise FedDyMemError("SuperNode authentication needs TLS")
     home = Path(tempfile.mkdtemp(prefix="feddymem-flower-", dir=workdir))
+    sockets = Path(tempfile.mkdtemp(prefix="fdm-"))  # short: a Unix socket's path has at most 107 bytes
     fed = LoopbackFederation(home=home, port=free_port(), tls=tls)
     namespaces = Namespaces(f"fdm{os.getpid() % 10000}", num_sites) if netns else None
     hosts = ("127.0.0.1", "localhost", *(Namespaces.link_address(k) for k in range(num_sites if netns else 0)))
@@ -293,19 +299,26 @@ def loopback_federation(
         _wait_for_port(fed.port, startup_timeout, fed.coordinator)
         for k in range(num_sites):
             address = f"{Namespaces.link_address(k) if namespaces else '127.0.0.1'}:{fed.port}"
-            node = [*(Namespaces.run_in(namespaces.site(k)) if namespaces else [])]
-            node += ["flower-supernode", *fed.tls_args("supernode"), "--superlink", address]
-            node += ["--port", str(free_port()), "--node-config", node_config[k]]
+            prefix = Namespaces.run_in(namespaces.site(k)) if namespaces else []
+            config = node_config[k]
+            if warm and "worker=" not in config:
+                socket_path = sockets / f"site{k}.sock"
+                worker = [str(Path(sys.executable).parent / "feddymem"), "flower", "worker", "--socket", str(socket_path)]
+                fed.workers.append(fed.start(f"worker{k}", [*prefix, *worker]))
+                config = f'{config} worker="{socket_path}"'
+            node = [*prefix, "flower-supernode", *fed.tls_args("supernode"), "--superlink", address]
+            node += ["--port", str(free_port()), "--node-config", config]
             if authenticate:
                 private, public = make_node_keys(home / "keys", f"site{k}")
                 registered = fed.flwr("supernode", "register", str(public), "local")
                 if registered.returncode != 0:
                     raise FedDyMemError(f"cannot register site {k}'s key: {registered.stdout}{registered.stderr}")
                 node += ["--auth-supernode-private-key", str(private)]
-            fed.start(f"supernode{k}", node)
+            fed.supernodes.append(fed.start(f"supernode{k}", node))
         yield fed
     finally:
         fed.stop()
+        shutil.rmtree(sockets, ignore_errors=True)
         if namespaces:
             namespaces.delete()
 

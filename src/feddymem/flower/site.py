@@ -23,6 +23,7 @@ from feddymem.config import (
     to_container,
 )
 from feddymem.data.check import DataPlan, plan_data, verify_plan
+from feddymem.data.feature_cache import CacheStats
 from feddymem.errors import CheckpointError, ConfigError, FedDyMemError
 from feddymem.federation.checkpointing import provenance
 from feddymem.federation.client import Client, Loaders, build_clients, make_feature_cache
@@ -129,8 +130,58 @@ def site_cache_dir(node_config: dict[str, Any], cfg: Any) -> str:
     return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "feddymem" / "features")
 
 
+class WarmRunners:
+    """A site worker's runner of the current run, kept between messages (:mod:`feddymem.flower.worker`): the
+    backbone, the data plan and the features in memory are built once per run instead of once per message.
+    The node's ``context.state`` stays the truth: a kept runner takes the state of every message's context."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.runner: ClientRunner | None = None
+
+    @staticmethod
+    def key_of(message: Message, context: Context) -> tuple | None:
+        """Which runner a message needs: its run, node, node config and the run config's digest."""
+        setup = message.content.get("setup")
+        sha = setup.get("config-sha") if isinstance(setup, ConfigRecord) else None
+        if not isinstance(sha, str):
+            return None
+        return context.run_id, context.node_id, sha, tuple(sorted((k, str(v)) for k, v in context.node_config.items()))
+
+    def get(self, message: Message, context: Context) -> ClientRunner | None:
+        """The kept runner for this message, with the message's state and fresh cache counts; else ``None``."""
+        key = self.key_of(message, context)
+        if key is None or key != self.key or self.runner is None:
+            return None
+        set_site_threads(dict(context.node_config))
+        self.runner.loaders.cache.stats = CacheStats()  # each message's log counts its own work
+        load_client_state(self.runner.clients[0], context.state)
+        return self.runner
+
+    def keep(self, message: Message, context: Context, runner: ClientRunner) -> None:
+        """Keep ``runner`` (one run at a time: the previous one is let go)."""
+        self.key, self.runner = self.key_of(message, context), runner
+
+    def forget(self) -> None:
+        """Let go of the kept runner (after a message failed: its state may be half-changed)."""
+        self.key = self.runner = None
+
+
+# Set by a site worker; a ClientApp process that lives for one message builds its runner every time.
+warm_runners: WarmRunners | None = None
+
+
 def site_runner(message: Message, context: Context) -> ClientRunner:
     """This site's client runner for one message: the server's config, the site's data, device and state."""
+    if warm_runners is not None and (kept := warm_runners.get(message, context)) is not None:
+        return kept
+    runner = _build_site_runner(message, context)
+    if warm_runners is not None:
+        warm_runners.keep(message, context, runner)
+    return runner
+
+
+def _build_site_runner(message: Message, context: Context) -> ClientRunner:
     node_config = dict(context.node_config)
     cfg, client_id, plan, share = site_setup(message.content, node_config, context.state)
     strategy = make_strategy(cfg)
@@ -177,12 +228,12 @@ def restore_site(runner: ClientRunner, node_config: dict[str, Any], round_idx: i
 
 def log_feature_cache(node_config: dict[str, Any], kind: str, runner: ClientRunner) -> None:
     """With ``out`` in the node config, a line per message in ``out/features.jsonl``: how many images this
-    message's process extracted and how many it read back from the site's feature cache (the site's own
-    log; it never leaves the site)."""
+    message extracted, how many it read back from the site's disk cache and how many items it found in
+    memory (a site worker's; the site's own log, it never leaves the site)."""
     if not (out := node_config.get("out")):
         return
     stats = runner.loaders.cache.stats
-    line = {"type": kind, "extracted": stats.extracted, "extraction_s": stats.extraction_seconds}
+    line = {"type": kind, "extracted": stats.extracted, "extraction_s": stats.extraction_seconds, "hits": stats.hits}
     line |= {"from_disk": stats.from_disk, "disk_s": stats.disk_seconds}
     folder = Path(str(out))
     folder.mkdir(parents=True, exist_ok=True)
