@@ -83,6 +83,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from feddymem.flower.worker import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # A line per message with its time, on this process's own handler (feddymem's shows warnings only).
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
+    worker_log = logging.getLogger("feddymem.flower.worker")
+    worker_log.setLevel(logging.INFO)
+    worker_log.addHandler(handler)
+    worker_log.propagate = False
     serve(args.socket.resolve())
     return 0

@@ -303,8 +303,8 @@ def loopback_federation(
             config = node_config[k]
             if warm and "worker=" not in config:
                 socket_path = sockets / f"site{k}.sock"
-                worker = [str(Path(sys.executable).parent / "feddymem"), "flower", "worker", "--socket", str(socket_path)]
-                fed.workers.append(fed.start(f"worker{k}", [*prefix, *worker]))
+                worker = [str(Path(sys.executable).parent / "feddymem"), "flower", "worker", "--socket"]
+                fed.workers.append(fed.start(f"worker{k}", [*prefix, *worker, str(socket_path)]))
                 config = f'{config} worker="{socket_path}"'
             node = [*prefix, "flower-supernode", *fed.tls_args("supernode"), "--superlink", address]
             node += ["--port", str(free_port()), "--node-config", config]

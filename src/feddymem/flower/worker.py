@@ -50,6 +50,7 @@ class SiteApp(ClientApp):
     process."""
 
     def __call__(self, message: Message, context: Context) -> Message:
+        """Handle one message: in the site's worker, or here."""
         if worker := context.node_config.get("worker"):
             return forward(Path(str(worker)), message, context)
         from feddymem.flower.apps import client_app as handlers
@@ -94,7 +95,7 @@ def forward(path: Path, message: Message, context: Context, *, timeout: float = 
             reply = message_from_proto(ProtoMessage.FromString(connection.recv_bytes()))
             after = context_from_proto(ProtoContext.FromString(connection.recv_bytes()))
         except EOFError as err:
-            raise FedDyMemError(f"this site's worker on {path} stopped while handling a '{_kind(message)}' message") from err
+            raise FedDyMemError(f"this site's worker on {path} stopped while handling a '{_kind(message)}'") from err
     context.state = after.state
     return reply
 
