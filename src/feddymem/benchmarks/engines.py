@@ -70,8 +70,8 @@ def engines_table(results: dict[str, Any]) -> str:
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM, GPU: {m['gpu'] or 'none'}; "
         f"commit {m['commit']}",
-        "- Flower: a SuperLink and one SuperNode per client on loopback, TLS and SuperNode authentication; every "
-        "message runs in a fresh ClientApp process; the sites' feature cache starts empty.",
+        "- Flower: a SuperLink and one SuperNode per client on loopback, TLS and SuperNode authentication; each "
+        "site's messages run in its worker (`feddymem flower worker`); the sites' feature cache starts empty.",
         "",
         "| engine | wall s | rounds | round 0 s | later round s | up / client / round | down / client / round "
         "| mean image AUROC |",
