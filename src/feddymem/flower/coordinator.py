@@ -42,6 +42,10 @@ from feddymem.memory.kmeans import resolve_gpu
 
 log = logging.getLogger(__name__)
 
+# How often the coordinator asks the SuperLink for replies. Flower's own ``Grid.send_and_receive`` asks every
+# 3 s, which leaves a round up to 3 s idle after each of its messages' last reply.
+REPLY_POLL_S = 0.25
+
 
 class MessageGrid(Protocol):
     """What the coordinator needs of Flower's ``Grid`` (a real one, or :mod:`feddymem.flower.inprocess`'s)."""
@@ -49,8 +53,27 @@ class MessageGrid(Protocol):
     def get_node_ids(self) -> Any:
         """The ids of the connected SuperNodes."""
 
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
-        """Deliver ``messages``; the replies that came back within ``timeout``."""
+    def push_messages(self, messages: Any) -> Any:
+        """Deliver ``messages``; their ids (an empty one for a message that was refused)."""
+
+    def pull_messages(self, message_ids: Any) -> Any:
+        """The replies to ``message_ids`` that have arrived."""
+
+
+def exchange(grid: MessageGrid, messages: list[Message], timeout: float | None) -> list[Message]:
+    """Deliver ``messages`` and collect the replies that come back within ``timeout`` (``None``: until all have)."""
+    pending = {message_id for message_id in grid.push_messages(messages) if message_id}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        pulled = list(grid.pull_messages(pending))
+        replies.extend(pulled)
+        pending.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
+        if pending and deadline is not None and time.monotonic() >= deadline:
+            break
+        if pending:
+            time.sleep(REPLY_POLL_S)
+    return replies
 
 
 class FlowerTransport:
@@ -74,7 +97,7 @@ class FlowerTransport:
         while len(nodes := list(self.grid.get_node_ids())) < wanted and time.monotonic() < deadline:
             time.sleep(0.5)
         messages = [self.message(n, "query.identify", {}) for n in nodes]
-        for reply in self.grid.send_and_receive(messages, timeout=wait):
+        for reply in exchange(self.grid, messages, wait):
             if reply.has_error():
                 log.warning("a SuperNode could not identify itself: %s", reply.error.reason)
                 continue
@@ -105,7 +128,7 @@ class FlowerTransport:
     def ask(self, kind: str, content: dict[str, Any]) -> dict[int, Message | str]:
         """Send ``kind`` to every site; each client's reply, or why there is none."""
         messages = [self.message(node, kind, content) for node in self.nodes]
-        replies = {m.metadata.src_node_id: m for m in self.grid.send_and_receive(messages, timeout=self.timeout)}
+        replies = {m.metadata.src_node_id: m for m in exchange(self.grid, messages, self.timeout)}
         out: dict[int, Message | str] = {}
         for node, client_id in self.nodes.items():
             reply = replies.get(node)

@@ -30,6 +30,7 @@ class InProcessGrid:
             node: Context(run_id=RUN_ID, node_id=node, node_config=dict(config), state=RecordDict(), run_config={})
             for node, config in enumerate(node_configs, start=1)
         }
+        self.replies: dict[str, Message] = {}  # message id → its site's reply, until pulled
         self._as(COORDINATOR_NODE)
 
     @staticmethod
@@ -41,21 +42,28 @@ class InProcessGrid:
         """The sites' node ids."""
         return list(self.contexts)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        """Each message handled by its site in turn; a handler that raises answers with an error, as a SuperNode's
-        ClientApp process does."""
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Each message handled by its site in turn (a handler that raises answers with an error, as a
+        SuperNode's ClientApp process does); their ids, as Flower gives them."""
+        ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = message_id = message.object_id
             node = message.metadata.dst_node_id
             self._as(node)
             try:
-                replies.append(self.client_app(message=message, context=self.contexts[node]))
+                reply = self.client_app(message=message, context=self.contexts[node])
             except Exception as err:  # the SuperNode's answer to a failed ClientApp
                 log.warning("site %d: %s", node, err)
-                replies.append(Message(Error(code=0, reason=f"{type(err)}:<'{err}'>"), reply_to=message))
+                reply = Message(Error(code=0, reason=f"{type(err)}:<'{err}'>"), reply_to=message)
             finally:
                 self._as(COORDINATOR_NODE)
-        return replies
+            self.replies[message_id] = reply
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """The replies to ``message_ids`` (each handed out once)."""
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
 def run_in_process(

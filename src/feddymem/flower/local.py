@@ -188,7 +188,10 @@ class LoopbackFederation:
     def env(self) -> dict[str, str]:
         """The environment of every Flower process: this Python's scripts first, FLWR_HOME in ``home``."""
         bin_dir = str(Path(sys.executable).parent)
-        return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(self.home)}
+        path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+        # Flower's SuperExecs look for a new message's task every second by default: each message waited for it.
+        poll = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+        return {**os.environ, "PATH": path, "FLWR_HOME": str(self.home), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll}
 
     def tls_args(self, role: str) -> list[str]:
         """Command-line options for TLS (or ``--insecure``) of a SuperLink or SuperNode."""
@@ -208,16 +211,10 @@ class LoopbackFederation:
         self.logs.append(path)
         return process
 
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        """Run the ``flwr`` command line against this federation's SuperLink (from its namespace)."""
-        return subprocess.run(
-            [*self.coordinator, str(Path(sys.executable).parent / "flwr"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+    @property
+    def flwr_command(self) -> list[str]:
+        """The ``flwr`` command line, run against this federation's SuperLink (from its namespace)."""
+        return [*self.coordinator, str(Path(sys.executable).parent / "flwr")]
 
     def stop(self) -> None:
         """Stop every process (SuperNodes first)."""
@@ -295,25 +292,27 @@ def loopback_federation(
             namespaces.create()
             fed.coordinator = Namespaces.run_in(namespaces.link)
             superlink += ["--host", "0.0.0.0"]  # reachable from every site's veth
-        fed.start("superlink", [*fed.coordinator, *superlink])
-        _wait_for_port(fed.port, startup_timeout, fed.coordinator)
-        for k in range(num_sites):
-            address = f"{Namespaces.link_address(k) if namespaces else '127.0.0.1'}:{fed.port}"
-            prefix = Namespaces.run_in(namespaces.site(k)) if namespaces else []
-            config = node_config[k]
-            if warm and "worker=" not in config:
+        configs = list(node_config[:num_sites])
+        if warm:  # first: their imports overlap the SuperLink's start and the keys' registration
+            for k in range(num_sites):
+                if "worker=" in configs[k]:
+                    continue
+                prefix = Namespaces.run_in(namespaces.site(k)) if namespaces else []
                 socket_path = sockets / f"site{k}.sock"
                 worker = [str(Path(sys.executable).parent / "feddymem"), "flower", "worker", "--socket"]
                 fed.workers.append(fed.start(f"worker{k}", [*prefix, *worker, str(socket_path)]))
-                config = f'{config} worker="{socket_path}"'
+                configs[k] = f'{configs[k]} worker="{socket_path}"'
+        fed.start("superlink", [*fed.coordinator, *superlink])
+        _wait_for_port(fed.port, startup_timeout, fed.coordinator)
+        keys = [make_node_keys(home / "keys", f"site{k}") for k in range(num_sites)] if authenticate else []
+        _register_keys(fed, [public for _, public in keys], startup_timeout)
+        for k in range(num_sites):
+            address = f"{Namespaces.link_address(k) if namespaces else '127.0.0.1'}:{fed.port}"
+            prefix = Namespaces.run_in(namespaces.site(k)) if namespaces else []
             node = [*prefix, "flower-supernode", *fed.tls_args("supernode"), "--superlink", address]
-            node += ["--port", str(free_port()), "--node-config", config]
+            node += ["--port", str(free_port()), "--node-config", configs[k]]
             if authenticate:
-                private, public = make_node_keys(home / "keys", f"site{k}")
-                registered = fed.flwr("supernode", "register", str(public), "local")
-                if registered.returncode != 0:
-                    raise FedDyMemError(f"cannot register site {k}'s key: {registered.stdout}{registered.stderr}")
-                node += ["--auth-supernode-private-key", str(private)]
+                node += ["--auth-supernode-private-key", str(keys[k][0])]
             fed.supernodes.append(fed.start(f"supernode{k}", node))
         yield fed
     finally:
@@ -321,6 +320,24 @@ def loopback_federation(
         shutil.rmtree(sockets, ignore_errors=True)
         if namespaces:
             namespaces.delete()
+
+
+def _register_keys(fed: LoopbackFederation, public_keys: list[Path], timeout: float) -> None:
+    """Register every site's public key with the SuperLink (``flwr supernode register``), all at once."""
+    flwr = [*fed.flwr_command, "supernode", "register"]
+    pipe = subprocess.PIPE
+    running = [
+        subprocess.Popen([*flwr, str(key), "local"], env=fed.env, stdout=pipe, stderr=subprocess.STDOUT, text=True)
+        for key in public_keys
+    ]
+    for key, process in zip(public_keys, running, strict=True):
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output = f"no answer within {timeout:g}s"
+        if process.returncode != 0:
+            raise FedDyMemError(f"cannot register {key.stem}'s key: {output}")
 
 
 def run_config_file(cfg: Any, run_dir: Path, folder: Path) -> Path:
@@ -334,7 +351,7 @@ def submit(fed: LoopbackFederation, cfg: Any, run_dir: Path, timeout: float) -> 
     """Submit the FedDyMem app with ``flwr run`` and follow it to its end; its log. A SuperLink or SuperNode
     that stops on the way ends the run at once with its own words."""
     log_path = fed.home / "flwr_run.log"
-    command = [*fed.coordinator, str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), "local"]
+    command = [*fed.flwr_command, "run", str(APP_DIR), "local"]
     command += ["--run-config", str(run_config_file(cfg, run_dir, fed.home)), "--stream"]
     with log_path.open("wb") as out:
         run = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=fed.env)
