@@ -14,7 +14,7 @@ pytest.importorskip("flwr")
 from conftest import FAST
 from feddymem.config import load_config
 from feddymem.federation.orchestrator import FederatedOrchestrator
-from feddymem.flower.local import free_port, loopback_federation, make_node_keys, submit
+from feddymem.flower.local import free_port, loopback_federation, loopback_workers, make_node_keys, submit
 from feddymem.io import load_checkpoint
 from feddymem.trained import load_trained
 from run_compare import REL, assert_same_run
@@ -42,7 +42,8 @@ def test_flower_over_tls_matches_fabric_and_refuses_an_unregistered_site(tmp_pat
         assert "Failed to activate SuperNode" in log.read_text()
         assert fed.certificates and all(p.is_file() for p in fed.certificates.values())
         submit(fed, cfg, tmp_path / "flower", timeout=600)
-        assert len(fed.workers) == 2 and all(worker.poll() is None for worker in fed.workers)  # one per site
+        # One worker per site where the machine has two cores for each, else fewer that the sites share.
+        assert len(fed.workers) == loopback_workers(2) and all(worker.poll() is None for worker in fed.workers)
     flower = json.loads((tmp_path / "flower" / "metrics.json").read_text())
     assert flower["engine"] == "flower" and flower["sites"] == 2
     assert len(flower["rounds"]) == 2 and flower["rounds"][0]["participants"] == [0, 1]
@@ -60,8 +61,8 @@ def test_flower_over_tls_matches_fabric_and_refuses_an_unregistered_site(tmp_pat
         assert site.model.settings == same.model.settings
         for name, value in same.model.trainable_state().items():
             assert torch.allclose(site.model.trainable_state()[name], value, rtol=REL, atol=1e-5), name
-    # Each site's worker keeps its features in memory between messages (and on disk, for later runs): after
-    # a site's first round nothing is extracted or read back again.
+    # A worker keeps each of its sites' features in memory between messages (and on disk, for later runs):
+    # after a site's first round nothing is extracted or read back again.
     assert len(list(features.rglob("*.pt"))) > 0
     for k in range(2):
         lines = [json.loads(line) for line in (tmp_path / "sites" / f"site_{k}" / "features.jsonl").open()]
@@ -83,3 +84,9 @@ def test_flower_over_tls_matches_fabric_and_refuses_an_unregistered_site(tmp_pat
             assert "/" not in strings and ".png" not in strings, (line["type"], strings)
             metrics = line["records"]["metrics"]
             assert not any(key.startswith(("test_path", "panel")) for key in metrics)
+
+
+@pytest.mark.parametrize(("cores", "sites", "workers"), [(2, 5, 1), (1, 5, 1), (4, 5, 2), (16, 5, 5), (16, 2, 2)])
+def test_loopback_sites_share_workers_with_fewer_than_two_cores_each(monkeypatch, cores, sites, workers):
+    monkeypatch.setattr("feddymem.flower.local.os.cpu_count", lambda: cores)
+    assert loopback_workers(sites) == workers

@@ -25,9 +25,9 @@ def test_sites_in_their_own_network_namespaces_reach_the_superlink_over_veth_onl
     cfg = load_config([f"dataset={synthetic_yaml}", "data.num_clients=2", "federation.rounds=1", *FAST])
     features = tmp_path / "sites" / "features"
     nodes = [f'client-id={k} out="{tmp_path / "sites" / f"site_{k}"}" cache-dir="{features}"' for k in range(2)]
-    # Without workers (warm=False), as a site runs that starts only its SuperNode: every message in the
+    # Without workers (workers=0), as a site runs that starts only its SuperNode: every message in the
     # fresh process Flower starts for it.
-    with loopback_federation(2, nodes, tls=True, authenticate=True, workdir=tmp_path, netns=True, warm=False) as fed:
+    with loopback_federation(2, nodes, tls=True, authenticate=True, workdir=tmp_path, netns=True, workers=0) as fed:
         superlink_ns = fed.coordinator[-1]
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
         sites = [line.split()[0] for line in listed.splitlines() if line.startswith(superlink_ns.removesuffix("link"))]

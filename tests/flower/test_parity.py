@@ -6,6 +6,7 @@ retention, logging."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -62,6 +63,7 @@ def test_both_engines_run_the_same_rounds(case, tmp_path, synthetic_yaml):
 @pytest.mark.slow
 def test_a_flower_run_resumes_from_the_coordinators_and_each_sites_checkpoint(tmp_path, synthetic_yaml):
     common = [f"dataset={synthetic_yaml}", "data.num_clients=2", *FAST, "federation.local_epochs=2"]
+    common.append("checkpoint.keep=all")  # every round's file: the coordinator can be set back a round
 
     def sites(run: str) -> list[dict[str, object]]:
         return [{"client-id": k, "out": str(tmp_path / run / "sites" / f"site_{k}")} for k in range(2)]
@@ -81,3 +83,12 @@ def test_a_flower_run_resumes_from_the_coordinators_and_each_sites_checkpoint(tm
     assert_same_run(again, straight)
     last = {run: load_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("straight", "stopped")}
     assert torch.equal(last["stopped"]["global_memory"], last["straight"]["global_memory"])
+    # The coordinator stopped after its sites saved round 2 but before it recorded it: on resume every site
+    # goes back to the round before (the checkpoint it kept), and round 2 runs again to the same end.
+    shutil.copytree(tmp_path / "straight", tmp_path / "lagging")
+    lagging = tmp_path / "lagging"
+    assert load_checkpoint(lagging / "sites" / "site_0" / "client_0.ckpt")["round"] == 2
+    shutil.copy(lagging / "checkpoints" / "round_001.ckpt", lagging / "checkpoints" / "last.ckpt")
+    (lagging / "checkpoints" / "round_002.ckpt").unlink()
+    run_in_process(load_config([*common, "federation.rounds=2", f"resume={lagging}"]), lagging, sites("lagging"))
+    assert_same_run(json.loads((lagging / "metrics.json").read_text()), straight)

@@ -49,6 +49,10 @@ def compare_engines(overrides: list[str], out: Path, runs: Path) -> dict[str, An
         start = time.perf_counter()
         _, summary = train([*overrides, *extra], run_dir=run_dir)
         rows.append(engine_row(engine, time.perf_counter() - start, summary))
+        if engine == "flower":
+            from feddymem.flower.local import loopback_workers
+
+            rows[-1]["site_workers"] = loopback_workers(summary["sites"])
     results = {"machine": machine(), "overrides": overrides, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
@@ -58,6 +62,12 @@ def compare_engines(overrides: list[str], out: Path, runs: Path) -> dict[str, An
 
 def _mb(value: float) -> str:
     return f"{value / 2**20:.2f} MB"
+
+
+def _workers(results: dict[str, Any]) -> str:
+    flower = [r for r in results["rows"] if r["engine"] == "flower"]
+    count = flower[0].get("site_workers") if flower else None
+    return "site workers" if count is None else f"{count} site worker{'s' if count != 1 else ''}"
 
 
 def engines_table(results: dict[str, Any]) -> str:
@@ -70,8 +80,9 @@ def engines_table(results: dict[str, Any]) -> str:
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM, GPU: {m['gpu'] or 'none'}; "
         f"commit {m['commit']}",
-        "- Flower: a SuperLink and one SuperNode per client on loopback, TLS and SuperNode authentication; each "
-        "site's messages run in its worker (`feddymem flower worker`); the sites' feature cache starts empty.",
+        "- Flower: a SuperLink and one SuperNode per client on loopback, TLS and SuperNode authentication; the "
+        f"sites' messages run in {_workers(results)} (`feddymem flower worker`); the sites' feature cache starts "
+        "empty.",
         "",
         "| engine | wall s | rounds | round 0 s | later round s | up / client / round | down / client / round "
         "| mean image AUROC |",

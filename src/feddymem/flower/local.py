@@ -182,16 +182,14 @@ class LoopbackFederation:
     logs: list[Path] = field(default_factory=list)
     coordinator: list[str] = field(default_factory=list)  # the prefix of the SuperLink's commands (a namespace)
     supernodes: list[subprocess.Popen] = field(default_factory=list)  # site K's SuperNode
-    workers: list[subprocess.Popen] = field(default_factory=list)  # site K's worker (when warm)
+    workers: list[subprocess.Popen] = field(default_factory=list)  # site K runs in workers[K % len(workers)]
 
     @property
     def env(self) -> dict[str, str]:
         """The environment of every Flower process: this Python's scripts first, FLWR_HOME in ``home``."""
         bin_dir = str(Path(sys.executable).parent)
         path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-        # Flower's SuperExecs look for a new message's task every second by default: each message waited for it.
-        poll = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
-        return {**os.environ, "PATH": path, "FLWR_HOME": str(self.home), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll}
+        return {**os.environ, "PATH": path, "FLWR_HOME": str(self.home)}
 
     def tls_args(self, role: str) -> list[str]:
         """Command-line options for TLS (or ``--insecure``) of a SuperLink or SuperNode."""
@@ -260,15 +258,16 @@ def loopback_federation(
     workdir: Path | None = None,
     startup_timeout: float = 60.0,
     netns: bool = False,
-    warm: bool = True,
+    workers: int | None = None,
 ) -> Iterator[LoopbackFederation]:
     """A SuperLink and ``num_sites`` SuperNodes (``node_config[k]`` each) on loopback; stopped on exit.
 
     With ``authenticate`` the SuperLink accepts only the SuperNodes whose public keys were registered with
     ``flwr supernode register`` (requires ``tls``). With ``netns`` every process runs in a network namespace
-    of its own (:class:`Namespaces`) and the sites reach the SuperLink over veth addresses. With ``warm`` each
-    site has a worker beside its SuperNode (:mod:`feddymem.flower.worker`) that runs its messages in one
-    long-lived process; without, every message runs in the fresh process Flower starts for it."""
+    of its own (:class:`Namespaces`) and the sites reach the SuperLink over veth addresses. The sites' messages
+    run in ``workers`` long-lived site workers (:mod:`feddymem.flower.worker`; site K in worker K mod
+    ``workers``; ``None``: :func:`loopback_workers`); with ``0``, each message runs in the fresh process Flower
+    starts for it."""
     if authenticate and not tls:
         raise FedDyMemError("SuperNode authentication needs TLS")
     home = Path(tempfile.mkdtemp(prefix="feddymem-flower-", dir=workdir))
@@ -293,15 +292,16 @@ def loopback_federation(
             fed.coordinator = Namespaces.run_in(namespaces.link)
             superlink += ["--host", "0.0.0.0"]  # reachable from every site's veth
         configs = list(node_config[:num_sites])
-        if warm:  # first: their imports overlap the SuperLink's start and the keys' registration
-            for k in range(num_sites):
-                if "worker=" in configs[k]:
-                    continue
-                prefix = Namespaces.run_in(namespaces.site(k)) if namespaces else []
-                socket_path = sockets / f"site{k}.sock"
-                worker = [str(Path(sys.executable).parent / "feddymem"), "flower", "worker", "--socket"]
-                fed.workers.append(fed.start(f"worker{k}", [*prefix, *worker, str(socket_path)]))
-                configs[k] = f'{configs[k]} worker="{socket_path}"'
+        pool = loopback_workers(num_sites) if workers is None else min(workers, num_sites)
+        # First: their imports overlap the SuperLink's start and the keys' registration. A worker serves no
+        # network: one shared by several sites runs in the first one's namespace.
+        for w in range(pool):
+            prefix = Namespaces.run_in(namespaces.site(w)) if namespaces else []
+            worker = [str(Path(sys.executable).parent / "feddymem"), "flower", "worker", "--socket"]
+            fed.workers.append(fed.start(f"worker{w}", [*prefix, *worker, str(sockets / f"worker{w}.sock")]))
+        for k in range(num_sites if pool else 0):
+            if "worker=" not in configs[k]:
+                configs[k] = f'{configs[k]} worker="{sockets / f"worker{k % pool}.sock"}"'
         fed.start("superlink", [*fed.coordinator, *superlink])
         _wait_for_port(fed.port, startup_timeout, fed.coordinator)
         keys = [make_node_keys(home / "keys", f"site{k}") for k in range(num_sites)] if authenticate else []
@@ -320,6 +320,13 @@ def loopback_federation(
         shutil.rmtree(sockets, ignore_errors=True)
         if namespaces:
             namespaces.delete()
+
+
+def loopback_workers(num_sites: int) -> int:
+    """How many site workers a loopback federation on this machine runs: one per site where each can have two
+    cores, fewer where the machine has fewer (its sites then share them and take turns, each message with
+    every core of its worker, as the Fabric engine's one process does), one at least."""
+    return max(1, min(num_sites, (os.cpu_count() or 1) // 2))
 
 
 def _register_keys(fed: LoopbackFederation, public_keys: list[Path], timeout: float) -> None:
@@ -381,7 +388,7 @@ def run_on_loopback(cfg: Any, run_dir: Path, *, tls: bool = True, authenticate: 
     # Each site writes its own model under the run folder (sites/site_K/client_K.ckpt), as a real site would
     # on its own disk.
     sites = cfg.data.num_clients
-    threads = max(1, (os.cpu_count() or 1) // sites)  # the machine's cores shared out between its sites
+    threads = max(1, (os.cpu_count() or 1) // loopback_workers(sites))  # the cores shared out between workers
     nodes = [f'client-id={k} threads={threads} out="{run_dir.resolve() / "sites" / f"site_{k}"}"' for k in range(sites)]
     timeout = max(600.0, float(cfg.federation.collective_timeout_s))
     with loopback_federation(cfg.data.num_clients, nodes, tls=tls, authenticate=authenticate) as fed:

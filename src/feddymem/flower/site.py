@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ from feddymem.federation.strategies import make_strategy
 from feddymem.federation.wire import MalformedMessage
 from feddymem.flower.records import describe, from_records, load_client_state, save_client_state
 from feddymem.io import load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def enforce_egress(message: Message, context: Context, call_next: Any) -> Message:
@@ -131,13 +134,13 @@ def site_cache_dir(node_config: dict[str, Any], cfg: Any) -> str:
 
 
 class WarmRunners:
-    """A site worker's runner of the current run, kept between messages (:mod:`feddymem.flower.worker`): the
-    backbone, the data plan and the features in memory are built once per run instead of once per message.
-    The node's ``context.state`` stays the truth: a kept runner takes the state of every message's context."""
+    """A site worker's runners of the current run, one per node it serves, kept between messages
+    (:mod:`feddymem.flower.worker`): the backbone, the data plan and the features in memory are built once per
+    run instead of once per message. The node's ``context.state`` stays the truth: a kept runner takes the
+    state of every message's context."""
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.runner: ClientRunner | None = None
+        self.kept: dict[tuple[int, int], tuple[tuple, ClientRunner]] = {}  # (run, node) → (key, runner)
 
     @staticmethod
     def key_of(message: Message, context: Context) -> tuple | None:
@@ -151,20 +154,25 @@ class WarmRunners:
     def get(self, message: Message, context: Context) -> ClientRunner | None:
         """The kept runner for this message, with the message's state and fresh cache counts; else ``None``."""
         key = self.key_of(message, context)
-        if key is None or key != self.key or self.runner is None:
+        kept = self.kept.get((context.run_id, context.node_id))
+        if key is None or kept is None or kept[0] != key:
             return None
+        runner = kept[1]
         set_site_threads(dict(context.node_config))
-        self.runner.loaders.cache.stats = CacheStats()  # each message's log counts its own work
-        load_client_state(self.runner.clients[0], context.state)
-        return self.runner
+        runner.loaders.cache.stats = CacheStats()  # each message's log counts its own work
+        load_client_state(runner.clients[0], context.state)
+        return runner
 
     def keep(self, message: Message, context: Context, runner: ClientRunner) -> None:
-        """Keep ``runner`` (one run at a time: the previous one is let go)."""
-        self.key, self.runner = self.key_of(message, context), runner
+        """Keep ``runner`` for its node (one run at a time: the runners of an earlier run are let go)."""
+        if (key := self.key_of(message, context)) is None:
+            return
+        self.kept = {node: kept for node, kept in self.kept.items() if node[0] == context.run_id}
+        self.kept[(context.run_id, context.node_id)] = (key, runner)
 
     def forget(self) -> None:
-        """Let go of the kept runner (after a message failed: its state may be half-changed)."""
-        self.key = self.runner = None
+        """Let go of every kept runner (after a message failed: its state may be half-changed)."""
+        self.kept = {}
 
 
 # Set by a site worker; a ClientApp process that lives for one message builds its runner every time.
@@ -204,21 +212,29 @@ def _build_site_runner(message: Message, context: Context) -> ClientRunner:
 
 def restore_site(runner: ClientRunner, node_config: dict[str, Any], round_idx: int, state: RecordDict) -> None:
     """A resumed run: the site's state after ``round_idx`` from its own checkpoint (``out/client_K.ckpt``,
-    written after every round), into this run's ``state``. The coordinator's checkpoint holds no site's model."""
+    written after every round), into this run's ``state``. The coordinator's checkpoint holds no site's model.
+    A site lost before ``round_idx`` rejoins with the state it saved last (its kept state and thresholds
+    included): its first round trains against the global memory it saved, the next server reply brings it up
+    to date. The site keeps the checkpoint of the round before too: a coordinator that stopped after its sites
+    saved a round but before it recorded it resumes that round, and its sites with it."""
     client = runner.clients[0]
     if not (out := node_config.get("out")):
         raise CheckpointError(
             f"site {client.id} cannot resume: its SuperNode has no out= folder, where its state was saved"
         )
     path = Path(str(out)) / f"client_{client.id}.ckpt"
-    if not path.is_file():
+    checkpoints = [load_checkpoint(p) for p in (path, previous_checkpoint(path)) if p.is_file()]
+    if not checkpoints:
         raise CheckpointError(f"site {client.id} cannot resume: no checkpoint {path}")
-    payload = load_checkpoint(path)
-    if int(payload["round"]) != round_idx:
+    usable = [payload for payload in checkpoints if int(payload["round"]) <= round_idx]
+    if not usable:
         raise CheckpointError(
             f"site {client.id} cannot resume round {round_idx + 1}: its checkpoint {path} is from round "
-            f"{payload['round']}"
+            f"{checkpoints[0]['round']}, later than the coordinator's"
         )
+    payload = max(usable, key=lambda p: int(p["round"]))
+    if (saved_round := int(payload["round"])) < round_idx:  # lost on the way: it rejoins with its last state
+        log.warning("site %d rejoins at round %d from its round %d state", client.id, round_idx + 1, saved_round)
     runner.restore(payload)
     saved = payload["clients"][client.id]
     kept = {k: saved[k] for k in ("threshold", "product_thresholds", "normalizer")}
@@ -276,5 +292,12 @@ def write_site_checkpoint(
         "provenance": provenance(cfg),
     }
     path = folder / f"client_{client.id}.ckpt"
+    if path.is_file():  # kept: the coordinator records a round after its sites, and may stop in between
+        os.replace(path, previous_checkpoint(path))
     save_checkpoint(path, payload)
     return path
+
+
+def previous_checkpoint(path: Path) -> Path:
+    """Where a site keeps the checkpoint of the round before ``path``'s."""
+    return path.with_name(f"{path.stem}.previous{path.suffix}")

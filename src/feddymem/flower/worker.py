@@ -12,6 +12,9 @@ the site's egress policy are the same (:mod:`feddymem.flower.apps`), and the nod
 the truth that Flower keeps between messages.
 
 The socket is a file on the site's own machine (mode 0600): nothing of the site crosses a network here.
+Several sites on one machine may share a worker (the loopback federation's sites do, when the machine has
+fewer cores than sites): it keeps a runner per site and runs their messages one at a time, each with the
+threads of its node config.
 """
 
 from __future__ import annotations
@@ -148,7 +151,8 @@ def serve(path: Path) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the socket file is removed
     old_mask = os.umask(0o177)  # the socket: this user's only
     try:
-        listener = Listener(str(path), family="AF_UNIX")
+        # Sites that share a worker (several on one machine) queue here, each message in turn.
+        listener = Listener(str(path), family="AF_UNIX", backlog=64)
     finally:
         os.umask(old_mask)
     log.info("site worker ready on %s", path)
