@@ -1,41 +1,28 @@
-"""A site worker (``feddymem flower worker``): a real process on a real Unix socket runs a site's messages
-as the ClientApp itself would, keeps the run's runner and features in memory between messages, answers a
-failed message with its cause and goes on serving."""
+"""A site worker (``feddymem flower worker``): the executor of its SuperNodes' ClientApp tasks. A failed message
+is answered with its cause (and the runners it kept let go), another app's run is refused, a real worker
+process waits for SuperNodes that are not up yet. Its whole path (Runtime API, kept runners, features in
+memory, the same run as Fabric's) is the loopback test's (``test_loopback.py``)."""
 
 from __future__ import annotations
 
-import json
-import shutil
+import socket
 import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import tomllib
 
 pytest.importorskip("flwr")
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from conftest import FAST
-from feddymem.config import load_config
-from feddymem.errors import FedDyMemError
-from feddymem.flower.inprocess import InProcessGrid, run_in_process
-from feddymem.flower.worker import _claim_socket, client_app, forward
-from run_compare import assert_same_run
-
-
-@pytest.fixture
-def socket_folder():
-    folder = Path(tempfile.mkdtemp(prefix="fdmt-"))  # short: a Unix socket's path has at most 107 bytes
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def _start_worker(path: Path, log: Path) -> subprocess.Popen:
-    command = [str(Path(sys.executable).parent / "feddymem"), "flower", "worker", "--socket", str(path)]
-    with log.open("wb") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+from feddymem.flower.apps import client_app
+from feddymem.flower.inprocess import InProcessGrid
+from feddymem.flower.local import APP_DIR
+from feddymem.flower.site import WarmRunners
+from feddymem.flower.worker import APP_ID, app_problem, handle
 
 
 def _message_without_config() -> tuple[Message, Context]:
@@ -44,49 +31,41 @@ def _message_without_config() -> tuple[Message, Context]:
     return message, Context(run_id=1, node_id=1, node_config={"client-id": 0}, state=RecordDict(), run_config={})
 
 
-@pytest.mark.slow
-def test_a_site_worker_runs_the_same_rounds_and_keeps_its_features_in_memory(tmp_path, synthetic_yaml, socket_folder):
-    cfg = load_config([f"dataset={synthetic_yaml}", "data.num_clients=2", "federation.rounds=2", *FAST])
-    cold = [{"client-id": k, "out": str(tmp_path / "cold" / f"site_{k}"), "cache-dir": ""} for k in range(2)]
-    run_in_process(cfg, tmp_path / "cold-run", cold)
-    sockets = [socket_folder / f"site{k}.sock" for k in range(2)]
-    workers = [_start_worker(path, tmp_path / f"worker{k}.log") for k, path in enumerate(sockets)]
-    try:
-        # A message the handlers refuse: its cause comes back, and the worker serves the next one.
-        message, context = _message_without_config()
-        with pytest.raises(FedDyMemError, match="site worker: MalformedMessage: .*config-sha"):
-            forward(sockets[0], message, context)
-        warm = [
-            {**site, "out": str(tmp_path / "warm" / f"site_{k}"), "worker": str(sockets[k])}
-            for k, site in enumerate(cold)
-        ]
-        run_in_process(cfg, tmp_path / "warm-run", warm, client_app)
-        with pytest.raises(FedDyMemError, match="already listens"):
-            _claim_socket(sockets[1])
-        assert all(worker.poll() is None for worker in workers)
-    finally:
-        for worker in workers:
-            worker.terminate()
-            worker.wait(timeout=30)
-    assert not any(path.exists() for path in sockets)  # removed when the workers stopped
-    summaries = {run: json.loads((tmp_path / f"{run}-run" / "metrics.json").read_text()) for run in ("cold", "warm")}
-    assert_same_run(summaries["warm"], summaries["cold"])
-    for k in range(2):
-        lines = {
-            run: [json.loads(line) for line in (tmp_path / run / f"site_{k}" / "features.jsonl").open()]
-            for run in ("cold", "warm")
-        }
-        assert [line["type"] for line in lines["warm"]] == [line["type"] for line in lines["cold"]]
-        # Without a worker (and without a disk cache) every message extracts its images again; the worker
-        # extracts each image once and serves it from memory afterwards.
-        assert all(line["extracted"] > 0 for line in lines["cold"])
-        assert lines["warm"][0]["extracted"] > 0
-        assert all(line["extracted"] == line["from_disk"] == 0 < line["hits"] for line in lines["warm"][2:])
-        assert "handled in" in (tmp_path / f"worker{k}.log").read_text()
-
-
-def test_a_site_whose_worker_is_not_running_gets_an_error_that_names_its_socket(socket_folder):
+def test_a_failed_message_is_answered_with_its_cause_and_the_kept_runners_let_go():
     message, context = _message_without_config()
-    path = socket_folder / "nobody.sock"
-    with pytest.raises(FedDyMemError, match=f"does not answer on {path}.*feddymem flower worker --socket"):
-        forward(path, message, context, timeout=0.5)
+    warm = WarmRunners()
+    warm.kept[(1, 1)] = (("key",), object())  # a runner kept from an earlier message
+    reply, cause = handle(client_app, message, context, warm)
+    assert reply.has_error() and reply.error.reason == cause
+    assert cause.startswith("site worker: MalformedMessage:") and "config-sha" in cause
+    assert warm.kept == {}  # its state may be half-changed: rebuilt at the next message
+
+
+def test_a_worker_runs_feddymems_app_only():
+    app = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
+    assert f"{app['tool']['flwr']['app']['publisher']}/{app['project']['name']}" == APP_ID
+    assert app_problem(APP_ID) == ""
+    problem = app_problem("someone/another-app")
+    assert "someone/another-app" in problem and APP_ID in problem
+
+
+def test_a_worker_waits_for_a_supernode_that_is_not_up_yet(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "worker.log"
+    command = [str(Path(sys.executable).parent / "feddymem"), "flower", "worker", "--supernode", f"127.0.0.1:{port}"]
+    with log.open("wb") as out:
+        worker = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "ready" not in log.read_text() and worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)  # a few polls of a port that refuses
+        assert worker.poll() is None, log.read_text()
+        assert f"site worker ready for the SuperNodes at 127.0.0.1:{port}" in log.read_text()
+    finally:
+        worker.terminate()
+        assert worker.wait(timeout=30) == 0  # SIGTERM: a clean stop
+    missing = subprocess.run(command[:3], capture_output=True, text=True, check=False)
+    assert missing.returncode != 0 and "--supernode" in missing.stderr

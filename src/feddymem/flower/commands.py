@@ -5,7 +5,7 @@ certificates --host H [--host H2] --out DIR   a CA and the SuperLink's TLS certi
 node-key --name SITE --out DIR                a site's authentication key pair (send SITE.pub to the coordinator)
 run-config --out FILE --run-dir DIR [overrides]  the run config of ``flwr run`` for a feddymem config
 app-dir                                       the Flower App folder to pass to ``flwr run``
-worker --socket PATH                          a site's warm worker (node config ``worker=PATH``)
+worker --supernode HOST:PORT [--runtime-ca F] a site's warm worker: runs its SuperNode's ClientApp tasks
 """
 
 from __future__ import annotations
@@ -33,8 +33,17 @@ def add_flower_parser(commands: Any) -> None:
     run.add_argument("overrides", nargs="*", help="feddymem config overrides, e.g. dataset=sites.yaml")
     run.set_defaults(func=cmd_run_config)
     sub.add_parser("app-dir", help="print the Flower App folder").set_defaults(func=cmd_app_dir)
-    worker = sub.add_parser("worker", help="a site's warm worker beside its SuperNode (node config worker=PATH)")
-    worker.add_argument("--socket", type=Path, required=True, help="the Unix socket it listens on")
+    worker = sub.add_parser(
+        "worker", help="a site's warm worker: runs the ClientApp tasks of SuperNodes started with --isolation process"
+    )
+    worker.add_argument(
+        "--supernode", action="append", required=True, metavar="HOST:PORT",
+        help="a SuperNode's Runtime API (its --port; repeat for SuperNodes that share this worker)",
+    )  # fmt: skip
+    worker.add_argument(
+        "--runtime-ca", type=Path, default=None,
+        help="CA certificate of Runtime APIs served over TLS (flower-supernode --ssl-certfile)",
+    )  # fmt: skip
     worker.set_defaults(func=cmd_worker)
 
 
@@ -90,5 +99,5 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker_log.setLevel(logging.INFO)
     worker_log.addHandler(handler)
     worker_log.propagate = False
-    serve(args.socket.resolve())
+    serve(list(args.supernode), args.runtime_ca)
     return 0

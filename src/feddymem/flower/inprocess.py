@@ -66,17 +66,14 @@ class InProcessGrid:
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
-def run_in_process(
-    cfg: Any, run_dir: Path, node_configs: list[dict[str, Any]], client_app: ClientApp | None = None
-) -> dict[str, Any]:
-    """The whole Flower run of ``cfg`` in this process (one site per entry of ``node_configs``); its summary.
-    ``client_app``: the app each SuperNode loads (:data:`feddymem.flower.worker.client_app`, which hands a
-    message to a site worker when the node config names one), by default its handlers themselves."""
+def run_in_process(cfg: Any, run_dir: Path, node_configs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The whole Flower run of ``cfg`` in this process (one site per entry of ``node_configs``, each running
+    FedDyMem's ClientApp handlers); its summary."""
     from feddymem.config import to_yaml
     from feddymem.flower.apps import client_app as handlers
     from feddymem.flower.coordinator import FlowerServerRun
 
-    grid = InProcessGrid(client_app or handlers, node_configs)
+    grid = InProcessGrid(handlers, node_configs)
     run_config: dict[str, bool | float | int | str] = {"config-yaml": to_yaml(cfg), "run-dir": str(run_dir)}
     context = Context(RUN_ID, COORDINATOR_NODE, node_config={}, state=RecordDict(), run_config=run_config)
     return FlowerServerRun(grid, context).run()

@@ -266,12 +266,14 @@ def loopback_federation(
     ``flwr supernode register`` (requires ``tls``). With ``netns`` every process runs in a network namespace
     of its own (:class:`Namespaces`) and the sites reach the SuperLink over veth addresses. The sites' messages
     run in ``workers`` long-lived site workers (:mod:`feddymem.flower.worker`; site K in worker K mod
-    ``workers``; ``None``: :func:`loopback_workers`); with ``0``, each message runs in the fresh process Flower
-    starts for it."""
+    ``workers``; ``None``: :func:`loopback_workers`, one per site with ``netns``, where a worker reaches the
+    SuperNodes of its own namespace only); with ``0``, each message runs in the fresh process Flower starts
+    for it."""
     if authenticate and not tls:
         raise FedDyMemError("SuperNode authentication needs TLS")
+    if netns and workers not in (None, 0, num_sites):
+        raise FedDyMemError(f"with netns a site's worker shares its namespace: workers=0 or {num_sites}, not {workers}")
     home = Path(tempfile.mkdtemp(prefix="feddymem-flower-", dir=workdir))
-    sockets = Path(tempfile.mkdtemp(prefix="fdm-"))  # short: a Unix socket's path has at most 107 bytes
     fed = LoopbackFederation(home=home, port=free_port(), tls=tls)
     namespaces = Namespaces(f"fdm{os.getpid() % 10000}", num_sites) if netns else None
     hosts = ("127.0.0.1", "localhost", *(Namespaces.link_address(k) for k in range(num_sites if netns else 0)))
@@ -291,17 +293,18 @@ def loopback_federation(
             namespaces.create()
             fed.coordinator = Namespaces.run_in(namespaces.link)
             superlink += ["--host", "0.0.0.0"]  # reachable from every site's veth
-        configs = list(node_config[:num_sites])
-        pool = loopback_workers(num_sites) if workers is None else min(workers, num_sites)
-        # First: their imports overlap the SuperLink's start and the keys' registration. A worker serves no
-        # network: one shared by several sites runs in the first one's namespace.
+        if workers is None:
+            workers = num_sites if netns else loopback_workers(num_sites)
+        pool = min(workers, num_sites)
+        runtime_ports = [free_port() for _ in range(num_sites)]  # each SuperNode's Runtime API, on 127.0.0.1
+        # First: their imports overlap the SuperLink's start and the keys' registration. A worker asks its
+        # SuperNodes for tasks until they answer.
         for w in range(pool):
             prefix = Namespaces.run_in(namespaces.site(w)) if namespaces else []
-            worker = [str(Path(sys.executable).parent / "feddymem"), "flower", "worker", "--socket"]
-            fed.workers.append(fed.start(f"worker{w}", [*prefix, *worker, str(sockets / f"worker{w}.sock")]))
-        for k in range(num_sites if pool else 0):
-            if "worker=" not in configs[k]:
-                configs[k] = f'{configs[k]} worker="{sockets / f"worker{k % pool}.sock"}"'
+            worker = [str(Path(sys.executable).parent / "feddymem"), "flower", "worker"]
+            for k in range(w, num_sites, pool):
+                worker += ["--supernode", f"127.0.0.1:{runtime_ports[k]}"]
+            fed.workers.append(fed.start(f"worker{w}", [*prefix, *worker]))
         fed.start("superlink", [*fed.coordinator, *superlink])
         _wait_for_port(fed.port, startup_timeout, fed.coordinator)
         keys = [make_node_keys(home / "keys", f"site{k}") for k in range(num_sites)] if authenticate else []
@@ -310,14 +313,14 @@ def loopback_federation(
             address = f"{Namespaces.link_address(k) if namespaces else '127.0.0.1'}:{fed.port}"
             prefix = Namespaces.run_in(namespaces.site(k)) if namespaces else []
             node = [*prefix, "flower-supernode", *fed.tls_args("supernode"), "--superlink", address]
-            node += ["--port", str(free_port()), "--node-config", configs[k]]
+            node += ["--port", str(runtime_ports[k]), "--node-config", node_config[k]]
+            node += ["--isolation", "process"] if pool else []  # its worker runs its ClientApp tasks
             if authenticate:
                 node += ["--auth-supernode-private-key", str(keys[k][0])]
             fed.supernodes.append(fed.start(f"supernode{k}", node))
         yield fed
     finally:
         fed.stop()
-        shutil.rmtree(sockets, ignore_errors=True)
         if namespaces:
             namespaces.delete()
 

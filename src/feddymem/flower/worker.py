@@ -1,41 +1,47 @@
-"""Where a site's ClientApp runs: in the process Flower starts for each message, or in the site's worker.
+"""A site worker: the site's own executor of FedDyMem's ClientApp, beside its SuperNode.
 
-Flower starts a fresh ClientApp process for every message a SuperNode receives. Importing torch, Lightning
-and the model and building the backbone cost that process seconds before any work, twice a round; on a
-machine that hosts several sites, they compete for the same cores. A **site worker**
-(``feddymem flower worker --socket PATH``, started beside the SuperNode by the site's operator) imports all
-of that once and keeps the run's client runner (backbone, data plan, features in memory) between messages.
-With ``worker=PATH`` in the SuperNode's node config, the ClientApp Flower loads (:data:`client_app`, which
-imports neither torch nor the model) hands each message and the node's context to that worker over a Unix
-socket and returns its reply; without, it runs the handlers itself, as before. Either way the handlers and
-the site's egress policy are the same (:mod:`feddymem.flower.apps`), and the node's ``context.state`` stays
-the truth that Flower keeps between messages.
+By default Flower runs a ClientApp the costly way: the SuperNode starts a SuperExec, which starts a fresh
+``flwr-clientapp`` process for every message; that process installs the app bundle, imports torch, Lightning
+and the model and builds the backbone before any work, twice a round. A **site worker** takes the SuperExec's
+place: the SuperNode runs with ``--isolation process`` (it starts no executor of its own) and the worker
+(``feddymem flower worker --supernode HOST:PORT``) asks that SuperNode's Runtime API for ClientApp tasks,
+runs each one in its own process with FedDyMem's handlers (:data:`feddymem.flower.apps.client_app`, the same
+handlers and egress policy as without a worker) and pushes the reply and the node's state back. It imports
+everything once and keeps the run's client runner (backbone, data plan, features in memory) between
+messages; the node's ``context.state`` stays the truth that Flower keeps between messages.
 
-The socket is a file on the site's own machine (mode 0600): nothing of the site crosses a network here.
-Several sites on one machine may share a worker (the loopback federation's sites do, when the machine has
-fewer cores than sites): it keeps a runner per site and runs their messages one at a time, each with the
-threads of its node config.
+The Runtime API is the SuperNode's own (``--port``, on 127.0.0.1 by default): nothing of the site crosses
+a network here. Several SuperNodes on one machine may share a worker (the loopback federation's do, when
+the machine has fewer cores than sites): it keeps a runner per site and runs their messages one at a time,
+each with the threads of its node config. A worker runs FedDyMem's ClientApp only: a task of another app
+fails with a message that says so.
+
+The worker speaks the Runtime API with Flower's own client functions (``flwr.supernode.runtime``), pinned
+with ``flwr==1.42.0``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
 import sys
 import time
-from multiprocessing.connection import Client as connect
-from multiprocessing.connection import Connection, Listener
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 from flwr.app import Context, Message
+from flwr.app.error import Error
 from flwr.clientapp import ClientApp
-from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto
-from flwr.proto.message_pb2 import Context as ProtoContext
-from flwr.proto.message_pb2 import Message as ProtoMessage
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import RetryInvoker, exponential
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from feddymem.errors import FedDyMemError
 
@@ -44,125 +50,137 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT_S = 300.0  # a worker that is still starting (imports, a GPU's first context) is waited for
+# How often an idle worker asks each of its SuperNodes for a task. A SuperNode itself asks the SuperLink for
+# messages every 3 s (fixed in Flower), so a shorter wait here buys little and costs the SuperNodes' CPU.
+TASK_POLL_S = 0.25
+# How long a claimed task's calls are retried while its SuperNode does not answer (then the task is given up and
+# the worker serves its other SuperNodes). Flower's own retries wait forever and end the process on a refusal.
+TASK_RETRY_S = 60.0
+APP_ID = "feddymem/feddymem-flower"  # the Flower app bundle's publisher/name (flower/app/pyproject.toml)
 
 
-class SiteApp(ClientApp):
-    """The ClientApp every SuperNode loads: each message, whatever its type, goes to the site's worker when
-    its node config names one (``worker=PATH``), else to :data:`feddymem.flower.apps.client_app` in this
-    process."""
-
-    def __call__(self, message: Message, context: Context) -> Message:
-        """Handle one message: in the site's worker, or here."""
-        if worker := context.node_config.get("worker"):
-            return forward(Path(str(worker)), message, context)
-        from feddymem.flower.apps import client_app as handlers
-
-        return handlers(message, context)
-
-
-client_app = SiteApp()
-
-
-def _send(connection: Connection, header: dict, *frames: bytes) -> None:
-    connection.send_bytes(json.dumps(header).encode())
-    for frame in frames:
-        connection.send_bytes(frame)
+def _runtime_client(address: str, certificates: bytes | None, token: str | None = None) -> RuntimeHttpClient:
+    """A client of the SuperNode's Runtime API at ``address``; with ``token``, for one claimed task (its calls
+    retried for :data:`TASK_RETRY_S`), without, to poll for tasks (no retries: a SuperNode that is not up yet,
+    or gone, is asked again at the next poll)."""
+    interceptors: list = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
+    if token is not None:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(
+        address,
+        insecure=certificates is None,
+        root_certificates=certificates,
+        interceptors=interceptors,
+        retry_invoker=_task_retries() if token is not None else None,
+    )
 
 
-def _connect(path: Path, timeout: float) -> Connection:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return connect(str(path), family="AF_UNIX")
-        except (FileNotFoundError, ConnectionRefusedError) as err:
-            if time.monotonic() > deadline:
-                raise FedDyMemError(
-                    f"this site's worker does not answer on {path} ({err}): start it with "
-                    f"'feddymem flower worker --socket {path}', or remove worker= from the node config"
-                ) from err
-            time.sleep(0.2)
+def _task_retries() -> RetryInvoker:
+    return RetryInvoker(lambda: exponential(max_delay=5), httpx.TransportError, max_tries=None, max_time=TASK_RETRY_S)
 
 
-def forward(path: Path, message: Message, context: Context, *, timeout: float = CONNECT_TIMEOUT_S) -> Message:
-    """``message`` handled by the site worker listening on ``path``: its reply, and ``context.state`` as the
-    worker left it (Flower keeps it for the node's next message)."""
-    identity = {"task_id": TaskIdentity.task_id, "run_id": TaskIdentity.run_id, "node_id": TaskIdentity.node_id}
-    with _connect(path, timeout) as connection:
-        _send(connection, identity, message_to_proto(message).SerializeToString(),
-              context_to_proto(context).SerializeToString())  # fmt: skip
-        try:
-            answer = json.loads(connection.recv_bytes())
-            if not answer["ok"]:
-                raise FedDyMemError(f"site worker: {answer['error']}")
-            reply = message_from_proto(ProtoMessage.FromString(connection.recv_bytes()))
-            after = context_from_proto(ProtoContext.FromString(connection.recv_bytes()))
-        except EOFError as err:
-            raise FedDyMemError(f"this site's worker on {path} stopped while handling a '{_kind(message)}'") from err
-    context.state = after.state
-    return reply
-
-
-def _kind(message: Message) -> str:
-    return str(message.metadata.message_type)
-
-
-def _handle(connection: Connection, handlers: ClientApp, warm: WarmRunners) -> None:
-    """One message from a SuperNode's ClientApp process: run it, answer with the reply and the node state."""
-    identity = json.loads(connection.recv_bytes())
-    message = message_from_proto(ProtoMessage.FromString(connection.recv_bytes()))
-    context = context_from_proto(ProtoContext.FromString(connection.recv_bytes()))
-    # The reply is stamped with the identity of the task Flower started for this message.
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = (
-        identity["task_id"], identity["run_id"], identity["node_id"])  # fmt: skip
+def handle(handlers: ClientApp, message: Message, context: Context, warm: WarmRunners) -> tuple[Message, str]:
+    """One message through FedDyMem's handlers: the reply and ``""``, or, when they fail, an error reply that
+    names the cause (the server logs it) and the cause (the runners are let go: their state may be
+    half-changed)."""
+    kind = str(message.metadata.message_type)
     started = time.monotonic()
     try:
         reply = handlers(message, context)
-    except Exception as err:  # answered to the ClientApp process, which reports it to the server
+    except Exception as err:  # answered to the server, which names the site and the cause
         warm.forget()
-        log.warning("'%s' failed: %s", _kind(message), err)
-        _send(connection, {"ok": False, "error": f"{type(err).__name__}: {err}"})
-        return
-    log.info("'%s' handled in %.1f s", _kind(message), time.monotonic() - started)
-    _send(connection, {"ok": True}, message_to_proto(reply).SerializeToString(),
-          context_to_proto(context).SerializeToString())  # fmt: skip
+        reason = f"site worker: {type(err).__name__}: {err}"
+        log.warning("'%s' failed: %s", kind, reason)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message), reason
+    log.info("'%s' handled in %.1f s", kind, time.monotonic() - started)
+    return reply, ""
 
 
-def _claim_socket(path: Path) -> None:
-    """Refuse a socket another worker answers on; remove one a stopped worker left behind."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return
+def app_problem(fab_id: str) -> str:
+    """Why this worker cannot run a task of the app ``fab_id`` (``""``: it can)."""
+    if fab_id == APP_ID:
+        return ""
+    return f"this site worker runs FedDyMem's ClientApp ({APP_ID}) only; the run's app is '{fab_id}'"
+
+
+def _heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
+    """Flower's task heartbeat, without its exit: a task the SuperNode gave up on ends with its message."""
+
+    def beat() -> bool:
+        try:
+            client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+        except httpx.HTTPError:
+            return False
+        return True
+
+    return beat
+
+
+def run_task(address: str, token: str, certificates: bytes | None, handlers: ClientApp, warm: WarmRunners) -> None:
+    """The claimed task ``token`` of the SuperNode at ``address``: its message and the node's state pulled, the
+    handlers run, the reply and the state pushed back."""
+    client = _runtime_client(address, certificates, token)
+    heartbeat = HeartbeatSender(_heartbeat(client))
+    heartbeat.start()
+    context: Context | None = None
+    status, details = SubStatus.FAILED, "the site worker could not run the task"
     try:
-        connect(str(path), family="AF_UNIX").close()
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)
-        return
-    raise FedDyMemError(f"another site worker already listens on {path}")
+        message, context, run, _ = pull_task_input(client)
+        if problem := app_problem(run.fab_id):
+            log.warning("%s", problem)
+            reply = Message(Error(code=ErrorCode.LOAD_CLIENT_APP_EXCEPTION, reason=problem), reply_to=message)
+            details = problem
+        else:
+            reply, details = handle(handlers, message, context, warm)
+            status = SubStatus.FAILED if details else SubStatus.COMPLETED
+        push_message(client, reply, context)
+    except Exception as err:  # the SuperNode went away or refused mid-task: it did not keep this message's state
+        warm.forget()
+        status, details = SubStatus.FAILED, f"{type(err).__name__}: {err}"
+        log.warning("a task of the SuperNode at %s was given up: %s: %s", address, type(err).__name__, err)
+    finally:
+        try:  # the node's state as the handlers left it; a failed message leaves it as it was
+            push_task_output(client, context if status == SubStatus.COMPLETED else None, status, details)
+        except Exception as err:  # a SuperNode that is gone cannot be told
+            log.warning("the SuperNode at %s was not told how its task ended: %s", address, err)
+        finally:
+            heartbeat.stop()
+            client.close()
 
 
-def serve(path: Path) -> None:
-    """Listen on the Unix socket ``path`` and handle one message at a time until stopped (SIGTERM, Ctrl-C)."""
+def serve(supernodes: list[str], certificates: Path | None = None, poll_s: float = TASK_POLL_S) -> None:
+    """Ask the Runtime API of each SuperNode in ``supernodes`` (``HOST:PORT``) for ClientApp tasks and run
+    them one at a time, until stopped (SIGTERM, Ctrl-C). ``certificates``: the CA of Runtime APIs served over
+    TLS (``flower-supernode --ssl-certfile``); without, plain HTTP on the site's own machine."""
     from feddymem.flower import site
     from feddymem.flower.apps import client_app as handlers
 
-    _claim_socket(path)
+    if not supernodes:
+        raise FedDyMemError("a site worker needs the Runtime API address of at least one SuperNode (--supernode)")
+    ca = certificates.read_bytes() if certificates is not None else None
     site.warm_runners = warm = site.WarmRunners()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the socket file is removed
-    old_mask = os.umask(0o177)  # the socket: this user's only
-    try:
-        # Sites that share a worker (several on one machine) queue here, each message in turn.
-        listener = Listener(str(path), family="AF_UNIX", backlog=64)
-    finally:
-        os.umask(old_mask)
-    log.info("site worker ready on %s", path)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    pollers = {address: _runtime_client(address, ca) for address in supernodes}
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    unreachable = set(supernodes)
+    log.info("site worker ready for the SuperNodes at %s", ", ".join(supernodes))
     try:
         while True:
-            with listener.accept() as connection:
+            claimed = False
+            for address, poller in pollers.items():
                 try:
-                    _handle(connection, handlers, warm)
-                except (EOFError, BrokenPipeError, ConnectionResetError):  # its SuperNode went away
-                    warm.forget()  # Flower did not keep this message's state: neither does the worker
-                    log.warning("a ClientApp process left before its reply")
+                    task = poller.AcquireTask(request)
+                except httpx.HTTPError:  # not up yet, or restarting: asked again at the next poll
+                    unreachable.add(address)
+                    continue
+                if address in unreachable:
+                    unreachable.discard(address)
+                    log.info("the SuperNode at %s answers", address)
+                if task.HasField("task") and task.token:
+                    run_task(address, task.token, ca, handlers, warm)
+                    claimed = True
+            if not claimed:
+                time.sleep(poll_s)
     finally:
-        listener.close()
+        for poller in pollers.values():
+            poller.close()
