@@ -17,6 +17,7 @@ def _evaluation() -> ClientEvaluation:
         held_out_time_s=0.1,
         test=test,
         panel=[("/data/tile/a.png", np.zeros((32, 96, 3), np.uint8))],
+        kept_test=test,
     )
 
 
@@ -27,6 +28,7 @@ def test_by_default_no_pixels_paths_or_per_image_scores_leave_a_site():
     assert policy.problems(sent.arrays, sent.config) == []
     assert not sent.arrays and not sent.config  # every number is a metric; nothing per image
     assert sent.metrics["test/image_auroc"] == 0.8 and sent.metrics["normal/count"] == 3
+    assert sent.metrics["kept_test/image_auroc"] == 0.8
     final = encode_test_metrics(2, policy.test(_evaluation().test))
     assert not final.arrays and not final.config
     # Without the policy the same evaluation carries a panel and a path: the check names both.
@@ -39,7 +41,7 @@ def test_a_site_opts_in_to_panels_and_scores_in_its_own_node_config():
     both = EgressPolicy.from_node_config({"share-panels": "true", "share-scores": True})
     sent = encode_evaluation(both.evaluation(_evaluation()))
     assert both.problems(sent.arrays, sent.config) == []
-    assert any(k.startswith("panel") for k in sent.arrays) and "test_scores" in sent.arrays
+    assert any(k.startswith("panel") for k in sent.arrays) and {"test_scores", "kept_test_scores"} <= set(sent.arrays)
     scores_only = EgressPolicy.from_node_config({"share-scores": "yes"})
     sent = encode_evaluation(scores_only.evaluation(_evaluation()))
     assert "test_scores" in sent.arrays and not any(k.startswith("panel") for k in sent.arrays)

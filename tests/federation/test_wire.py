@@ -99,8 +99,11 @@ def test_an_evaluation_round_trips_with_its_test_scores_and_panel():
         update_time_s=0.01,
         test=test,
         panel=[("a/x.png", np.zeros((4, 9, 3), np.uint8))],
+        kept_test=TestSetMetrics(0.7, {"magnetic_tile": {"image_auroc": 0.71}}, 0.25, scores=[("a/x.png", 0, 1.0)]),
     )
     back = decode_evaluation(encode_evaluation(ev))
+    # The kept state's test metrics travel beside the round's own, neither overwriting the other.
+    assert back.kept_test.to_dict() == ev.kept_test.to_dict() and back.kept_test.scores == ev.kept_test.scores
     assert back.client_id == 3 and math.isnan(back.criterion) and back.kept_round == 2
     assert back.normal == ev.normal and back.normal.count == 3
     assert back.product_thresholds == ev.product_thresholds and back.normalizer == ev.normalizer
@@ -110,6 +113,7 @@ def test_an_evaluation_round_trips_with_its_test_scores_and_panel():
     plain = decode_evaluation(encode_evaluation(bare))
     assert (
         plain.test is None
+        and plain.kept_test is None
         and plain.panel is None
         and all(_same(getattr(plain, k), getattr(bare, k)) for k in ("criterion", "kept_round", "product_thresholds"))
     )

@@ -46,7 +46,12 @@ class EgressPolicy:
 
     def evaluation(self, evaluation: ClientEvaluation) -> ClientEvaluation:
         """The evaluation as it may leave: no panels and no per-image scores unless the site shares them."""
-        return replace(evaluation, test=self.test(evaluation.test), panel=evaluation.panel if self.panels else None)
+        return replace(
+            evaluation,
+            test=self.test(evaluation.test),
+            kept_test=self.test(evaluation.kept_test),
+            panel=evaluation.panel if self.panels else None,
+        )
 
     def result(self, result: ClientResult) -> ClientResult:
         """The round's result as it may leave: an error message keeps its words, not the files it names."""

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
+from feddymem.config import to_yaml
 from feddymem.data.datasets import ImageDataset
 from feddymem.data.partition import per_product_sample
 from feddymem.federation.client import Client, Loaders
@@ -53,13 +54,39 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-class Evaluator:
-    """Scores the clients of one process; remembers the test scores of the latest state so that clients in
-    the same state (round 0, or frozen generators with one global memory) score a product once."""
+class TestScores:
+    """The test scores of the states a process scored last: clients in the same state (round 0, or frozen
+    generators with one global memory) score a product once, whichever order their turns come in. Keyed by
+    the scoring setting (config, device), the state's fingerprint, the product and its images; the entries of
+    the :data:`KEPT_STATES` latest states are kept. One per process: a site worker's sites share it, as the
+    clients of a Fabric process do."""
 
-    def __init__(self, cfg: Any, loaders: Loaders, device: torch.device | str = "cpu") -> None:
+    KEPT_STATES = 8
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple] = {}  # (setting, state, product, images) → scores, labels, paths, metrics
+
+    def get(self, key: tuple) -> tuple | None:
+        """The entry of ``key``, if it is kept."""
+        return self._entries.get(key)
+
+    def put(self, key: tuple, entry: tuple) -> None:
+        """Keep ``entry``; let go of the entries of states older than the latest :data:`KEPT_STATES`."""
+        self._entries[key] = entry
+        states = list(dict.fromkeys(k[:2] for k in reversed(self._entries)))[: self.KEPT_STATES]
+        self._entries = {k: v for k, v in self._entries.items() if k[:2] in states}
+
+
+class Evaluator:
+    """Scores the clients of one process (``scores``: a cache shared with the process's other evaluators)."""
+
+    def __init__(
+        self, cfg: Any, loaders: Loaders, device: torch.device | str = "cpu", scores: TestScores | None = None
+    ) -> None:
         self.cfg, self.loaders, self.device = cfg, loaders, device
-        self._product_scores: dict[tuple, tuple] = {}  # (state, product, images) → scores, labels, paths, metrics
+        self.scores = scores if scores is not None else TestScores()
+        # What besides the state decides a score: the whole config (backbone, input, scoring) and the device.
+        self.setting = hashlib.blake2b(f"{to_yaml(cfg)}|{device}".encode(), digest_size=16).hexdigest()
 
     def image_scores(self, client: Client, dataset: ImageDataset) -> tuple[np.ndarray, list[str]]:
         """Raw image scores of ``dataset`` under the client's current model, and each image's product."""
@@ -124,8 +151,13 @@ class Evaluator:
         fingerprint = state_fingerprint(module.trainable_state())
         scores, labels, paths, products, per_product = [], [], [], [], {}
         for product in client.data.products:
-            key = (fingerprint, product, tuple(s.path for s in client.test_set.samples if s.product == product))
-            if key not in self._product_scores:
+            key = (
+                self.setting,
+                fingerprint,
+                product,
+                tuple(s.path for s in client.test_set.samples if s.product == product),
+            )
+            if (entry := self.scores.get(key)) is None:
                 indices = [i for i, s in enumerate(client.test_set.samples) if s.product == product]
                 p_scores, p_labels, p_paths = [], [], []
                 with torch.no_grad():
@@ -133,16 +165,9 @@ class Evaluator:
                         p_scores.append(module.test_step(batch, batch_idx)["pred_score"].cpu())
                         p_labels.append(torch.as_tensor(batch["label"]))
                         p_paths += list(batch["path"])
-                self._product_scores = {  # keep only the latest state's entries
-                    k: v for k, v in self._product_scores.items() if k[0] == fingerprint
-                }
-                self._product_scores[key] = (
-                    torch.cat(p_scores),
-                    torch.cat(p_labels),
-                    p_paths,
-                    module.compute_test_metrics(),
-                )
-            p_scores, p_labels, p_paths, per_product[product] = self._product_scores[key]
+                entry = (torch.cat(p_scores), torch.cat(p_labels), p_paths, module.compute_test_metrics())
+                self.scores.put(key, entry)
+            p_scores, p_labels, p_paths, per_product[product] = entry
             scores.append(p_scores)
             labels.append(p_labels)
             paths += p_paths

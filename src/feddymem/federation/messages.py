@@ -110,6 +110,9 @@ class ClientEvaluation:
     update_time_s: float = 0.0
     test: TestSetMetrics | None = None
     panel: list[tuple[str, np.ndarray]] | None = None  # W&B anomaly-map strips
+    # The kept state's test metrics, where the server asks for them with the run's last evaluation and the
+    # kept round was not scored (Flower: the final scoring rides on that message instead of one more).
+    kept_test: TestSetMetrics | None = None
 
 
 @dataclass

@@ -190,32 +190,32 @@ def _nested(metrics: dict[str, Scalar], prefix: str, depth: int) -> dict[str, An
     return out
 
 
-def _put_test(msg: WireMessage, test: TestSetMetrics) -> None:
+def _put_test(msg: WireMessage, test: TestSetMetrics, name: str = "test") -> None:
     m = msg.metrics
-    m.update({f"test{_SEP}{k}": v for k, v in test.to_dict().items() if isinstance(v, int | float)})
-    _flat(f"test_products{_SEP}", test.products, m)
+    m.update({f"{name}{_SEP}{k}": v for k, v in test.to_dict().items() if isinstance(v, int | float)})
+    _flat(f"{name}_products{_SEP}", test.products, m)
     if test.scores:
         paths, labels, scores = zip(*test.scores, strict=True)
-        msg.arrays["test_labels"] = np.asarray(labels, dtype=np.int64)
-        msg.arrays["test_scores"] = np.asarray(scores, dtype=np.float64)
-        msg.config.update({f"test_path{_SEP}{i}": p for i, p in enumerate(paths)})
+        msg.arrays[f"{name}_labels"] = np.asarray(labels, dtype=np.int64)
+        msg.arrays[f"{name}_scores"] = np.asarray(scores, dtype=np.float64)
+        msg.config.update({f"{name}_path{_SEP}{i}": p for i, p in enumerate(paths)})
 
 
-def _take_test(msg: WireMessage) -> TestSetMetrics | None:
+def _take_test(msg: WireMessage, name: str = "test") -> TestSetMetrics | None:
     m = msg.metrics
-    if f"test{_SEP}image_auroc" not in m:
+    if f"{name}{_SEP}image_auroc" not in m:
         return None
-    count = len(msg.arrays.get("test_scores", ()))
-    paths = [msg.config[f"test_path{_SEP}{i}"] for i in range(count)]
+    count = len(msg.arrays.get(f"{name}_scores", ()))
+    paths = [msg.config[f"{name}_path{_SEP}{i}"] for i in range(count)]
     empty = np.zeros(0)
-    labels, scores = msg.arrays.get("test_labels", empty), msg.arrays.get("test_scores", empty)
+    labels, scores = msg.arrays.get(f"{name}_labels", empty), msg.arrays.get(f"{name}_scores", empty)
     return TestSetMetrics(
-        image_auroc=_metric(m, f"test{_SEP}image_auroc"),
-        products=_nested(m, f"test_products{_SEP}", 2),
-        eval_time_s=_metric(m, f"test{_SEP}eval_time_s"),
-        image_auroc_raw=_optional(m, f"test{_SEP}image_auroc_raw"),
-        pixel_auroc=_optional(m, f"test{_SEP}pixel_auroc"),
-        aupro=_optional(m, f"test{_SEP}aupro"),
+        image_auroc=_metric(m, f"{name}{_SEP}image_auroc"),
+        products=_nested(m, f"{name}_products{_SEP}", 2),
+        eval_time_s=_metric(m, f"{name}{_SEP}eval_time_s"),
+        image_auroc_raw=_optional(m, f"{name}{_SEP}image_auroc_raw"),
+        pixel_auroc=_optional(m, f"{name}{_SEP}pixel_auroc"),
+        aupro=_optional(m, f"{name}{_SEP}aupro"),
         scores=[(p, int(y), float(s)) for p, y, s in zip(paths, labels, scores, strict=True)],
     )
 
@@ -252,6 +252,8 @@ def encode_evaluation(ev: ClientEvaluation) -> WireMessage:
     _flat(f"normalizer{_SEP}", ev.normalizer, m)
     if ev.test is not None:
         _put_test(msg, ev.test)
+    if ev.kept_test is not None:
+        _put_test(msg, ev.kept_test, "kept_test")
     for i, (path, strip) in enumerate(ev.panel or []):
         msg.arrays[f"panel{_SEP}{i}"] = strip
         msg.config[f"panel_path{_SEP}{i}"] = path
@@ -280,4 +282,5 @@ def decode_evaluation(msg: WireMessage) -> ClientEvaluation:
         update_time_s=_metric(m, "update_time_s"),
         test=test,
         panel=[(msg.config[f"panel_path{_SEP}{i}"], msg.arrays[f"panel{_SEP}{i}"]) for i in panels] or None,
+        kept_test=_take_test(msg, "kept_test"),
     )

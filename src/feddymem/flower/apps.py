@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from feddymem.federation.egress import EgressPolicy
+from feddymem.federation.evaluation import test_set_scored
 from feddymem.federation.wire import (
     MalformedMessage,
     WireMessage,
@@ -59,6 +60,12 @@ def _number(record: Any, key: str) -> float:
 def _round(message: Message) -> tuple[int, bool]:
     meta = message.content.get("round")
     return int(_number(meta, "round")), bool(_number(meta, "tested"))
+
+
+def _final(message: Message) -> bool:
+    """Whether the server asks for the kept state's test metrics with this evaluation (the run's last)."""
+    meta = message.content.get("round")
+    return isinstance(meta, MetricRecord) and bool(meta.get("final", 0))
 
 
 @client_app.query("identify")
@@ -98,6 +105,9 @@ def evaluate(message: Message, context: Context) -> Message:
     log_feature_cache(dict(context.node_config), "evaluate", runner)
     if out := context.node_config.get("out"):
         write_site_checkpoint(Path(str(out)), runner.cfg, client, evaluation, round_idx, context.state)
+    if _final(message) and not test_set_scored(runner.cfg, evaluation.kept_round):
+        evaluation.kept_test = runner.test_kept(client)[0]  # the run's final scoring, one message early
+        log_feature_cache(dict(context.node_config), "final", runner)
     policy = EgressPolicy.from_node_config(dict(context.node_config))
     return Message(to_records(encode_evaluation(policy.evaluation(evaluation))), reply_to=message)
 

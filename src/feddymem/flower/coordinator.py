@@ -89,6 +89,7 @@ class FlowerTransport:
         self.products: dict[int, list[str]] = {}  # client id → its products
         self.sizes: dict[int, int] = {}  # client id → its training images
         self.resumed_round: int | None = None  # a resumed run: the round the sites restore their state from
+        self.kept_tests: dict[int, TestSetMetrics] = {}  # sent with the last round's evaluations
 
     def connect(self) -> None:
         """Wait for one SuperNode per client (``federation.collective_timeout_s``), then bind node ids to clients."""
@@ -167,25 +168,35 @@ class FlowerTransport:
         """The reply to every site, and their evaluations; why a site sent none."""
         evaluations, unevaluated = [], {}
         content = {**self._round(round_idx, tested), **to_records(encode_reply(reply))}
+        # The run's last round: each site sends its kept state's test metrics with its evaluation (where that
+        # state's round was not scored), one exchange fewer than asking for them afterwards.
+        content["round"]["final"] = int(round_idx == self.cfg.federation.rounds)
         for client_id, answer in self.ask("evaluate", content).items():
             try:
                 if isinstance(answer, str):
                     raise MalformedMessage(answer)
-                evaluations.append(decode_evaluation(from_records(answer.content)))
+                evaluations.append(evaluation := decode_evaluation(from_records(answer.content)))
+                if evaluation.kept_test is not None:
+                    self.kept_tests[client_id] = evaluation.kept_test
             except (MalformedMessage, KeyError, ValueError) as err:
                 log.warning("client %d not evaluated in round %d: %s", client_id, round_idx, err)
                 unevaluated[client_id] = f"evaluation: {err}"
         return evaluations, unevaluated
 
     def test_kept(self, last_record: dict[str, Any] | None) -> dict[int, tuple[TestSetMetrics, Panel]]:
-        """The sites whose kept round was not scored send their kept state's test metrics (no panels)."""
+        """The test metrics of every site whose kept round was not scored (no panels): sent with the last
+        round's evaluation, else (an early stop, a site that did not send them) asked for now."""
         clients = (last_record or {}).get("clients", {})
         untested = {int(c) for c, line in clients.items() if not test_set_scored(self.cfg, line.get("kept_round", 0))}
-        if not untested:
-            return {}
-        out: dict[int, tuple[TestSetMetrics, Panel]] = {}
+        out: dict[int, tuple[TestSetMetrics, Panel]] = {
+            cid: (test, None)
+            for cid, test in self.kept_tests.items()
+            if cid in untested and last_record is not None and last_record["round"] == self.cfg.federation.rounds
+        }
+        if not (untested - set(out)):
+            return out
         for client_id, answer in self.ask("query.final", {}).items():
-            if client_id not in untested:
+            if client_id not in untested or client_id in out:
                 continue
             if isinstance(answer, str):
                 log.warning("client %d's kept state was not scored: %s", client_id, answer)

@@ -30,7 +30,7 @@ from feddymem.federation.checkpointing import provenance
 from feddymem.federation.client import Client, Loaders, build_clients, make_feature_cache
 from feddymem.federation.client_runner import ClientRunner
 from feddymem.federation.egress import EgressPolicy
-from feddymem.federation.evaluation import Evaluator
+from feddymem.federation.evaluation import Evaluator, TestScores
 from feddymem.federation.messages import ClientEvaluation
 from feddymem.federation.strategies import make_strategy
 from feddymem.federation.wire import MalformedMessage
@@ -141,6 +141,7 @@ class WarmRunners:
 
     def __init__(self) -> None:
         self.kept: dict[tuple[int, int], tuple[tuple, ClientRunner]] = {}  # (run, node) → (key, runner)
+        self.scores = TestScores()  # shared by the runners' evaluators: sites in one state score it once
 
     @staticmethod
     def key_of(message: Message, context: Context) -> tuple | None:
@@ -167,15 +168,19 @@ class WarmRunners:
         """Keep ``runner`` for its node (one run at a time: the runners of an earlier run are let go)."""
         if (key := self.key_of(message, context)) is None:
             return
+        if any(node[0] != context.run_id for node in self.kept):
+            self.scores = TestScores()
         self.kept = {node: kept for node, kept in self.kept.items() if node[0] == context.run_id}
         self.kept[(context.run_id, context.node_id)] = (key, runner)
 
     def forget(self) -> None:
         """Let go of every kept runner (after a message failed: its state may be half-changed)."""
         self.kept = {}
+        self.scores = TestScores()
 
 
-# Set by a site worker; a ClientApp process that lives for one message builds its runner every time.
+# Set by a site worker (it runs every message of its sites); a ClientApp process that lives for one message
+# builds its runner every time.
 warm_runners: WarmRunners | None = None
 
 
@@ -200,7 +205,9 @@ def _build_site_runner(message: Message, context: Context) -> ClientRunner:
     clients = build_clients(cfg, {client_id: plan.clients[share]}, [client_id], strategy, fabric.setup)
     cache = make_feature_cache(cfg, clients, fabric.device, folder=site_cache_dir(node_config, cfg))
     loaders = Loaders(cfg, cache)
-    runner = ClientRunner(cfg, strategy, clients, loaders, Evaluator(cfg, loaders, fabric.device), fabric.backward)
+    scores = warm_runners.scores if warm_runners is not None else None
+    evaluator = Evaluator(cfg, loaders, fabric.device, scores)
+    runner = ClientRunner(cfg, strategy, clients, loaders, evaluator, fabric.backward)
     if "model" in context.state:  # this run's state, from the site's previous message
         load_client_state(clients[0], context.state)
     elif isinstance(resume := message.content.get("resume"), MetricRecord):
@@ -251,6 +258,7 @@ def log_feature_cache(node_config: dict[str, Any], kind: str, runner: ClientRunn
     stats = runner.loaders.cache.stats
     line = {"type": kind, "extracted": stats.extracted, "extraction_s": stats.extraction_seconds, "hits": stats.hits}
     line |= {"from_disk": stats.from_disk, "disk_s": stats.disk_seconds}
+    runner.loaders.cache.stats = CacheStats()  # the next line counts its own work
     folder = Path(str(out))
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "features.jsonl").open("a") as log_file:
