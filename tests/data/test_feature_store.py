@@ -123,8 +123,8 @@ def test_processes_sharing_the_store_split_the_work_and_read_back_each_others(fe
     def other_process():
         time.sleep(0.5)
         for i in (0, 1):
-            store.save(keys[i], reference[i]["features"], None)
-            store.release(keys[i])
+            store.save(keys[i], reference[i]["features"], None)  # its claim released once written
+        store.flush()
 
     writer = threading.Thread(target=other_process)
     writer.start()

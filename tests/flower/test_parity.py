@@ -22,7 +22,8 @@ from feddymem.io import load_checkpoint
 from run_compare import assert_same_run
 
 CASES = {
-    "feddymem": ["federation.rounds=1"],
+    # Kept states scored only at the end: over Flower their test metrics come with the last evaluation.
+    "feddymem": ["federation.rounds=1", "federation.eval_every=0"],
     "local": ["method=local", "federation.rounds=1"],
     "fedavg": ["method=fedavg", "federation.rounds=1"],
     "fedprox": ["method=fedprox", "federation.rounds=1"],
@@ -42,7 +43,8 @@ CASES = {
 def test_both_engines_run_the_same_rounds(case, tmp_path, synthetic_yaml):
     cfg = load_config([f"dataset={synthetic_yaml}", "data.num_clients=2", *FAST, *CASES[case]])
     FederatedOrchestrator(cfg, tmp_path / "fabric").run()
-    sites = [{"client-id": k, "cache-dir": str(tmp_path / "features")} for k in range(2)]
+    out = [tmp_path / "sites" / f"site_{k}" for k in range(2)]
+    sites = [{"client-id": k, "cache-dir": str(tmp_path / "features"), "out": str(out[k])} for k in range(2)]
     summary = run_in_process(cfg, tmp_path / "flower", sites)
     fabric = json.loads((tmp_path / "fabric" / "metrics.json").read_text())
     flower = json.loads((tmp_path / "flower" / "metrics.json").read_text())
@@ -51,6 +53,11 @@ def test_both_engines_run_the_same_rounds(case, tmp_path, synthetic_yaml):
     assert_same_run(flower, fabric)
     kept = sorted(p.name for p in (tmp_path / "fabric" / "checkpoints").iterdir())
     assert sorted(p.name for p in (tmp_path / "flower" / "checkpoints").iterdir()) == kept
+    asked = {line["type"] for k in range(2) for line in map(json.loads, (out[k] / "messages.jsonl").open())}
+    if case in ("feddymem", "patience_final_keep_all"):
+        assert all("image_auroc" in c for c in flower["final"]["clients"].values())
+        # One message fewer where the run reaches its last round; an early stop asks for them afterwards.
+        assert ("query.final" in asked) == (case == "patience_final_keep_all"), asked
     if case == "patience_final_keep_all":
         assert len(fabric["rounds"]) < 5, "the early stop never came"
         assert kept == ["last.ckpt"] + [f"round_{r:03d}.ckpt" for r in range(len(fabric["rounds"]))]

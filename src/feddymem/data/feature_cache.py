@@ -141,12 +141,16 @@ class FeatureCache:
             if self.disk is None
             else self._shared(dataset, missing, disk_keys)
         )
-        for items in chunks:
-            if not self._admit(dataset, items, remaining, added, description):
-                return False
-            remaining -= len(items)
-            if advance:
-                advance(len(items))
+        try:
+            for items in chunks:
+                if not self._admit(dataset, items, remaining, added, description):
+                    return False
+                remaining -= len(items)
+                if advance:
+                    advance(len(items))
+        finally:
+            if self.disk is not None:
+                self.disk.flush()  # every entry on disk (or its write error raised) before the data set is used
         return True
 
     def _extracted(self, dataset: ImageDataset, indices: list[int], disk_keys: dict[int, str]) -> Iterator[list[tuple]]:
@@ -184,12 +188,13 @@ class FeatureCache:
                     self.disk.release(key)  # written by another process since we looked
                 waiting.append(index)
             items: list[tuple] = []
-            try:
+            try:  # each claim is released once its entry is written (FeatureStore.save)
                 for batch in self._extracted(dataset, mine, disk_keys):
                     items += batch
-            finally:
+            except BaseException:
                 for index in mine:
                     self.disk.release(disk_keys[index])
+                raise
             done = [i for i in waiting if i not in broken and self.disk.has(disk_keys[i])]
             if not mine and not done:
                 time.sleep(0.2)  # every pending image is being extracted by another process

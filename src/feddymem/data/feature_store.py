@@ -11,7 +11,8 @@ and are written atomically; an unreadable entry is extracted again and replaced.
 Processes that share the folder (several sites of a trial on one machine) share the work too: before
 extracting an image a process claims it (``<key>.claim``, created exclusively), and the others wait for
 its entry instead of extracting it again. A claim older than :data:`CLAIM_STALE_S` (its process died)
-is taken over.
+is taken over. Entries are written by a background thread while the next batch is extracted; a claim is
+released once its entry is written.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import io
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -52,6 +54,8 @@ class FeatureStore:
         self.root = Path(folder).expanduser()
         check_writable(self.root, "feature cache folder (cache.dir)")
         self.folder = self.root / extractor_fingerprint(extractor)[:32]
+        self._writer: ThreadPoolExecutor | None = None  # started at the first save
+        self._pending: list[Future] = []
 
     def key(self, dataset: ImageDataset, index: int) -> str:
         """The entry name of item ``index`` of ``dataset`` (:meth:`ImageDataset.item_identity`)."""
@@ -99,11 +103,28 @@ class FeatureStore:
         self._path(key).with_suffix(".claim").unlink(missing_ok=True)
 
     def save(self, key: str, features: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Write one entry atomically (concurrent writers of one key write the same bytes)."""
-        buffer = io.BytesIO()
+        """Queue one entry: a background thread writes it atomically (concurrent writers of one key write the
+        same bytes), then releases this process's claim on it. :meth:`flush` waits for the queue."""
         # Clones: a row of a batch would otherwise save the whole batch's storage.
         features = features.detach().to(torch.float32).clone()
-        torch.save({"features": features, "mask": None if mask is None else mask.clone()}, buffer)
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, buffer.getvalue())
+        entry = {"features": features, "mask": None if mask is None else mask.clone()}
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-store")
+        self._pending.append(self._writer.submit(self._write, key, entry))
+
+    def _write(self, key: str, entry: dict) -> None:
+        try:
+            buffer = io.BytesIO()
+            torch.save(entry, buffer)
+            path = self._path(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, buffer.getvalue())
+        finally:
+            self.release(key)
+
+    def flush(self) -> None:
+        """Wait until every queued entry is written; a write that failed is raised here (an OutputError that
+        names its file)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()

@@ -42,9 +42,11 @@ from feddymem.memory.kmeans import resolve_gpu
 
 log = logging.getLogger(__name__)
 
-# How often the coordinator asks the SuperLink for replies. Flower's own ``Grid.send_and_receive`` asks every
-# 3 s, which leaves a round up to 3 s idle after each of its messages' last reply.
-REPLY_POLL_S = 0.25
+# How often the coordinator asks the SuperLink for replies: soon after a reply came (the sites' replies come in
+# bursts), less and less often while none comes (each ask costs the SuperLink and this process CPU that the
+# sites' work needs where they share a machine). Flower's own ``Grid.send_and_receive`` asks every 3 s, which
+# leaves a round up to 3 s idle after each of its messages' last reply.
+REPLY_POLL_S = (0.1, 1.0)  # the first wait, the longest
 
 
 class MessageGrid(Protocol):
@@ -65,6 +67,7 @@ def exchange(grid: MessageGrid, messages: list[Message], timeout: float | None) 
     pending = {message_id for message_id in grid.push_messages(messages) if message_id}
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
+    wait, longest = REPLY_POLL_S
     while pending:
         pulled = list(grid.pull_messages(pending))
         replies.extend(pulled)
@@ -72,7 +75,8 @@ def exchange(grid: MessageGrid, messages: list[Message], timeout: float | None) 
         if pending and deadline is not None and time.monotonic() >= deadline:
             break
         if pending:
-            time.sleep(REPLY_POLL_S)
+            wait = REPLY_POLL_S[0] if pulled else min(1.5 * wait, longest)
+            time.sleep(wait)
     return replies
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,6 +259,7 @@ def loopback_federation(
     startup_timeout: float = 60.0,
     netns: bool = False,
     workers: int | None = None,
+    on_superlink: Callable[[LoopbackFederation], Any] | None = None,
 ) -> Iterator[LoopbackFederation]:
     """A SuperLink and ``num_sites`` SuperNodes (``node_config[k]`` each) on loopback; stopped on exit.
 
@@ -268,7 +269,8 @@ def loopback_federation(
     run in ``workers`` long-lived site workers (:mod:`feddymem.flower.worker`; site K in worker K mod
     ``workers``; ``None``: :func:`loopback_workers`, one per site with ``netns``, where a worker reaches the
     SuperNodes of its own namespace only); with ``0``, each message runs in the fresh process Flower starts
-    for it."""
+    for it. ``on_superlink(fed)`` is called once the SuperLink is up, before the sites start (to submit a run
+    early)."""
     if authenticate and not tls:
         raise FedDyMemError("SuperNode authentication needs TLS")
     if netns and workers not in (None, 0, num_sites):
@@ -307,6 +309,8 @@ def loopback_federation(
             fed.workers.append(fed.start(f"worker{w}", [*prefix, *worker]))
         fed.start("superlink", [*fed.coordinator, *superlink])
         _wait_for_port(fed.port, startup_timeout, fed.coordinator)
+        if on_superlink is not None:
+            on_superlink(fed)
         keys = [make_node_keys(home / "keys", f"site{k}") for k in range(num_sites)] if authenticate else []
         _register_keys(fed, [public for _, public in keys], startup_timeout)
         for k in range(num_sites):
@@ -358,13 +362,24 @@ def run_config_file(cfg: Any, run_dir: Path, folder: Path) -> Path:
 
 
 def submit(fed: LoopbackFederation, cfg: Any, run_dir: Path, timeout: float) -> str:
-    """Submit the FedDyMem app with ``flwr run`` and follow it to its end; its log. A SuperLink or SuperNode
-    that stops on the way ends the run at once with its own words."""
-    log_path = fed.home / "flwr_run.log"
+    """Submit the FedDyMem app with ``flwr run`` and follow it to its end; its log (:func:`start_run`,
+    :func:`follow_run`)."""
+    return follow_run(fed, start_run(fed, cfg, run_dir), timeout)
+
+
+def start_run(fed: LoopbackFederation, cfg: Any, run_dir: Path) -> subprocess.Popen:
+    """Submit the FedDyMem app with ``flwr run`` (its log in ``fed.home/flwr_run.log``); the SuperLink must be
+    up, the sites need not be: the ServerApp waits for them (``federation.collective_timeout_s``)."""
     command = [*fed.flwr_command, "run", str(APP_DIR), "local"]
     command += ["--run-config", str(run_config_file(cfg, run_dir, fed.home)), "--stream"]
-    with log_path.open("wb") as out:
-        run = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=fed.env)
+    with (fed.home / "flwr_run.log").open("wb") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=fed.env)
+
+
+def follow_run(fed: LoopbackFederation, run: subprocess.Popen, timeout: float) -> str:
+    """Follow a submitted run to its end; its log. A SuperLink or SuperNode that stops on the way ends the run
+    at once with its own words."""
+    log_path = fed.home / "flwr_run.log"
     deadline = time.monotonic() + timeout
     try:
         while run.poll() is None:
@@ -394,9 +409,21 @@ def run_on_loopback(cfg: Any, run_dir: Path, *, tls: bool = True, authenticate: 
     threads = max(1, (os.cpu_count() or 1) // loopback_workers(sites))  # the cores shared out between workers
     nodes = [f'client-id={k} threads={threads} out="{run_dir.resolve() / "sites" / f"site_{k}"}"' for k in range(sites)]
     timeout = max(600.0, float(cfg.federation.collective_timeout_s))
-    with loopback_federation(cfg.data.num_clients, nodes, tls=tls, authenticate=authenticate) as fed:
-        output = submit(fed, cfg, run_dir, timeout=timeout * (cfg.federation.rounds + 2))
-        metrics = run_dir / "metrics.json"
-        if not metrics.is_file():
-            raise FedDyMemError(f"the Flower run did not finish:\n{output[-3000:]}\n{fed.tail()}")
+    runs: list[subprocess.Popen] = []
+
+    def submit_early(fed: LoopbackFederation) -> None:
+        # As soon as the SuperLink is up: the ServerApp starts (imports, strategy) while the sites do.
+        runs.append(start_run(fed, cfg, run_dir))
+
+    try:
+        with loopback_federation(sites, nodes, tls=tls, authenticate=authenticate, on_superlink=submit_early) as fed:
+            output = follow_run(fed, runs[0], timeout=timeout * (cfg.federation.rounds + 2))
+            metrics = run_dir / "metrics.json"
+            if not metrics.is_file():
+                raise FedDyMemError(f"the Flower run did not finish:\n{output[-3000:]}\n{fed.tail()}")
+    finally:  # a federation that failed to start leaves no run behind
+        for run in runs:
+            if run.poll() is None:
+                run.terminate()
+                run.wait(timeout=15)
     return json.loads(metrics.read_text())
