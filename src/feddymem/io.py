@@ -96,10 +96,11 @@ def run_dir_problem(run_dir: str | Path, resume: bool) -> str | None:
     return None
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``: a reader sees the
     old file or the new one, never half of one. A failure (full disk, read-only folder) leaves the old
-    file as it was and is an :class:`OutputError` naming ``path``."""
+    file as it was and is an :class:`OutputError` naming ``path``. ``durable=False`` skips the fsync, for
+    files that may be lost in a power cut (a cache whose reader rebuilds an entry it cannot read)."""
     path = Path(path)
     tmp = None
     try:
@@ -108,7 +109,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
         raise OutputError(f"cannot write {path}: {_reason(err)}") from None

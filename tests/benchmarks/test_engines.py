@@ -12,7 +12,9 @@ from feddymem.cli import main
 
 @pytest.mark.e2e
 def test_bench_engines_runs_both_and_writes_one_table(tmp_path, synthetic_yaml):
+    # The kept states scored at the end: under Flower with the last evaluation, under Fabric afterwards.
     overrides = [f"dataset={synthetic_yaml}", "data.num_clients=2", "federation.rounds=1", *FAST]
+    overrides.append("federation.eval_every=0")
     code = main(["bench", "engines", *overrides, "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")])
     assert code == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -20,6 +22,7 @@ def test_bench_engines_runs_both_and_writes_one_table(tmp_path, synthetic_yaml):
     assert (fabric["engine"], flower["engine"]) == ("fabric", "flower")
     for row in (fabric, flower):
         assert row["rounds"] == 2 and row["wall_s"] > row["round0_s"] > 0 and row["later_round_s"] > 0
+        assert row["final_scoring_s"] > 0
         assert 0.0 <= row["mean_image_auroc"] <= 1.0
     # The same experiment: the same bytes on the wire and the same accuracy (float rounding apart).
     assert flower["bytes_up_per_client_round"] == fabric["bytes_up_per_client_round"] > 0

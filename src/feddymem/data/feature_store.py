@@ -118,7 +118,7 @@ class FeatureStore:
             torch.save(entry, buffer)
             path = self._path(key)
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, buffer.getvalue())
+            atomic_write_bytes(path, buffer.getvalue(), durable=False)  # a lost entry is extracted again
         finally:
             self.release(key)
 

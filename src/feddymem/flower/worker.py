@@ -50,9 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# How often an idle worker asks each of its SuperNodes for a task. A SuperNode itself asks the SuperLink for
-# messages every 3 s (fixed in Flower), so a shorter wait here buys little and costs the SuperNodes' CPU.
-TASK_POLL_S = 0.25
+# How often an idle worker asks its SuperNodes for tasks: soon after a task (the next message of a round comes
+# within seconds), less and less often while none comes. A SuperNode itself asks the SuperLink for messages
+# every 3 s (fixed in Flower), so asking it more often buys little and costs CPU that the sites' work needs.
+TASK_POLL_S = (0.1, 1.0)  # the first wait, the longest
 # How long a claimed task's calls are retried while its SuperNode does not answer (then the task is given up and
 # the worker serves its other SuperNodes). Flower's own retries wait forever and end the process on a refusal.
 TASK_RETRY_S = 60.0
@@ -148,7 +149,7 @@ def run_task(address: str, token: str, certificates: bytes | None, handlers: Cli
             client.close()
 
 
-def serve(supernodes: list[str], certificates: Path | None = None, poll_s: float = TASK_POLL_S) -> None:
+def serve(supernodes: list[str], certificates: Path | None = None, poll_s: tuple[float, float] = TASK_POLL_S) -> None:
     """Ask the Runtime API of each SuperNode in ``supernodes`` (``HOST:PORT``) for ClientApp tasks and run
     them one at a time, until stopped (SIGTERM, Ctrl-C). ``certificates``: the CA of Runtime APIs served over
     TLS (``flower-supernode --ssl-certfile``); without, plain HTTP on the site's own machine."""
@@ -164,6 +165,7 @@ def serve(supernodes: list[str], certificates: Path | None = None, poll_s: float
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     unreachable = set(supernodes)
     log.info("site worker ready for the SuperNodes at %s", ", ".join(supernodes))
+    wait = poll_s[0]
     try:
         while True:
             claimed = False
@@ -179,8 +181,9 @@ def serve(supernodes: list[str], certificates: Path | None = None, poll_s: float
                 if task.HasField("task") and task.token:
                     run_task(address, task.token, ca, handlers, warm)
                     claimed = True
+            wait = poll_s[0] if claimed else min(1.5 * wait, poll_s[1])
             if not claimed:
-                time.sleep(poll_s)
+                time.sleep(wait)
     finally:
         for poller in pollers.values():
             poller.close()
