@@ -172,8 +172,10 @@ def serve(supernodes: list[str], certificates: Path | None = None, poll_s: tuple
             for address, poller in pollers.items():
                 try:
                     task = poller.AcquireTask(request)
-                except httpx.HTTPError:  # not up yet, or restarting: asked again at the next poll
-                    unreachable.add(address)
+                except httpx.HTTPError as err:  # not up yet, or restarting: asked again at the next poll
+                    if address not in unreachable:
+                        log.warning("the SuperNode at %s does not answer (%s): asking again", address, err)
+                        unreachable.add(address)
                     continue
                 if address in unreachable:
                     unreachable.discard(address)
