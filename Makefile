@@ -31,13 +31,17 @@ $(VENV)/.installed-$(FAISS_EXTRA): pyproject.toml $(LOCK)
 install: $(VENV)/.installed-$(FAISS_EXTRA)  ## create .venv and install feddymem (faiss-$(FAISS_EXTRA)), pinned by $(LOCK)
 
 # anomalib's PatchCore, the reference row of make bench: its own environment, never the main install.
+# It is layered on .venv (a .pth file adds .venv's site-packages after its own), so torch, timm and
+# feddymem are not installed twice (a CUDA build of torch is 5.5 GB): only anomalib and what it needs
+# beyond .venv land in .venv-anomalib, and they come first on its path. pip never touches .venv from
+# there (it refuses to uninstall outside its environment).
 ANOMALIB_VENV := .venv-anomalib
 ANOMALIB      := anomalib==2.7.0
-$(ANOMALIB_VENV)/.installed: pyproject.toml $(LOCK)
-	test -x $(ANOMALIB_VENV)/bin/python || $(PYTHON) -m venv $(ANOMALIB_VENV)
-	$(ANOMALIB_VENV)/bin/python -m pip install --quiet $(if $(LOCK),-c $(LOCK)) --upgrade pip
-	$(ANOMALIB_VENV)/bin/python -m pip install --quiet $(if $(LOCK),-c $(LOCK)) torch==2.14.1 torchvision==0.29.1
-	$(ANOMALIB_VENV)/bin/python -m pip install --quiet $(if $(LOCK),-c $(LOCK)) -e ".[cpu]" "$(ANOMALIB)"
+$(ANOMALIB_VENV)/.installed: $(VENV)/.installed-$(FAISS_EXTRA)
+	rm -rf $(ANOMALIB_VENV)
+	$(PYTHON) -m venv --without-pip $(ANOMALIB_VENV)
+	$(BIN)/python scripts/layer_venv.py $(ANOMALIB_VENV) $(VENV)
+	$(ANOMALIB_VENV)/bin/python -m pip install --quiet $(if $(LOCK),-c $(LOCK)) "$(ANOMALIB)"
 	touch $@
 
 anomalib-env: $(ANOMALIB_VENV)/.installed  ## .venv-anomalib: $(ANOMALIB) beside feddymem, for make bench's reference row
