@@ -14,8 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from feddymem.io import read_json
-
 
 def add_bench_parser(commands: Any) -> None:
     """Add ``bench`` and its sub-commands to ``commands`` (the sub-parsers of ``feddymem``)."""
@@ -79,6 +77,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     """``feddymem bench render``: results.md and convergence.png again from results.json."""
     from feddymem.benchmarks.plan import load_plan
     from feddymem.benchmarks.suite import write_report
+    from feddymem.io import read_json
 
     out = Path(args.out)
     results = read_json(out / "results.json", "the benchmark results")
@@ -119,6 +118,7 @@ def cmd_sites(args: argparse.Namespace) -> int:
 def cmd_frontier(args: argparse.Namespace) -> int:
     """``feddymem bench frontier``: a privacy study's frontier table, plot and knee."""
     from feddymem.benchmarks.frontier import frontier_points, frontier_table, knee, plot_frontier
+    from feddymem.io import read_json
 
     source = Path(args.results)
     found = frontier_points(read_json(source, "the privacy study's results"))

@@ -6,6 +6,7 @@ node-key --name SITE --out DIR                a site's authentication key pair (
 run-config --out FILE --run-dir DIR [overrides]  the run config of ``flwr run`` for a feddymem config
 app-dir                                       the Flower App folder to pass to ``flwr run``
 worker --supernode HOST:PORT [--runtime-ca F] a site's warm worker: runs its SuperNode's ClientApp tasks
+supernode [flower-supernode arguments]        Flower's SuperNode, its message poll paced (0.1 s after a message)
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def add_flower_parser(commands: Any) -> None:
         help="CA certificate of Runtime APIs served over TLS (flower-supernode --ssl-certfile)",
     )  # fmt: skip
     worker.set_defaults(func=cmd_worker)
+    # Every argument is flower-supernode's (prefix "+": none is this parser's own, --help included).
+    node = sub.add_parser(
+        "supernode", prefix_chars="+", help="Flower's SuperNode (flower-supernode's arguments), its polls paced"
+    )
+    node.add_argument("arguments", nargs=argparse.REMAINDER, help="flower-supernode's arguments")
+    node.set_defaults(func=cmd_supernode)
 
 
 def cmd_certificates(args: argparse.Namespace) -> int:
@@ -107,3 +114,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # interpreter's teardown of torch and every model it held, seconds that a federation's stop waits for.
     logging.shutdown()
     os._exit(0)
+
+
+def cmd_supernode(args: argparse.Namespace) -> int:
+    """``feddymem flower supernode``: ``flower-supernode`` with the paced poll of
+    :mod:`feddymem.flower.supernode`, until stopped."""
+    from feddymem.flower.supernode import main
+
+    main(list(args.arguments))
+    return 0

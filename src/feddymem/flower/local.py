@@ -31,6 +31,7 @@ from feddymem.config import to_yaml
 from feddymem.errors import FedDyMemError
 
 APP_DIR = Path(__file__).parent / "app"
+FEDDYMEM_FLOWER = [str(Path(sys.executable).parent / "feddymem"), "flower"]  # this environment's feddymem flower
 
 
 def free_port() -> int:
@@ -303,7 +304,7 @@ def loopback_federation(
         # SuperNodes for tasks until they answer.
         for w in range(pool):
             prefix = Namespaces.run_in(namespaces.site(w)) if namespaces else []
-            worker = [str(Path(sys.executable).parent / "feddymem"), "flower", "worker"]
+            worker = [*FEDDYMEM_FLOWER, "worker"]
             for k in range(w, num_sites, pool):
                 worker += ["--supernode", f"127.0.0.1:{runtime_ports[k]}"]
             fed.workers.append(fed.start(f"worker{w}", [*prefix, *worker]))
@@ -316,7 +317,8 @@ def loopback_federation(
         for k in range(num_sites):
             address = f"{Namespaces.link_address(k) if namespaces else '127.0.0.1'}:{fed.port}"
             prefix = Namespaces.run_in(namespaces.site(k)) if namespaces else []
-            node = [*prefix, "flower-supernode", *fed.tls_args("supernode"), "--superlink", address]
+            # flower-supernode with its message poll paced (feddymem.flower.supernode): 0.1 s after a message
+            node = [*prefix, *FEDDYMEM_FLOWER, "supernode", *fed.tls_args("supernode"), "--superlink", address]
             node += ["--port", str(runtime_ports[k]), "--node-config", node_config[k]]
             node += ["--isolation", "process"] if pool else []  # its worker runs its ClientApp tasks
             if authenticate:

@@ -51,8 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # How often an idle worker asks its SuperNodes for tasks: soon after a task (the next message of a round comes
-# within seconds), less and less often while none comes. A SuperNode itself asks the SuperLink for messages
-# every 3 s (fixed in Flower), so asking it more often buys little and costs CPU that the sites' work needs.
+# within seconds), less and less often while none comes (each poll is a call to the SuperNode, CPU that the
+# sites' work needs). The loopback's SuperNodes pace their own polls alike (feddymem.flower.supernode).
 TASK_POLL_S = (0.1, 1.0)  # the first wait, the longest
 # How long a claimed task's calls are retried while its SuperNode does not answer (then the task is given up and
 # the worker serves its other SuperNodes). Flower's own retries wait forever and end the process on a refusal.
