@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -42,6 +43,9 @@ def test_flower_over_tls_matches_fabric_and_refuses_an_unregistered_site(tmp_pat
         assert "Failed to activate SuperNode" in log.read_text()
         assert fed.certificates and all(p.is_file() for p in fed.certificates.values())
         submit(fed, cfg, tmp_path / "flower", timeout=600)
+        # The sites' SuperNodes are feddymem's paced ones (feddymem.flower.supernode), not Flower's 3 s poll.
+        node_logs = [log.read_text() for log in fed.logs if log.stem.startswith("supernode")]
+        assert len(node_logs) == 2 and not any("poll is kept" in text for text in node_logs)
         # One worker per site where the machine has two cores for each, else fewer that the sites share.
         assert len(fed.workers) == loopback_workers(2) and all(worker.poll() is None for worker in fed.workers)
     flower = json.loads((tmp_path / "flower" / "metrics.json").read_text())
@@ -90,3 +94,18 @@ def test_flower_over_tls_matches_fabric_and_refuses_an_unregistered_site(tmp_pat
 def test_loopback_sites_share_workers_with_fewer_than_two_cores_each(monkeypatch, cores, sites, workers):
     monkeypatch.setattr("feddymem.flower.local.os.cpu_count", lambda: cores)
     assert loopback_workers(sites) == workers
+
+
+@pytest.mark.e2e
+def test_a_federation_in_the_temporary_folder_is_removed_after_a_clean_stop_and_kept_after_an_error(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp puts the federation's folder
+    with loopback_federation(1, ["client-id=0"], tls=False, authenticate=False, workers=0) as fed:
+        assert fed.home.parent == tmp_path and (fed.home / "superlink.log").is_file()
+    assert not fed.home.exists()
+    failing = loopback_federation(1, ["client-id=0"], tls=False, authenticate=False, workers=0)
+    with pytest.raises(RuntimeError, match="the run failed"), failing as fed:
+        raise RuntimeError("the run failed")
+    assert (fed.home / "superlink.log").is_file()  # kept to read what happened
+    assert str(fed.home) in caplog.text

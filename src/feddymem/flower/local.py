@@ -8,6 +8,7 @@ SuperNode run in network namespaces of their own, joined by veth pairs instead o
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import shutil
 import socket
@@ -29,6 +30,8 @@ from cryptography.x509.oid import NameOID
 
 from feddymem.config import to_yaml
 from feddymem.errors import FedDyMemError
+
+log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).parent / "app"
 FEDDYMEM_FLOWER = [str(Path(sys.executable).parent / "feddymem"), "flower"]  # this environment's feddymem flower
@@ -271,13 +274,16 @@ def loopback_federation(
     ``workers``; ``None``: :func:`loopback_workers`, one per site with ``netns``, where a worker reaches the
     SuperNodes of its own namespace only); with ``0``, each message runs in the fresh process Flower starts
     for it. ``on_superlink(fed)`` is called once the SuperLink is up, before the sites start (to submit a run
-    early)."""
+    early). Its files (logs, certificates, the SuperLink's database) go in a new folder under ``workdir``,
+    which is kept; without ``workdir``, in the system's temporary folder, removed when the federation stops
+    cleanly and kept (its path logged) when it stops on an error."""
     if authenticate and not tls:
         raise FedDyMemError("SuperNode authentication needs TLS")
     if netns and workers not in (None, 0, num_sites):
         raise FedDyMemError(f"with netns a site's worker shares its namespace: workers=0 or {num_sites}, not {workers}")
     home = Path(tempfile.mkdtemp(prefix="feddymem-flower-", dir=workdir))
     fed = LoopbackFederation(home=home, port=free_port(), tls=tls)
+    stopped_cleanly = False
     namespaces = Namespaces(f"fdm{os.getpid() % 10000}", num_sites) if netns else None
     hosts = ("127.0.0.1", "localhost", *(Namespaces.link_address(k) for k in range(num_sites if netns else 0)))
     if tls:
@@ -325,10 +331,15 @@ def loopback_federation(
                 node += ["--auth-supernode-private-key", str(keys[k][0])]
             fed.supernodes.append(fed.start(f"supernode{k}", node))
         yield fed
+        stopped_cleanly = True
     finally:
         fed.stop()
         if namespaces:
             namespaces.delete()
+        if workdir is None and stopped_cleanly:
+            shutil.rmtree(home, ignore_errors=True)
+        elif workdir is None:
+            log.warning("the loopback federation's logs are kept in %s", home)
 
 
 def loopback_workers(num_sites: int) -> int:
