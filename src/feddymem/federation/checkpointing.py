@@ -12,7 +12,6 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from omegaconf import DictConfig
 
@@ -111,16 +110,17 @@ def round_payload(
 
 def library_versions() -> dict[str, str]:
     """Versions of feddymem, torch, timm, faiss, lightning and Python."""
+    from importlib.metadata import version  # timm's and Lightning's without importing them (seconds each)
+
     import faiss
-    import timm
 
     # Plain str(): torch.__version__ is a TorchVersion object, which weights_only loading refuses.
     return {
         "feddymem": str(__version__),
         "torch": str(torch.__version__),
-        "timm": str(timm.__version__),
+        "timm": version("timm"),
         "faiss": str(getattr(faiss, "__version__", "unknown")),
-        "lightning": str(L.__version__),
+        "lightning": version("lightning"),
         "python": platform.python_version(),
     }
 

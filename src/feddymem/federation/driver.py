@@ -18,7 +18,6 @@ from omegaconf import DictConfig
 
 from feddymem.errors import FedDyMemError, PeerFailure
 from feddymem.federation.checkpointing import RunCheckpoints, round_payload
-from feddymem.federation.evaluation import test_set_scored
 from feddymem.federation.messages import ClientEvaluation, ClientResult, ServerReply, TestSetMetrics
 from feddymem.federation.reporting import RunReporter, final_summary, kept_record
 from feddymem.federation.server import Server, TooFewClients
@@ -27,6 +26,13 @@ from feddymem.logging.console import Reporter
 
 T = TypeVar("T")
 Panel = list[tuple[str, np.ndarray]] | None
+
+
+def test_set_scored(cfg: Any, round_idx: int) -> bool:
+    """Whether the test set is scored after ``round_idx`` (``federation.eval_every``, and the last round;
+    0 = never: each client's kept state is scored once at the end)."""
+    every = cfg.federation.eval_every
+    return every > 0 and (round_idx % every == 0 or round_idx == cfg.federation.rounds)
 
 
 class Transport(Protocol):

@@ -22,13 +22,6 @@ from feddymem.metrics.normalize import ScoreNormalizer
 from feddymem.metrics.threshold import NormalScores, normal_threshold
 
 
-def test_set_scored(cfg: Any, round_idx: int) -> bool:
-    """Whether the test set is scored after ``round_idx`` (``federation.eval_every``, and the last round;
-    0 = never: each client's kept state is scored once at the end)."""
-    every = cfg.federation.eval_every
-    return every > 0 and (round_idx % every == 0 or round_idx == cfg.federation.rounds)
-
-
 def scores_rank_nothing(scores: np.ndarray, memory: torch.Tensor) -> bool:
     """Whether ``scores`` cannot rank images: all equal up to float rounding, or all zero up to the float32
     rounding of a distance between embeddings as large as the ``memory`` items. A generator collapsed onto one

@@ -37,8 +37,8 @@ from feddymem.federation.distributed import (
     gather_to_server,
     make_fabric,
 )
-from feddymem.federation.driver import Panel, RoundDriver, T
-from feddymem.federation.evaluation import Evaluator, test_set_scored
+from feddymem.federation.driver import Panel, RoundDriver, T, test_set_scored
+from feddymem.federation.evaluation import Evaluator
 from feddymem.federation.messages import ClientEvaluation, ClientResult, ServerReply, TestSetMetrics
 from feddymem.federation.reporting import RunReporter, run_loggers
 from feddymem.federation.server import Server

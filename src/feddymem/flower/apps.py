@@ -22,8 +22,8 @@ from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from feddymem.federation.driver import test_set_scored
 from feddymem.federation.egress import EgressPolicy
-from feddymem.federation.evaluation import test_set_scored
 from feddymem.federation.wire import (
     MalformedMessage,
     WireMessage,

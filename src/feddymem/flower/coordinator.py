@@ -22,8 +22,7 @@ from feddymem.config import config_from_yaml, to_yaml
 from feddymem.data.partition import ClientData
 from feddymem.errors import CheckpointError, ConfigError, FedDyMemError
 from feddymem.federation.checkpointing import RunCheckpoints
-from feddymem.federation.driver import Panel, RoundDriver, T
-from feddymem.federation.evaluation import test_set_scored
+from feddymem.federation.driver import Panel, RoundDriver, T, test_set_scored
 from feddymem.federation.messages import ClientEvaluation, ClientResult, ServerReply, TestSetMetrics
 from feddymem.federation.reporting import RunReporter, run_loggers
 from feddymem.federation.server import Server
