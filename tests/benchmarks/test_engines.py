@@ -30,6 +30,9 @@ def test_bench_engines_runs_both_and_writes_one_table(tmp_path, synthetic_yaml):
     assert flower["mean_image_auroc"] == pytest.approx(fabric["mean_image_auroc"], abs=1e-4)
     # Flower's sites started from an empty feature cache of their own, inside the runs folder.
     assert list((tmp_path / "runs").glob("features-*/*/*/*.pt"))
+    # The loopback federation's own logs stay with the Flower run (its temporary folder is gone).
+    kept = {p.name for p in (tmp_path / "runs").glob("flower-*/logs/loopback/*.log")}
+    assert {"superlink.log", "supernode0.log", "supernode1.log", "flwr_run.log"} <= kept
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| fabric |" in table and "| flower |" in table
     assert f"**{flower['wall_s'] / fabric['wall_s']:.2f}×**" in table

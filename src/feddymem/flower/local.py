@@ -342,6 +342,15 @@ def loopback_federation(
             log.warning("the loopback federation's logs are kept in %s", home)
 
 
+def keep_logs(fed: LoopbackFederation, folder: Path) -> None:
+    """Copy the logs of every process of ``fed`` (SuperLink, SuperNodes, site workers, ``flwr run``) into
+    ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for log_path in [*fed.logs, fed.home / "flwr_run.log"]:
+        if log_path.is_file():
+            shutil.copyfile(log_path, folder / log_path.name)
+
+
 def loopback_workers(num_sites: int) -> int:
     """How many site workers a loopback federation on this machine runs: one per site where each can have two
     cores, fewer where the machine has fewer (its sites then share them and take turns, each message with
@@ -430,7 +439,10 @@ def run_on_loopback(cfg: Any, run_dir: Path, *, tls: bool = True, authenticate: 
 
     try:
         with loopback_federation(sites, nodes, tls=tls, authenticate=authenticate, on_superlink=submit_early) as fed:
-            output = follow_run(fed, runs[0], timeout=timeout * (cfg.federation.rounds + 2))
+            try:
+                output = follow_run(fed, runs[0], timeout=timeout * (cfg.federation.rounds + 2))
+            finally:  # the federation's own logs stay with the run (its folder is removed when it stops)
+                keep_logs(fed, run_dir / "logs" / "loopback")
             metrics = run_dir / "metrics.json"
             if not metrics.is_file():
                 raise FedDyMemError(f"the Flower run did not finish:\n{output[-3000:]}\n{fed.tail()}")
