@@ -171,7 +171,6 @@ class MemoryConfig:
     # reduce=coreset_mean / coreset: one k-center per product of the client (items in proportion to its patches);
     # off by default: within seed noise over 4 seeds (benchmarks/quality/per_product)
     per_product: bool = _MEMORY.per_product
-    over_items: bool = _MEMORY.over_items
     rebuild: Rebuild = Rebuild.every_round
 
 

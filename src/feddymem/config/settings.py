@@ -49,7 +49,6 @@ def memory_reduce_settings(cfg: Any) -> MemoryReduceSettings:
         local_kmeans_ratio=m.local_kmeans_ratio,
         coreset_ratio=m.coreset_ratio,
         per_product=m.per_product,
-        over_items=m.over_items,
         kmeans_iters=m.kmeans_iters,
         max_points_per_centroid=m.max_points_per_centroid,
         min_cluster_size=m.min_cluster_size,

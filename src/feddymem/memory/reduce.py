@@ -56,8 +56,6 @@ class MemoryReduceSettings:
     # method=coreset_mean / coreset: one k-center per product of the client (within seed noise over 4 seeds:
     # benchmarks/quality/per_product)
     per_product: bool = False
-    # method=coreset_mean: the k-center over candidate items (group means) instead of raw patches
-    over_items: bool = False
     kmeans_iters: int = 10
     max_points_per_centroid: int = 16  # K-means subsamples above this; the final means use every patch
     min_cluster_size: int = 3  # privacy: no item averages fewer patches
@@ -279,7 +277,7 @@ def _coreset_upload(
     # The whole bank's item count, split over the groups in proportion to their images (= patches).
     counts = split_counts(max(1, round(s.coreset_ratio * n * h * w)), np.array([len(i) for i in parts], float))
     uploads = [
-        _coreset_items(emb[i] if len(parts) > 1 else emb, s.method, int(c), group, seed, s.over_items)
+        _coreset_items(emb[i] if len(parts) > 1 else emb, s.method, int(c), group, seed)
         for i, c in zip(parts, counts, strict=True)
         if c
     ]
@@ -333,7 +331,7 @@ def image_groups_of(image_groups: Sequence[Hashable] | None, n: int, min_images:
 
 
 def _coreset_items(
-    embeddings: torch.Tensor, method: str, count: int, group: int, seed: int, over_items: bool = False
+    embeddings: torch.Tensor, method: str, count: int, group: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` items of ``coreset_mean`` (each the mean of ``group`` images' patches) or raw ``coreset``
     patches from embeddings (N, D, H, W); items and the patches each averages."""
@@ -348,7 +346,6 @@ def _coreset_items(
         min(count, max(1, patches.shape[0] // group)),  # as cluster_mean: at most one item per group patches
         group=group,
         seed=seed,
-        select_among="items" if over_items else "patches",
     )
 
 
