@@ -87,9 +87,9 @@ def pace(module: types.ModuleType, paced: PacedTime) -> str:
         finally:
             paced.busy()
 
-    module.time = paced
-    module._pull_and_store_message = pull_and_store_message
-    module._push_messages = push_messages
+    replaced = {"time": paced, "_pull_and_store_message": pull_and_store_message, "_push_messages": push_messages}
+    for name, value in replaced.items():  # the SuperNode loop's module globals
+        setattr(module, name, value)
     return ""
 
 
