@@ -9,7 +9,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import FAST, SHARED_DATA
-from feddymem.benchmarks.anomalib_patchcore import AnomalibSettings, aupro_in_environment, run_in_environment
+from feddymem.benchmarks.anomalib_patchcore import (
+    AnomalibSettings,
+    aupro_in_environment,
+    coreset_pair_in_environment,
+    run_in_environment,
+)
 from feddymem.benchmarks.plan import load_plan
 from feddymem.benchmarks.suite import run_suite
 from feddymem.config import load_config
@@ -29,19 +34,33 @@ pytestmark = [
 
 def test_anomalib_row_on_generated_data_uses_our_backbone_split_and_metrics(tmp_path, synthetic_yaml):
     overrides = [f"dataset={synthetic_yaml}", "data.num_clients=2", "data.holdout_fraction=0.25"]
-    row = run_in_environment(str(ANOMALIB_PYTHON), overrides, AnomalibSettings(batch_size=8), tmp_path)
+    settings = AnomalibSettings(batch_size=8, coreset_selection="batched")  # anomalib's own loop: the suite's test
+    row = run_in_environment(str(ANOMALIB_PYTHON), overrides, settings, tmp_path)
     plan = plan_data(load_config(overrides))
     train, held_out = (sum(len(getattr(c, k)) for c in plan.clients) for k in ("train", "holdout"))
     assert held_out > 0 and row["train_images"] == train  # the held-out normals are not trained on
     assert row["embedding_max_abs_diff"] < 1e-4  # anomalib's embedding is our extractor's, weights included
     assert row["scoring_memory_items"] == int(train * 12 * 12 * 0.1)  # its 10 % coreset of 96-px images' patches
-    assert row["overrides"] == ["coreset_sampling_ratio=0.1", "num_neighbors=9"]
+    assert row["overrides"] == ["coreset_sampling_ratio=0.1", "num_neighbors=9", "coreset_selection=batched"]
+    assert row["coreset_selection"] == "batched"
     assert set(row["clients"]) == {"0", "1"} and row["anomalib_version"] == "2.7.0"
     # Pasted defects on stripes: anomaly scores 3.7-4.8x the largest normal one under our model, so easy for it.
     for products in row["client_products"].values():
         assert products and all(p["image_auroc"] > 0.9 and p["pixel_auroc"] > 0.9 for p in products.values())
         assert all(0 < p["aupro"] <= 1 for p in products.values())
     assert row["fit_s"] > 0 and row["coreset_s"] > 0 and row["peak_rss_mb"] > 0
+
+
+def test_batched_selection_picks_what_anomalibs_own_loop_picks(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(40, 64, generator=g) * 3  # clustered and rectified, as patch features are
+    embedding = (centres[torch.randint(40, (8000,), generator=g)] + torch.randn(8000, 64, generator=g)).relu()
+    picks = coreset_pair_in_environment(str(ANOMALIB_PYTHON), embedding.numpy(), 0.05, tmp_path)
+    theirs, ours = picks["anomalib"], picks["batched"]
+    assert len(theirs) == len(ours) == 400 and len(set(ours)) == 400
+    assert set(ours) == set(theirs)  # the same coreset, its first pick the same random draw
+    # The same order but where two distances tie to float rounding (on 39,200 real head CT patches: 28 of 3,920).
+    assert ours[0] == theirs[0] and sum(a == b for a, b in zip(ours, theirs, strict=True)) >= 0.95 * len(ours)
 
 
 @pytest.mark.shared_data

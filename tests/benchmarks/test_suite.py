@@ -74,6 +74,11 @@ def test_plan_errors_name_the_key_and_the_choices(tmp_path, synthetic_yaml):
     bad.write_text("methodz: {}\n")
     with pytest.raises(ConfigError, match="unknown config key 'methodz'"):
         load_plan(bad)
+    bad.write_text("reference: {python: x, coreset_selection: fast}\n")
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml: reference.coreset_selection: 'fast' is not one of"
+    ):
+        load_plan(bad)
     with pytest.raises(ConfigError, match="not in the benchmark plan: nope; it has feddymem, fedavg"):
         run_suite(load_plan(_plan(tmp_path, synthetic_yaml)), tmp_path / "o", tmp_path / "r", methods=["nope"])
     assert load_plan().methods["fedprox"] == ["method=fedprox", "federation.prox_mu=0.01", "federation.eval_every=1"]

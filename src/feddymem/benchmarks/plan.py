@@ -45,6 +45,7 @@ class ReferencePlan:
     python: str = ""  # that environment's interpreter (make anomalib-env: .venv-anomalib/bin/python)
     coreset_ratio: float = 0.1  # anomalib's defaults
     num_neighbors: int = 9
+    coreset_selection: str = "anomalib"  # its own k-center loop, or "batched": the same picks in minutes on CPU
 
 
 @dataclass
@@ -73,7 +74,8 @@ def plan_rows(plan: BenchPlan) -> dict[str, list[str]]:
 
 def reference_settings(plan: BenchPlan) -> anomalib_patchcore.AnomalibSettings:
     """The anomalib reference row's settings."""
-    return anomalib_patchcore.AnomalibSettings(plan.reference.coreset_ratio, plan.reference.num_neighbors)
+    r = plan.reference
+    return anomalib_patchcore.AnomalibSettings(r.coreset_ratio, r.num_neighbors, coreset_selection=r.coreset_selection)
 
 
 def load_plan(path: str | Path | None = None, seed: int | None = None) -> BenchPlan:
@@ -85,4 +87,9 @@ def load_plan(path: str | Path | None = None, seed: int | None = None) -> BenchP
     merged = merge_checked(OmegaConf.structured(BenchPlan), load_yaml(path), str(path))
     if seed is not None:
         merged.seed = seed
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    plan: BenchPlan = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    try:
+        reference_settings(plan)  # its values checked here, before any row runs
+    except ConfigError as error:
+        raise ConfigError(f"{path}: reference.{error}") from None
+    return plan

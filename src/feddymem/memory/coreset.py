@@ -14,7 +14,13 @@ log = logging.getLogger(__name__)
 
 
 def greedy_coreset(
-    patches: torch.Tensor, size: int, *, projection_dim: int = 128, seed: int = 0, candidates: int = 256
+    patches: torch.Tensor,
+    size: int,
+    *,
+    projection_dim: int = 128,
+    seed: int = 0,
+    candidates: int = 256,
+    first: int | None = None,
 ) -> torch.Tensor:
     """Indices of ``size`` patches chosen by greedy k-center (each next pick: the patch farthest from the picks).
 
@@ -24,7 +30,8 @@ def greedy_coreset(
     distances) for as long as the next one stays at least as far as every patch outside them, which
     proves it is the global farthest. One pass over the bank then updates every distance for the whole
     batch (a matrix product) instead of one pass per pick: the pass is what costs (memory-bound), and on
-    real patch features a batch holds about a hundred picks.
+    real patch features a batch holds about a hundred picks. ``first``: the first pick (default: drawn
+    with ``seed``); ``projection_dim`` at or above the patches' width: no projection.
     """
     p = patches.float()
     n = p.shape[0]
@@ -38,7 +45,7 @@ def greedy_coreset(
     # over picks (leaving it out made picks repeat).
     squared_norms = (p * p).sum(1)
     picks = torch.empty(size, dtype=torch.long)
-    picks[0] = int(torch.randint(n, (1,), generator=g))
+    picks[0] = int(torch.randint(n, (1,), generator=g)) if first is None else first
     nearest = torch.addmv(squared_norms + squared_norms[picks[0]], p, p[picks[0]], alpha=-2.0)
     done = 1
     while done < size:
