@@ -11,6 +11,7 @@ from feddymem.benchmarks.plan import load_plan
 from feddymem.benchmarks.suite import run_suite
 from feddymem.cli import main
 from feddymem.errors import ConfigError
+from feddymem.logging.console import Reporter
 
 
 def _plan(tmp_path, synthetic_yaml):
@@ -75,14 +76,24 @@ def test_plan_errors_name_the_key_and_the_choices(tmp_path, synthetic_yaml):
     with pytest.raises(ConfigError, match="unknown config key 'methodz'"):
         load_plan(bad)
     bad.write_text("reference: {python: x, coreset_selection: fast}\n")
-    with pytest.raises(
-        ConfigError, match=r"bad.yaml: reference.coreset_selection: 'fast' is not one of"
-    ):
+    with pytest.raises(ConfigError, match=r"bad.yaml: reference.coreset_selection: 'fast' is not one of"):
         load_plan(bad)
     with pytest.raises(ConfigError, match="not in the benchmark plan: nope; it has feddymem, fedavg"):
         run_suite(load_plan(_plan(tmp_path, synthetic_yaml)), tmp_path / "o", tmp_path / "r", methods=["nope"])
     assert load_plan().methods["fedprox"] == ["method=fedprox", "federation.prox_mu=0.01", "federation.eval_every=1"]
     assert load_plan().seed == 0 and load_plan(seed=2).seed == 2  # --seed: the same rows at another seed
+
+
+def test_a_plan_of_the_reference_row_alone_extracts_no_features(tmp_path, synthetic_yaml):
+    plan = tmp_path / "reference.yaml"
+    plan.write_text(
+        f"datasets: {{synthetic: ['dataset={synthetic_yaml}']}}\nmethods: {{}}\n"
+        f"reference: {{python: '{tmp_path / 'no-env/bin/python'}'}}\nperf: {{dataset: none}}\n"
+    )
+    runs = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="anomalib's environment not found"):  # the row was reached ...
+        run_suite(load_plan(plan), tmp_path / "out", runs, reporter=Reporter(quiet=True))
+    assert not (runs / "synthetic-features").exists()  # ... without extracting our features first
 
 
 @pytest.mark.slow
