@@ -49,6 +49,10 @@ def test_anomalib_row_on_generated_data_uses_our_backbone_split_and_metrics(tmp_
         assert products and all(p["image_auroc"] > 0.9 and p["pixel_auroc"] > 0.9 for p in products.values())
         assert all(0 < p["aupro"] <= 1 for p in products.values())
     assert row["fit_s"] > 0 and row["coreset_s"] > 0 and row["peak_rss_mb"] > 0
+    # anomalib's own k-center loop, the same seed: the same coreset, so every metric the same to the last bit
+    # (its projection draws from numpy too: unseeded, each run was a new draw)
+    own = run_in_environment(str(ANOMALIB_PYTHON), overrides, AnomalibSettings(batch_size=8), tmp_path / "own")
+    assert own["coreset_selection"] == "anomalib" and own["client_products"] == row["client_products"]
 
 
 def test_batched_selection_picks_what_anomalibs_own_loop_picks(tmp_path):
