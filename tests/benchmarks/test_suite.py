@@ -102,7 +102,15 @@ def test_resume_keeps_the_finished_runs_and_runs_the_rest(tmp_path, synthetic_ya
     plan.perf.dataset = "none"  # the timings are tested above
     out, runs = tmp_path / "bench", tmp_path / "runs"
     first = run_suite(plan, out, runs, methods=["local"])
+    # the kept row ran on another machine, under a note: the resumed file names both
+    saved = json.loads((out / "results.json").read_text())
+    saved["machine"] |= {"cpu": "Another CPU", "cores": 64}
+    saved["notes"] = ["Row local ran on the lab's server."]
+    (out / "results.json").write_text(json.dumps(saved))
     second = run_suite(plan, out, runs, methods=["no_reduce", "local"], resume=True)
+    md = (out / "results.md").read_text()
+    assert "- Rows kept by `--resume` from an earlier machine: Another CPU, 64 cores" in md
+    assert "Row local ran on the lab's server." in md and second["machine"]["cpu"] != "Another CPU"
     assert [r["method"] for r in second["runs"]] == ["no_reduce", "local"]  # the plan's order
     assert second["runs"][1] == first["runs"][0]  # kept as it was, not run again
     assert second["total_s"] > first["total_s"]

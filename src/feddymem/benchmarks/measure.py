@@ -45,6 +45,14 @@ def _vm_hwm_kb() -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
+def machine_summary(described: dict[str, Any]) -> str:
+    """One line for a :func:`machine` record: CPU, cores, memory, GPU (what decides a row's times)."""
+    return (
+        f"{described.get('cpu', '?')}, {described.get('cores', '?')} cores ({described.get('torch_threads', '?')} "
+        f"torch threads), {described.get('memory_gb', '?')} GB RAM, GPU: {described.get('gpu') or 'none'}"
+    )
+
+
 def machine() -> dict[str, Any]:
     """Where the numbers come from: CPU, cores, memory, GPU, library versions, commit."""
     cpu = platform.processor() or platform.machine()

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+from feddymem.benchmarks.measure import machine_summary
 from feddymem.io import save_figure
 from feddymem.logging.console import human_bytes
 
@@ -61,8 +62,8 @@ def render_markdown(
         "Written by `feddymem bench suite` (`make bench` for `configs/bench.yaml`); "
         "`results.json` holds every number below and more.",
         "",
-        f"- Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['memory_gb']} GB RAM, "
-        f"GPU: {m['gpu'] or 'none'}; {m['os']}",
+        f"- Machine: {machine_summary(m)}; {m['os']}",
+        *[f"- Rows kept by `--resume` from an earlier machine: {earlier}" for earlier in m.get("earlier_machines", [])],
         f"- Versions: feddymem {v['feddymem']} (commit {m['commit']}), torch {v['torch']}, faiss {v['faiss']}, "
         f"timm {v['timm']}, lightning {v['lightning']}, python {v['python']}",
         f"- Seed {results['seed']}; every run: `{' '.join(results['overrides'])}`; total time "

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from feddymem.benchmarks import anomalib_patchcore
-from feddymem.benchmarks.measure import PeakMemory, machine
+from feddymem.benchmarks.measure import PeakMemory, machine, machine_summary
 from feddymem.benchmarks.perf_rows import measure_perf
 from feddymem.benchmarks.plan import BenchPlan, plan_rows, reference_settings
 from feddymem.benchmarks.results import plot_convergence, render_markdown
@@ -302,9 +302,17 @@ def _resume_from(results: dict[str, Any], plan: BenchPlan, path: Path) -> float:
     results["perf"] = earlier.get("perf")
     # A data set's attacks run again when the data set runs; the others' are kept.
     results["privacy"] = {d: p for d, p in (earlier.get("privacy") or {}).items() if d in plan.datasets}
-    commit = earlier.get("machine", {}).get("commit")
+    before = earlier.get("machine", {})
+    commit = before.get("commit")
     if results["runs"] and commit and commit != results["machine"]["commit"]:
         results["machine"]["commit"] += f", resumed from {commit}"
+    if results["runs"]:
+        # Kept rows may come from another machine, and the earlier file's notes say how they were made:
+        # neither is lost when the header is written again for this machine.
+        here = machine_summary(results["machine"])
+        machines = [*before.get("earlier_machines", []), *([machine_summary(before)] if "cpu" in before else [])]
+        results["machine"]["earlier_machines"] = [m for m in dict.fromkeys(machines) if m != here]
+        results["notes"] = list(dict.fromkeys([*results["notes"], *earlier.get("notes", [])]))
     return float(earlier.get("total_s", 0.0))
 
 
