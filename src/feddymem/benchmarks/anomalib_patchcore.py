@@ -100,11 +100,11 @@ def coreset_selection(selection: str) -> Iterator[None]:
 
     own = KCenterGreedy.select_coreset_idxs
     if selection == "batched":
-        KCenterGreedy.select_coreset_idxs = batched_selection  # type: ignore[method-assign]
+        KCenterGreedy.select_coreset_idxs = batched_selection  # type: ignore[method-assign,unused-ignore]  # typed where anomalib is installed
     try:
         yield
     finally:
-        KCenterGreedy.select_coreset_idxs = own  # type: ignore[method-assign]
+        KCenterGreedy.select_coreset_idxs = own  # type: ignore[method-assign,unused-ignore]  # typed where anomalib is installed
 
 
 def coreset_pair(embedding: torch.Tensor, ratio: float, seed: int = 0) -> dict[str, list[int]]:
@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coreset-pair", type=Path, help="an .npz of an embedding: compare the two selections")
     parser.add_argument("overrides", nargs="*", help="config overrides, as for feddymem train")
     args = parser.parse_args(argv)
+    result: dict[str, Any]
     if args.aupro:
         arrays = np.load(args.aupro)
         result = aupro_pair(arrays["maps"], arrays["masks"])
