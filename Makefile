@@ -64,7 +64,7 @@ test: install anomalib-env  ## run the test suite
 test-fast: install  ## the edit loop: the unit tests, without the e2e and slow ones (about a minute on 2 cores)
 	$(BIN)/python -m pytest -q -m "not e2e and not slow"
 
-bench: install anomalib-env  ## every method on ELPV + shared mixtures (hours on 2 cores; ARGS=--resume goes on): benchmarks/results.md
+bench: install anomalib-env  ## every method on ELPV + shared mixtures (about 2 h on 2 idle cores; ARGS=--resume goes on): benchmarks/results.md
 	$(BIN)/feddymem bench suite --out benchmarks $(ARGS)
 
 lint: install  ## ruff (style, docstrings of public API), format check, mypy on src/
